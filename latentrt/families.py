@@ -1,0 +1,170 @@
+"""Model families as data: one frozen spec per Stable Diffusion family, and a registry.
+
+Code asks the spec (``spec.uses_cfg``, ``spec.time_ids``) instead of branching on family ids.
+Concrete widths (context, pooled, channels) come from the checkpoint's configs, not from here:
+the spec holds what is true of every checkpoint of the family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .buckets import SDXL_BUCKETS, Size, scaled_buckets
+from .errors import UnknownFamily
+
+
+class FamilyId(str, Enum):
+    SD1 = "sd1"
+    SD1_INPAINT = "sd1-inpaint"
+    SD2 = "sd2"
+    SD2_V = "sd2-v"
+    SD2_INPAINT = "sd2-inpaint"
+    SDXL = "sdxl"
+    SDXL_REFINER = "sdxl-refiner"
+    SDXL_TURBO = "sdxl-turbo"
+    SD_TURBO = "sd-turbo"
+
+
+class Prediction(str, Enum):
+    EPS = "epsilon"
+    V = "v_prediction"
+
+
+class HiddenState(str, Enum):
+    LAST = "last"  # last_hidden_state, after the final layer norm (SD 1.x; SD 2.x ckpts drop their last layer)
+    PENULTIMATE = "penultimate"  # hidden_states[-2], no final layer norm (SDXL)
+
+
+class TimeIds(str, Enum):
+    NONE = "none"
+    SIZE_CROP_TARGET = "size_crop_target"  # SDXL base: original (h, w), crop top-left (y, x), target (h, w)
+    SIZE_CROP_AESTHETIC = "size_crop_aesthetic"  # SDXL refiner: original (h, w), crop (y, x), aesthetic score
+
+    @property
+    def width(self) -> int:
+        return {TimeIds.NONE: 0, TimeIds.SIZE_CROP_TARGET: 6, TimeIds.SIZE_CROP_AESTHETIC: 5}[self]
+
+
+class Spacing(str, Enum):
+    LEADING = "leading"
+    TRAILING = "trailing"
+    LINSPACE = "linspace"
+
+
+class SamplerId(str, Enum):
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler_a"
+    DDIM = "ddim"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    component: str  # folder / component name: "text_encoder" or "text_encoder_2"
+    tokenizer: str  # "tokenizer" or "tokenizer_2"
+    hidden_state: HiddenState  # which hidden state feeds the UNet context
+    pooled: bool  # also gives the pooled projection (SDXL's `text_embeds`)
+
+
+@dataclass(frozen=True)
+class NoiseSchedule:
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"  # betas = linspace(sqrt(start), sqrt(end), T) ** 2
+    num_train_timesteps: int = 1000
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    sampler: SamplerId
+    steps: int
+    guidance: float  # <= 1 means no classifier-free guidance (and no CFG batch)
+    spacing: Spacing
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    id: FamilyId
+    title: str
+    text_encoders: tuple[TextEncoderSpec, ...]
+    unet_in_channels: int  # 4, or 9 for inpainting (latents + mask + masked-image latents)
+    prediction: Prediction
+    native_size: Size  # (height, width) pixels
+    buckets: tuple[Size, ...]
+    sampling: SamplingDefaults
+    time_ids: TimeIds = TimeIds.NONE
+    vae_scaling_factor: float = 0.18215  # default; the checkpoint's VAE config wins
+    latent_channels: int = 4
+    vae_scale_factor: int = 8  # pixels per latent
+    schedule: NoiseSchedule = NoiseSchedule()
+    zero_negative_for_empty_prompt: bool = False  # SDXL: force_zeros_for_empty_prompt
+    min_turbo_steps_x_strength: float = 0.0  # Turbo img2img: steps * strength must reach 1
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the family's default sampling runs classifier-free guidance (a 2B UNet batch)."""
+        return self.sampling.guidance > 1.0
+
+    @property
+    def is_inpaint(self) -> bool:
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+    @property
+    def has_pooled(self) -> bool:
+        return any(te.pooled for te in self.text_encoders)
+
+    @property
+    def is_turbo(self) -> bool:
+        return self.id in (FamilyId.SDXL_TURBO, FamilyId.SD_TURBO)
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        """Exported components in pipeline order."""
+        return tuple(te.component for te in self.text_encoders) + ("unet", "vae_encoder", "vae_decoder")
+
+
+_CLIP_L = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, pooled=False)
+_OPENCLIP_H = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, pooled=False)
+_XL_L = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.PENULTIMATE, pooled=False)
+_XL_G = TextEncoderSpec("text_encoder_2", "tokenizer_2", HiddenState.PENULTIMATE, pooled=True)
+
+_SD_STEPS = SamplingDefaults(SamplerId.EULER, 30, 7.5, Spacing.LEADING)
+_XL_STEPS = SamplingDefaults(SamplerId.EULER, 30, 5.0, Spacing.LEADING)
+_TURBO = SamplingDefaults(SamplerId.EULER, 1, 0.0, Spacing.TRAILING)
+
+_B512 = scaled_buckets(512)
+_B768 = scaled_buckets(768)
+
+FAMILIES: dict[FamilyId, FamilySpec] = {
+    s.id: s
+    for s in (
+        FamilySpec(FamilyId.SD1, "Stable Diffusion 1.x", (_CLIP_L,), 4, Prediction.EPS, (512, 512), _B512, _SD_STEPS),
+        FamilySpec(FamilyId.SD1_INPAINT, "Stable Diffusion 1.5 inpainting", (_CLIP_L,), 9, Prediction.EPS,
+                   (512, 512), _B512, _SD_STEPS),
+        FamilySpec(FamilyId.SD2, "Stable Diffusion 2.x base", (_OPENCLIP_H,), 4, Prediction.EPS, (512, 512),
+                   _B512, _SD_STEPS),
+        FamilySpec(FamilyId.SD2_V, "Stable Diffusion 2.x (v-prediction, 768)", (_OPENCLIP_H,), 4, Prediction.V,
+                   (768, 768), _B768, _SD_STEPS),
+        FamilySpec(FamilyId.SD2_INPAINT, "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), 9, Prediction.EPS,
+                   (512, 512), _B512, _SD_STEPS),
+        FamilySpec(FamilyId.SDXL, "SDXL base", (_XL_L, _XL_G), 4, Prediction.EPS, (1024, 1024), SDXL_BUCKETS,
+                   _XL_STEPS, TimeIds.SIZE_CROP_TARGET, 0.13025, zero_negative_for_empty_prompt=True),
+        FamilySpec(FamilyId.SDXL_REFINER, "SDXL refiner", (_XL_G,), 4, Prediction.EPS, (1024, 1024), SDXL_BUCKETS,
+                   _XL_STEPS, TimeIds.SIZE_CROP_AESTHETIC, 0.13025),
+        FamilySpec(FamilyId.SDXL_TURBO, "SDXL-Turbo", (_XL_L, _XL_G), 4, Prediction.EPS, (512, 512), _B512,
+                   _TURBO, TimeIds.SIZE_CROP_TARGET, 0.13025, min_turbo_steps_x_strength=1.0),
+        FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), 4, Prediction.EPS, (512, 512), _B512, _TURBO,
+                   min_turbo_steps_x_strength=1.0),
+    )
+}
+
+
+def get_family(family: str | FamilyId) -> FamilySpec:
+    """Look up a family by id ('sdxl', FamilyId.SDXL, ...)."""
+    try:
+        return FAMILIES[FamilyId(family)]
+    except ValueError:
+        known = ", ".join(f.value for f in FamilyId)
+        raise UnknownFamily(f"unknown family {family!r}; known families: {known}") from None

@@ -1,0 +1,142 @@
+"""Stage manifests (JSON, self-describing, content-hashed) and atomic file writes.
+
+A stage writes its outputs into a hidden staging folder next to the destination and moves each
+file into place with ``os.replace`` only when it is complete; the manifest is written last, so a
+folder without a manifest (or with a manifest whose hashes do not match) is never taken as done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import MissingComponent, OutputConflict, StaleArtifact
+
+MANIFEST = "manifest.json"
+SCHEMA = 1
+ONNX_KIND = "latentrt.onnx"
+ENGINE_KIND = "latentrt.engines"
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(folder: str | os.PathLike[str]) -> str:
+    """Hash of every file's relative path and content under a folder (or of a single file)."""
+    root = Path(folder)
+    if root.is_file():
+        return sha256_file(root)
+    h = hashlib.sha256()
+    for p in sorted(x for x in root.rglob("*") if x.is_file()):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+@contextlib.contextmanager
+def staging_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary folder beside `dest` (same filesystem) that is removed unless moved away."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def move_into_place(src: Path, dest: Path) -> None:
+    """Replace `dest` (file or folder) by `src` with renames only."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old")
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        os.replace(dest, old)
+        os.replace(src, dest)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(src, dest)
+
+
+def check_writable(folder: str | os.PathLike[str]) -> Path:
+    """Create `folder` if needed and check that files can be written into it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe.", delete=True)
+        probe.close()
+    except OSError as e:
+        raise OutputConflict(f"cannot write to {folder}: {e.strerror or e}") from None
+    return folder
+
+
+def read_manifest(folder: str | os.PathLike[str], kind: str | None = None) -> dict[str, Any]:
+    """Read and sanity-check a stage manifest."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        what = {ONNX_KIND: "an ONNX export (run `latentrt export`)",
+                ENGINE_KIND: "built engines (run `latentrt build`)"}.get(kind or "", "a LatentRT artifact folder")
+        raise MissingComponent(f"{folder} has no {MANIFEST}: it is not {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StaleArtifact(f"{path} is unreadable: {e}") from None
+    if kind is not None and data.get("kind") != kind:
+        raise StaleArtifact(f"{path} describes {data.get('kind')!r}, expected {kind!r}")
+    if data.get("schema") != SCHEMA:
+        raise StaleArtifact(f"{path} has schema {data.get('schema')}, this LatentRT reads schema {SCHEMA}; re-run the stage")
+    return data
+
+
+def verify_files(folder: str | os.PathLike[str], files: dict[str, str]) -> None:
+    """Check relative path -> sha256 entries; raise StaleArtifact naming the first mismatch."""
+    for rel, digest in files.items():
+        p = Path(folder) / rel
+        if not p.exists():
+            raise MissingComponent(f"{p} is listed in the manifest but missing")
+        if sha256_tree(p) != digest:
+            raise StaleArtifact(f"{p} changed since its manifest was written (hash mismatch); re-run the stage")
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("latentrt", "torch", "diffusers", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu",
+                "polygraphy", "onnx-graphsurgeon", "tensorrt", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out

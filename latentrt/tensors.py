@@ -1,0 +1,295 @@
+"""Component IO described once: named tensors with dtypes and symbolic dims that carry ranges.
+
+Everything else is derived from a `ComponentIO` by small pure functions: ONNX dynamic axes,
+dummy export inputs, TensorRT min/opt/max profiles (plain data), concrete runtime shapes, and
+validation of a runtime feed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Union
+
+import numpy as np
+
+from .errors import UnsupportedShape
+from .families import FamilySpec
+
+
+@dataclass(frozen=True)
+class Dim:
+    """A symbolic dimension with an allowed range [min, max] and a preferred (opt) value."""
+
+    name: str
+    min: int
+    opt: int
+    max: int
+
+    def check(self, value: int) -> None:
+        if not self.min <= value <= self.max:
+            raise UnsupportedShape(f"{self.name}={value} is outside the supported range [{self.min}, {self.max}]")
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A dimension that is always `factor` times another, e.g. image_height = 8 * latent_height."""
+
+    name: str
+    base: Dim
+    factor: int
+
+
+Axis = Union[int, Dim, Scaled]
+Sizes = Mapping[str, int]  # base dim name -> concrete value
+Bounds = Mapping[str, tuple[int, int, int]]  # base dim name -> (min, opt, max)
+
+DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # key of DTYPES
+    shape: tuple[Axis, ...]
+
+    @property
+    def dims(self) -> tuple[Dim, ...]:
+        """The distinct base dims this tensor depends on."""
+        out: list[Dim] = []
+        for axis in self.shape:
+            base = axis.base if isinstance(axis, Scaled) else axis
+            if isinstance(base, Dim) and base not in out:
+                out.append(base)
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ComponentIO:
+    component: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def dims(self) -> dict[str, Dim]:
+        found: dict[str, Dim] = {}
+        for t in self.inputs + self.outputs:
+            for d in t.dims:
+                found.setdefault(d.name, d)
+        return found
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def with_ranges(self, bounds: Bounds) -> ComponentIO:
+        """A copy whose dims carry the given (min, opt, max) ranges."""
+        def remap(axis: Axis) -> Axis:
+            if isinstance(axis, Dim) and axis.name in bounds:
+                lo, opt, hi = bounds[axis.name]
+                return replace(axis, min=lo, opt=opt, max=hi)
+            if isinstance(axis, Scaled):
+                return replace(axis, base=remap(axis.base))  # type: ignore[arg-type]
+            return axis
+
+        def retensor(t: TensorSpec) -> TensorSpec:
+            return replace(t, shape=tuple(remap(a) for a in t.shape))
+
+        return replace(self, inputs=tuple(map(retensor, self.inputs)), outputs=tuple(map(retensor, self.outputs)))
+
+
+# ---------------------------------------------------------------------------- derivations
+
+
+def axis_size(axis: Axis, sizes: Sizes) -> int:
+    if isinstance(axis, int):
+        return axis
+    if isinstance(axis, Scaled):
+        return sizes[axis.base.name] * axis.factor
+    return sizes[axis.name]
+
+
+def shape_of(tensor: TensorSpec, sizes: Sizes) -> tuple[int, ...]:
+    """Concrete shape of a tensor for given base dim sizes."""
+    return tuple(axis_size(a, sizes) for a in tensor.shape)
+
+
+def shapes(io: ComponentIO, sizes: Sizes) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of every input and output (runtime buffer shapes)."""
+    return {t.name: shape_of(t, sizes) for t in io.inputs + io.outputs}
+
+
+def dynamic_axes(io: ComponentIO) -> dict[str, dict[int, str]]:
+    """ONNX exporter `dynamic_axes`: tensor -> {axis index: symbolic name}."""
+    out: dict[str, dict[int, str]] = {}
+    for t in io.inputs + io.outputs:
+        axes = {i: a.name for i, a in enumerate(t.shape) if not isinstance(a, int)}
+        if axes:
+            out[t.name] = axes
+    return out
+
+
+def opt_sizes(io: ComponentIO) -> dict[str, int]:
+    return {name: d.opt for name, d in io.dims.items()}
+
+
+def dummy_inputs(io: ComponentIO, sizes: Sizes | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of the right dtype and shape (token ids stay within `vocab` via `int_high`)."""
+    rng = np.random.default_rng(seed)
+    sizes = dict(opt_sizes(io), **(sizes or {}))
+    feed: dict[str, np.ndarray] = {}
+    for t in io.inputs:
+        shape = shape_of(t, sizes)
+        if t.dtype.startswith("int"):
+            feed[t.name] = rng.integers(0, INT_INPUT_HIGH.get(t.name, 1000), size=shape).astype(DTYPES[t.dtype])
+        elif t.name == "timestep":
+            feed[t.name] = rng.uniform(0, 999, size=shape).astype(DTYPES[t.dtype])
+        else:
+            feed[t.name] = rng.standard_normal(size=shape).astype(DTYPES[t.dtype])
+    return feed
+
+
+INT_INPUT_HIGH = {"input_ids": 49407}
+
+
+def profile(io: ComponentIO) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """TensorRT optimization profile as plain data: input -> (min, opt, max) shapes."""
+    dims = io.dims.values()
+    lo = {d.name: d.min for d in dims}
+    opt = {d.name: d.opt for d in dims}
+    hi = {d.name: d.max for d in dims}
+    return {t.name: (shape_of(t, lo), shape_of(t, opt), shape_of(t, hi)) for t in io.inputs}
+
+
+def infer_sizes(io: ComponentIO, feed: Mapping[str, Any]) -> dict[str, int]:
+    """Read the base dim sizes from a feed's shapes and check them (consistency and ranges)."""
+    sizes: dict[str, int] = {}
+    for t in io.inputs:
+        if t.name not in feed:
+            raise UnsupportedShape(f"{io.component}: missing input '{t.name}'")
+        actual = tuple(feed[t.name].shape)
+        if len(actual) != len(t.shape):
+            raise UnsupportedShape(f"{io.component}: input '{t.name}' has rank {len(actual)}, expected {len(t.shape)}")
+        for axis, value in zip(t.shape, actual):
+            if isinstance(axis, int):
+                if axis != value:
+                    raise UnsupportedShape(f"{io.component}: input '{t.name}' has shape {actual}, expected {axis} "
+                                           f"at an axis of {describe_shape(t)}")
+                continue
+            base, factor = (axis.base, axis.factor) if isinstance(axis, Scaled) else (axis, 1)
+            if value % factor:
+                raise UnsupportedShape(f"{io.component}: '{t.name}' axis {axis.name}={value} is not a multiple of {factor}")
+            v = value // factor
+            if sizes.setdefault(base.name, v) != v:
+                raise UnsupportedShape(f"{io.component}: inconsistent {base.name}: {sizes[base.name]} vs {v} "
+                                       f"(input '{t.name}')")
+    for name, d in io.dims.items():
+        if name in sizes:
+            d.check(sizes[name])
+    return sizes
+
+
+def describe_shape(t: TensorSpec) -> str:
+    return "(" + ", ".join(str(a) if isinstance(a, int) else a.name for a in t.shape) + ")"
+
+
+# ---------------------------------------------------------------------------- per-family IO
+
+
+BATCH = Dim("batch", 1, 1, 8)
+UNET_BATCH = Dim("unet_batch", 1, 2, 16)  # 2x batch with classifier-free guidance
+TOKENS = Dim("tokens", 1, 77, 77)
+SEQUENCE = Dim("sequence", 77, 77, 231)  # UNet context length (77 per prompt chunk)
+LATENT_H = Dim("latent_height", 8, 64, 256)  # image sides 64..2048 px at a VAE factor of 8
+LATENT_W = Dim("latent_width", 8, 64, 256)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The widths read from a checkpoint's configs (they differ between real and tiny models)."""
+
+    text_hidden: tuple[int, ...]  # hidden size of each text encoder, in spec order
+    pooled_dim: int  # projection width of the pooled encoder (0 if none)
+    context_dim: int  # UNet cross_attention_dim
+    unet_in_channels: int
+    latent_channels: int
+    vae_scale_factor: int
+    max_tokens: int = 77
+    time_ids: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
+    """The IO of every component of a family, derived from its spec and checkpoint widths."""
+    f = m.vae_scale_factor
+    tokens = replace(TOKENS, opt=m.max_tokens, max=m.max_tokens)
+    seq = replace(SEQUENCE, min=m.max_tokens, opt=m.max_tokens, max=3 * m.max_tokens)
+    lh = replace(LATENT_H, opt=spec.native_size[0] // f, max=2048 // f)
+    lw = replace(LATENT_W, opt=spec.native_size[1] // f, max=2048 // f)
+    img_h, img_w = Scaled("image_height", lh, f), Scaled("image_width", lw, f)
+    ios: dict[str, ComponentIO] = {}
+    for te, width in zip(spec.text_encoders, m.text_hidden):
+        outs = [TensorSpec("hidden_states", "float32", (BATCH, tokens, width))]
+        if te.pooled:
+            outs.append(TensorSpec("text_embeds", "float32", (BATCH, m.pooled_dim)))
+        ios[te.component] = ComponentIO(te.component, (TensorSpec("input_ids", "int64", (BATCH, tokens)),), tuple(outs))
+    unet_in = [
+        TensorSpec("sample", "float32", (UNET_BATCH, m.unet_in_channels, lh, lw)),
+        TensorSpec("timestep", "float32", (UNET_BATCH,)),
+        TensorSpec("encoder_hidden_states", "float32", (UNET_BATCH, seq, m.context_dim)),
+    ]
+    if spec.has_pooled:
+        unet_in.append(TensorSpec("text_embeds", "float32", (UNET_BATCH, m.pooled_dim)))
+    if spec.time_ids.width:
+        unet_in.append(TensorSpec("time_ids", "float32", (UNET_BATCH, spec.time_ids.width)))
+    ios["unet"] = ComponentIO("unet", tuple(unet_in),
+                              (TensorSpec("out_sample", "float32", (UNET_BATCH, m.latent_channels, lh, lw)),))
+    ios["vae_encoder"] = ComponentIO(
+        "vae_encoder", (TensorSpec("images", "float32", (BATCH, 3, img_h, img_w)),),
+        (TensorSpec("latent_parameters", "float32", (BATCH, 2 * m.latent_channels, lh, lw)),))
+    ios["vae_decoder"] = ComponentIO(
+        "vae_decoder", (TensorSpec("latent", "float32", (BATCH, m.latent_channels, lh, lw)),),
+        (TensorSpec("images", "float32", (BATCH, 3, img_h, img_w)),))
+    return {c: ios[c] for c in spec.components}
+
+
+# ---------------------------------------------------------------------------- (de)serialisation
+
+
+def _axis_to_json(a: Axis) -> Any:
+    if isinstance(a, int):
+        return a
+    if isinstance(a, Scaled):
+        return {"name": a.name, "base": _axis_to_json(a.base), "factor": a.factor}
+    return {"name": a.name, "min": a.min, "opt": a.opt, "max": a.max}
+
+
+def _axis_from_json(d: Any) -> Axis:
+    if isinstance(d, int):
+        return d
+    if "base" in d:
+        base = _axis_from_json(d["base"])
+        assert isinstance(base, Dim)
+        return Scaled(d["name"], base, d["factor"])
+    return Dim(d["name"], d["min"], d["opt"], d["max"])
+
+
+def io_to_json(io: ComponentIO) -> dict[str, Any]:
+    def t(x: TensorSpec) -> dict[str, Any]:
+        return {"name": x.name, "dtype": x.dtype, "shape": [_axis_to_json(a) for a in x.shape]}
+
+    return {"component": io.component, "inputs": [t(x) for x in io.inputs], "outputs": [t(x) for x in io.outputs]}
+
+
+def io_from_json(d: Mapping[str, Any]) -> ComponentIO:
+    def t(x: Mapping[str, Any]) -> TensorSpec:
+        return TensorSpec(x["name"], x["dtype"], tuple(_axis_from_json(a) for a in x["shape"]))
+
+    return ComponentIO(d["component"], tuple(t(x) for x in d["inputs"]), tuple(t(x) for x in d["outputs"]))
