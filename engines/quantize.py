@@ -1,0 +1,324 @@
+"""int8 UNets for the ONNX Runtime CPU path (opt-in precision), with `onnxruntime.quantization`.
+
+Two methods:
+
+* ``dynamic``: weights stored int8, activations quantized per call from their observed range
+  (`quantize_dynamic`). No calibration data. MatMul-only is the safe choice; dynamic Conv becomes
+  ``ConvInteger``, which ONNX Runtime's CPU EP runs slower than fp32 ``Conv``.
+* ``static``: QDQ graph with activation ranges fixed from calibration feeds (`quantize_static`);
+  ONNX Runtime fuses QDQ pairs into ``QLinearConv`` / ``QLinearMatMul``, which run on the CPU's int8
+  units (VNNI / AMX where present). Calibration feeds should be real UNet inputs drawn from fp32
+  sampling runs (latents along the trajectory, real text embeddings), not random tensors.
+
+Attention score products (MatMul of two activations) and the first/last convolution stay fp32 by
+default: quantizing them costs accuracy and (for the attention products) speed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from latentrt.errors import BuildError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("dynamic", "static")
+CALIBRATION = ("minmax", "percentile", "entropy")
+EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the quantized model is saved with external data (2 GB proto limit)
+Feed = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """One int8 variant: how the UNet graph is quantized."""
+
+    method: str  # "dynamic" | "static"
+    op_types: tuple[str, ...]  # op types quantized ("MatMul", "Conv")
+    per_channel: bool = True  # one weight scale per output channel (vs one per tensor)
+    fp32_edges: bool = True  # keep conv_in / conv_out (first and last Conv) in fp32
+    calibration: str = "minmax"  # static only: "minmax" | "percentile" | "entropy"
+
+
+# The variants the benchmark compares; "static-qdq" is the recommended one (see benchmarks/README.md).
+RECIPES: dict[str, Int8Recipe] = {
+    "dynamic-matmul": Int8Recipe("dynamic", ("MatMul",), per_channel=False),
+    "dynamic-matmul-pc": Int8Recipe("dynamic", ("MatMul",), per_channel=True),
+    "dynamic-conv-matmul-pc": Int8Recipe("dynamic", ("Conv", "MatMul"), per_channel=True),
+    "static-qdq-conv": Int8Recipe("static", ("Conv",)),
+    "static-qdq": Int8Recipe("static", ("Conv", "MatMul")),
+    "static-qdq-all-convs": Int8Recipe("static", ("Conv", "MatMul"), fp32_edges=False),
+}
+DEFAULT_RECIPE = "static-qdq"
+
+
+class FeedReader(CalibrationDataReader):
+    """`CalibrationDataReader` over a list of feeds (name -> array)."""
+
+    def __init__(self, feeds: Iterable[Feed]):
+        super().__init__()
+        self._feeds = [dict(f) for f in feeds]
+        self._it = iter(self._feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = iter(self._feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+
+def _constant_names(model: Any) -> set[str]:
+    """Initializers and `Constant` outputs (inputs that are weights, not activations)."""
+    names = {t.name for t in model.graph.initializer}
+    names.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
+    return names
+
+
+def activation_matmuls(model: Any) -> list[str]:
+    """MatMul nodes whose inputs are both activations (attention scores and attention x values)."""
+    consts = _constant_names(model)
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in consts for i in n.input)]
+
+
+def edge_convs(model: Any) -> list[str]:
+    """The first and the last Conv in graph order (the UNet's conv_in and conv_out)."""
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    return list(dict.fromkeys(convs[:1] + convs[-1:]))
+
+
+def op_counts(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Node count per op type of an ONNX file (weights not loaded)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return dict(Counter(n.op_type for n in graph.node).most_common())
+
+
+def model_bytes(path: Path) -> int:
+    """Size of an ONNX file plus the external data files it names."""
+    import onnx
+
+    total = path.stat().st_size
+    model = onnx.load(str(path), load_external_data=False)
+    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+    return total + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
+
+
+def _excluded(model: Any, recipe: Int8Recipe, extra: Sequence[str]) -> list[str]:
+    names = activation_matmuls(model) + (edge_convs(model) if recipe.fp32_edges else []) + list(extra)
+    return list(dict.fromkeys(names))
+
+
+def _node_names(src: Path, dest: Path) -> Any:
+    """The source model with every node named (the quantizer's exclusions are by node name)."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    unnamed = [n for n in model.graph.node if not n.name]
+    for i, n in enumerate(unnamed):
+        n.name = f"{n.op_type}_{i}_unnamed"
+    if not unnamed:
+        return src, model
+    full = onnx.load(str(src))
+    for i, n in enumerate(x for x in full.graph.node if not x.name):
+        n.name = f"{n.op_type}_{i}_unnamed"
+    onnx.save_model(full, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dest.name + ".data")
+    return dest, model
+
+
+def quantize_unet_int8(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
+                       method: str = "static", calibration_feeds: Sequence[Feed] | None = None,
+                       op_types: Sequence[str] | None = None, per_channel: bool = True, fp32_edges: bool = True,
+                       calibration: str = "minmax", nodes_to_exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """Write an int8 version of an fp32 UNet ONNX file and return what was done (for the manifest).
+
+    Args:
+        onnx_path: fp32 UNet (an ONNX export's `unet/model.onnx`, not an ORT-optimized engine graph).
+        out_path: where the int8 `.onnx` goes (weights inline, or `<name>.data` beside it above ~1.8 GB).
+        method: "dynamic" (no calibration) or "static" (QDQ, needs `calibration_feeds`).
+        calibration_feeds: UNet input feeds (name -> float32 array) from real fp32 sampling runs.
+        op_types: op types to quantize; default ("MatMul",) for dynamic, ("Conv", "MatMul") for static.
+        per_channel: per-output-channel weight scales (more accurate, same speed on the CPU EP).
+        fp32_edges: keep the first and last Conv (conv_in, conv_out) in fp32.
+        calibration: static range estimator: "minmax", "percentile" or "entropy".
+        nodes_to_exclude: more node names to keep in fp32 (attention score MatMuls always are).
+    """
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if method not in METHODS:
+        raise BuildError(f"unknown int8 method {method!r}; choose one of {', '.join(METHODS)}")
+    if calibration not in CALIBRATION:
+        raise BuildError(f"unknown calibration {calibration!r}; choose one of {', '.join(CALIBRATION)}")
+    if method == "static" and not calibration_feeds:
+        raise BuildError("static int8 needs calibration feeds (UNet inputs from fp32 sampling runs); "
+                         "pass calibration_feeds or use method='dynamic'")
+    ops = tuple(op_types or (("MatMul",) if method == "dynamic" else ("Conv", "MatMul")))
+    recipe = Int8Recipe(method, ops, per_channel, fp32_edges, calibration)
+    src, out = Path(onnx_path), Path(out_path)
+    if not src.is_file():
+        raise BuildError(f"{src} does not exist: quantization needs the fp32 UNet ONNX file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    external = model_bytes(src) > EXTERNAL_DATA_BYTES
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="latentrt-int8-", dir=out.parent) as tmp:
+        named, graph = _node_names(src, Path(tmp) / "named.onnx")
+        excluded = _excluded(graph, recipe, nodes_to_exclude)
+        common: dict[str, Any] = dict(op_types_to_quantize=list(ops), per_channel=per_channel,
+                                      weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                                      use_external_data_format=external)
+        try:
+            if method == "dynamic":
+                quantize_dynamic(str(named), str(out), extra_options={"MatMulConstBOnly": True}, **common)
+            else:
+                methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                           "entropy": CalibrationMethod.Entropy}
+                quantize_static(str(named), str(out), FeedReader(calibration_feeds or ()),
+                                quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
+                                calibrate_method=methods[calibration], calibration_providers=["CPUExecutionProvider"],
+                                extra_options={"MatMulConstBOnly": True}, **common)
+        except Exception as e:  # the quantizer raises plain Exceptions / ORT errors
+            raise BuildError(f"int8 quantization of {src} failed: {e}") from None
+    seconds = time.perf_counter() - start
+    counts = op_counts(out)
+    log.info("int8 %s UNet written to %s in %.1f s", method, out, seconds)
+    return {
+        "precision": "int8",
+        "recipe": asdict(recipe),
+        "calibration_feeds": len(calibration_feeds or ()),
+        "fp32_nodes": len(excluded),
+        "int8_nodes": {op: n for op, n in counts.items()
+                       if op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DequantizeLinear",
+                                 "DynamicQuantizeLinear", "QuantizeLinear")},
+        "size_mb": {"fp32": round(model_bytes(src) / 2**20, 2), "int8": round(model_bytes(out) / 2**20, 2)},
+        "quantize_s": round(seconds, 3),
+    }
+
+
+def quantize_recipe(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], recipe: str | Int8Recipe,
+                    calibration_feeds: Sequence[Feed] | None = None) -> dict[str, Any]:
+    """`quantize_unet_int8` with one of the named `RECIPES` (or an explicit `Int8Recipe`)."""
+    if isinstance(recipe, str):
+        if recipe not in RECIPES:
+            raise BuildError(f"unknown int8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+        name, r = recipe, RECIPES[recipe]
+    else:
+        name, r = "custom", recipe
+    info = quantize_unet_int8(onnx_path, out_path, method=r.method, op_types=r.op_types, per_channel=r.per_channel,
+                              fp32_edges=r.fp32_edges, calibration=r.calibration,
+                              calibration_feeds=calibration_feeds if r.method == "static" else None)
+    return {"recipe_name": name, **info}
+
+
+def compare_outputs(fp32_path: str | os.PathLike[str], int8_path: str | os.PathLike[str], feeds: Sequence[Feed],
+                    threads: int | None = None) -> dict[str, float]:
+    """Max |diff| and max |diff| / max |fp32| between the two UNets on the same feeds (first output)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    a = ort.InferenceSession(str(fp32_path), so, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(int8_path), so, providers=["CPUExecutionProvider"])
+    worst, scale = 0.0, 0.0
+    for feed in feeds:
+        ya = np.asarray(a.run(None, dict(feed))[0], dtype=np.float64)
+        yb = np.asarray(b.run(None, dict(feed))[0], dtype=np.float64)
+        if not np.isfinite(yb).all():
+            raise BuildError(f"{int8_path} produced non-finite outputs")
+        worst = max(worst, float(np.max(np.abs(ya - yb))))
+        scale = max(scale, float(np.max(np.abs(ya))))
+    return {"max_abs_diff": worst, "relative": worst / max(scale, 1e-12)}
+
+
+# ---------------------------------------------------------------------------- engine folders
+
+
+def source_unet(engine_dir: Path, manifest: Mapping[str, Any]) -> Path:
+    """The fp32 UNet ONNX file an ONNX Runtime engine folder was built from (its export's `unet`)."""
+    from latentrt.manifest import ONNX_KIND, read_manifest
+
+    onnx_dir = (manifest.get("source") or {}).get("onnx_dir")
+    if not onnx_dir or not (Path(onnx_dir) / "manifest.json").is_file():
+        raise BuildError(f"{engine_dir} does not name an existing ONNX export (source.onnx_dir = {onnx_dir!r}); "
+                         "pass onnx_path= the fp32 unet/model.onnx")
+    export = read_manifest(onnx_dir, ONNX_KIND)
+    return Path(onnx_dir) / export["components"]["unet"]["path"]
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def quantize_engine_dir(engine_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                        recipe: str | Int8Recipe = DEFAULT_RECIPE, calibration_feeds: Sequence[Feed] | None = None,
+                        onnx_path: str | os.PathLike[str] | None = None) -> Path:
+    """Copy an ONNX Runtime engine folder to `out_dir` with an int8 UNet; the manifest says what changed.
+
+    The int8 UNet is quantized from the fp32 export (`onnx_path`, default the export the folder was
+    built from), not from the ORT-optimized engine graph, whose fused ops the quantizer does not know.
+    Other components are hard-linked (or copied) unchanged. The folder loads like any engine folder.
+    """
+    from latentrt.manifest import (
+        ENGINE_KIND,
+        MANIFEST,
+        atomic_write_json,
+        move_into_place,
+        read_manifest,
+        sha256_tree,
+        staging_dir,
+    )
+
+    src_dir, out = Path(engine_dir), Path(out_dir)
+    manifest = read_manifest(src_dir, ENGINE_KIND)
+    if manifest.get("backend") != "onnxruntime":
+        raise BuildError(f"{src_dir} holds {manifest.get('backend')} engines; int8 quantization is for ONNX Runtime "
+                         "engine folders (build one with `latentrt build ONNX_DIR --backend onnxruntime`)")
+    unet = dict(manifest["components"]["unet"])
+    fp32 = Path(onnx_path) if onnx_path else source_unet(src_dir, manifest)
+    with staging_dir(out) as tmp:
+        for p in src_dir.rglob("*"):
+            rel = p.relative_to(src_dir)
+            if p.is_file() and rel.parts[0] != "unet" and p.name != MANIFEST:
+                _link_or_copy(p, tmp / rel)
+        dest = tmp / "unet" / "model.onnx"
+        info = quantize_recipe(fp32, dest, recipe, calibration_feeds)
+        unet.update(path="unet/model.onnx", precision="int8", sha256=sha256_tree(dest.parent),
+                    size_mb=round(sum(f.stat().st_size for f in dest.parent.iterdir()) / 2**20, 3),
+                    size_bytes=dest.stat().st_size, build_s=info["quantize_s"], cache_key=f"int8:{info['recipe_name']}",
+                    int8=info, ort={"device": "cpu", "graph_optimization_level": "none (optimized at session start)"})
+        new = dict(manifest, precision="int8", components={**manifest["components"], "unet": unet},
+                   int8={"component": "unet", "recipe": info["recipe_name"], "base_engines": str(src_dir.resolve()),
+                         "fp32_unet": str(fp32.resolve())})
+        atomic_write_json(tmp / MANIFEST, new)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        move_into_place(tmp, out)
+    log.info("wrote int8-UNet ONNX Runtime engines to %s", out)
+    return out

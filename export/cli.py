@@ -1,0 +1,41 @@
+"""`latentrt export MODEL -o OUT`: checkpoint -> ONNX with parity checks (see latentrt.export.onnx)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="diffusers folder (with model_index.json), hub id (org/name) or tiny:<family>")
+    parser.add_argument("-o", "--output", required=True, help="export folder to create")
+    parser.add_argument("--family", help="family id, overriding detection (sd1, sd1-inpaint, sd2, sd2-v, "
+                                         "sd2-inpaint, sdxl, sdxl-refiner, sdxl-turbo, sd-turbo)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; dynamo uses >= 18)")
+    parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter (slower)")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="skip the ONNX Runtime vs PyTorch parity check")
+    parser.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an export of a different model in OUTPUT")
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    from latentrt.export.onnx import export_model
+
+    from latentrt.manifest import read_manifest
+
+    components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        out = export_model(args.model, args.output, family=args.family, opset=args.opset, dynamo=args.dynamo,
+                           verify=args.verify, components=components, overwrite=args.overwrite,
+                           progress=lambda line: print(line, flush=True))
+    manifest = read_manifest(out)
+    total_mb = sum(c["size_mb"] for c in manifest["components"].values())
+    print(f"done in {time.perf_counter() - start:.1f} s: {manifest['family']} -> {out} "
+          f"({len(manifest['components'])} components, {total_mb:.1f} MB, opset {manifest['opset']}, "
+          f"{manifest['exporter']})")
+    return 0

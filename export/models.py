@@ -1,0 +1,286 @@
+"""Load PyTorch reference models: a diffusers folder, a hub id, or a built-in `tiny:<family>` model.
+
+Everything goes through the diffusers folder layout (model_index.json + one folder per part):
+the family is detected from the configs alone, then each part is loaded with the class
+model_index.json names (diffusers or transformers), in float32 on the CPU, in eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentrt.errors import CheckpointError, UnknownFamily
+from latentrt.families import FamilyId, FamilySpec, Prediction, Spacing, get_family
+from latentrt.manifest import sha256_file
+from latentrt.tensors import ComponentIO, ModelDims, component_ios
+
+from .tiny import tiny_folder
+
+log = logging.getLogger(__name__)
+
+TINY_PREFIX = "tiny:"
+MODEL_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
+HASHED_PARTS = ("model_index.json", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae",
+                "scheduler")
+HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.txt", "*/*.json"]
+
+
+@dataclass
+class LoadedModel:
+    """A checkpoint's PyTorch parts plus the facts the export and the runtime need."""
+
+    spec: FamilySpec
+    dims: ModelDims
+    folder: Path  # the diffusers folder the parts were read from
+    modules: dict[str, torch.nn.Module]  # "text_encoder", "text_encoder_2", "unet", "vae" (fp32, CPU, eval)
+    tokenizers: dict[str, Any]  # "tokenizer", "tokenizer_2" (transformers CLIP tokenizers)
+    scheduler_config: dict[str, Any]
+    info: dict[str, Any]  # JSON-able facts for the runtime (VAE scaling, SDXL flags, prediction type, ...)
+    source: str  # what the user asked for: a path, a hub id or tiny:<family>
+    source_sha256: str = field(default="")
+
+    def ios(self) -> dict[str, ComponentIO]:
+        """The IO description of every exported component."""
+        return component_ios(self.spec, self.dims)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON config, raising CheckpointError that names the file when it is missing or malformed."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent} has no {path.name}: not a diffusers {what} folder")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def model_index(folder: Path) -> dict[str, Any]:
+    """The pipeline's model_index.json, checked for the keys LatentRT relies on."""
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    index = read_json(folder / "model_index.json", "pipeline")
+    if not isinstance(index.get("_class_name"), str):
+        raise CheckpointError(f"{folder / 'model_index.json'} has no '_class_name': not a diffusers pipeline")
+    for part in ("unet", "vae", "scheduler"):
+        if not _present(index, folder, part):
+            raise CheckpointError(f"{folder} has no '{part}' (model_index.json entry and folder are both needed)")
+    return index
+
+
+def _present(index: dict[str, Any], folder: Path, part: str) -> bool:
+    entry = index.get(part)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None and (folder / part).is_dir()
+
+
+def part_config(folder: Path, part: str) -> dict[str, Any]:
+    name = "scheduler_config.json" if part == "scheduler" else "config.json"
+    return read_json(folder / part / name, part)
+
+
+def detect_family(folder: str | Path) -> FamilySpec:
+    """The family of a diffusers folder, read from its configs (no weights are loaded)."""
+    folder = Path(folder)
+    index = model_index(folder)
+    unet = part_config(folder, "unet")
+    sched = part_config(folder, "scheduler")
+    in_ch = unet.get("in_channels")
+    trailing = sched.get("timestep_spacing") == Spacing.TRAILING.value
+    v_pred = sched.get("prediction_type") == Prediction.V.value
+    has_te1, has_te2 = _present(index, folder, "text_encoder"), _present(index, folder, "text_encoder_2")
+    where = f"{folder} ({index['_class_name']}, unet in_channels={in_ch})"
+    if has_te2 or "XL" in index["_class_name"]:
+        if in_ch != 4:
+            raise UnknownFamily(f"{where}: SDXL-type UNets with {in_ch} input channels are not supported")
+        if index.get("requires_aesthetics_score") or not has_te1:
+            return get_family(FamilyId.SDXL_REFINER)
+        return get_family(FamilyId.SDXL_TURBO if trailing else FamilyId.SDXL)
+    if not has_te1:
+        raise UnknownFamily(f"{where}: no text_encoder; unconditional / class-conditional models are not supported")
+    act = part_config(folder, "text_encoder").get("hidden_act")
+    if act == "quick_gelu" and not v_pred:  # OpenAI CLIP-L: SD 1.x
+        family = {4: FamilyId.SD1, 9: FamilyId.SD1_INPAINT}.get(in_ch)  # type: ignore[arg-type]
+    elif act == "gelu":  # OpenCLIP ViT-H: SD 2.x
+        base = FamilyId.SD2_V if v_pred else FamilyId.SD_TURBO if trailing else FamilyId.SD2
+        family = {4: base, 9: FamilyId.SD2_INPAINT}.get(in_ch)  # type: ignore[arg-type]
+    else:
+        family = None
+    if family is None:
+        raise UnknownFamily(f"{where}: text encoder hidden_act={act!r}, prediction_type="
+                            f"{sched.get('prediction_type')!r} matches no supported family; pass --family to choose one")
+    return get_family(family)
+
+
+def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
+    """The widths of this checkpoint, checked against the family's structure."""
+    tes = [part_config(folder, te.component) for te in spec.text_encoders]
+    unet, vae = part_config(folder, "unet"), part_config(folder, "vae")
+    pooled = next((c.get("projection_dim", 0) for te, c in zip(spec.text_encoders, tes) if te.pooled), 0)
+    dims = ModelDims(
+        text_hidden=tuple(int(c["hidden_size"]) for c in tes), pooled_dim=int(pooled),
+        context_dim=int(unet["cross_attention_dim"]), unet_in_channels=int(unet["in_channels"]),
+        latent_channels=int(vae.get("latent_channels", 4)),
+        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0])) - 1),
+        max_tokens=int(tes[0].get("max_position_embeddings", 77)) if tes else 77, time_ids=spec.time_ids.width,
+        extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim")},
+    )
+    problems = []
+    if dims.unet_in_channels != spec.unet_in_channels:
+        problems.append(f"unet in_channels {dims.unet_in_channels} != {spec.unet_in_channels}")
+    if dims.context_dim != sum(dims.text_hidden):
+        problems.append(f"unet cross_attention_dim {dims.context_dim} != text width {sum(dims.text_hidden)}")
+    if problems:
+        raise CheckpointError(f"{folder} does not fit family {spec.id.value}: {'; '.join(problems)}")
+    return dims
+
+
+def runtime_info(spec: FamilySpec, folder: Path, index: dict[str, Any], sched: dict[str, Any]) -> dict[str, Any]:
+    """JSON-able facts the runtime needs, read from the checkpoint's configs."""
+    vae = part_config(folder, "vae")
+    return {
+        "pipeline_class": index["_class_name"],
+        "vae_scaling_factor": float(vae.get("scaling_factor", spec.vae_scaling_factor)),
+        "vae_shift_factor": vae.get("shift_factor"),
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", False)),
+        "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
+        "prediction_type": sched.get("prediction_type", Prediction.EPS.value),
+        "timestep_spacing": sched.get("timestep_spacing", Spacing.LEADING.value),
+    }
+
+
+def checkpoint_sha256(folder: Path) -> str:
+    """Hash of the files a LatentRT export reads (model_index.json and the used parts' folders)."""
+    h = hashlib.sha256()
+    for name in HASHED_PARTS:
+        root = folder / name
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+        for p in files:
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """Silence diffusers' and transformers' loading progress bars (the CLI shows its own)."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    states = [(m, m.is_progress_bar_enabled()) for m in (dlog, tlog)]
+    for m, _ in states:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, was in states:
+            if was:
+                m.enable_progress_bar()
+
+
+def load_part(folder: Path, index: dict[str, Any], part: str) -> Any:
+    """Load one part with the library and class that model_index.json names."""
+    import diffusers
+    import transformers
+
+    library, class_name = index[part]
+    lib = {"diffusers": diffusers, "transformers": transformers}.get(library)
+    cls = getattr(lib, class_name, None) if lib is not None else None
+    if cls is None:
+        raise CheckpointError(f"{folder}: '{part}' is a {library}.{class_name}, which LatentRT cannot load")
+    try:
+        if part.startswith("tokenizer"):
+            return cls.from_pretrained(str(folder / part))
+        obj = cls.from_pretrained(str(folder / part), torch_dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{folder}: cannot load '{part}' ({class_name}): {e}") from None
+    return obj.to("cpu").float().eval()
+
+
+def resolve(model: str | Path) -> tuple[Path, str]:
+    """Map what the user gave (tiny:<family>, folder, hub id) to a local diffusers folder."""
+    text = str(model)
+    if text.startswith(TINY_PREFIX):
+        return tiny_folder(text[len(TINY_PREFIX):]), text
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file():
+            raise CheckpointError(f"{path} is a file; LatentRT exports diffusers folders (with model_index.json), "
+                                  "tiny:<family> or hub ids")
+        return path, text
+    if _looks_like_hub_id(text):
+        return download(text), text
+    raise CheckpointError(f"checkpoint {text} does not exist (expected a diffusers folder, a hub id "
+                          "like org/name, or tiny:<family>)")
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def download(repo_id: str) -> Path:
+    """Fetch a hub pipeline's configs, tokenizers and weights (safetensors only) into the local hub cache."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - any hub failure (offline, 404, auth) is a checkpoint problem
+        raise CheckpointError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'no detail'}); download it and pass the "
+                              "folder instead") from None
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A located, family-checked checkpoint whose weights are not loaded yet."""
+
+    folder: Path
+    source: str
+    spec: FamilySpec
+    sha256: str
+
+
+def locate_checkpoint(model: str | Path, family: str | None = None) -> CheckpointRef:
+    """Resolve, validate and hash a checkpoint (configs only); `family` overrides detection."""
+    folder, source = resolve(model)
+    index = model_index(folder)
+    spec = get_family(family) if family else detect_family(folder)
+    for te in spec.text_encoders:
+        if not _present(index, folder, te.component) or not _present(index, folder, te.tokenizer):
+            raise CheckpointError(f"{folder} has no '{te.component}'/'{te.tokenizer}', which family "
+                                  f"{spec.id.value} needs")
+    model_dims(spec, folder)  # raises when the widths do not fit the family
+    return CheckpointRef(folder, source, spec, checkpoint_sha256(folder))
+
+
+def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None) -> LoadedModel:
+    """Load a checkpoint (tiny:<family>, a diffusers folder or a hub id); `family` overrides detection."""
+    ref = model if isinstance(model, CheckpointRef) else locate_checkpoint(model, family)
+    folder, spec = ref.folder, ref.spec
+    index = model_index(folder)
+    sched = part_config(folder, "scheduler")
+    wanted = [p for p in MODEL_PARTS if p in ("unet", "vae") or any(te.component == p for te in spec.text_encoders)]
+    with quiet_progress():
+        modules = {p: load_part(folder, index, p) for p in wanted}
+        tokenizers = {te.tokenizer: load_part(folder, index, te.tokenizer) for te in spec.text_encoders}
+    log.info("loaded %s as %s from %s", ref.source, spec.id.value, folder)
+    return LoadedModel(spec=spec, dims=model_dims(spec, folder), folder=folder, modules=modules,
+                       tokenizers=tokenizers, scheduler_config=dict(sched),
+                       info=runtime_info(spec, folder, index, sched), source=ref.source, source_sha256=ref.sha256)

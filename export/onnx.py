@@ -1,0 +1,334 @@
+"""Checkpoint -> ONNX: export each component, fold constants, check parity in ONNX Runtime, write a manifest.
+
+Layout of an export folder (everything the runtime needs, nothing from the checkpoint folder):
+    OUT/manifest.json                       (latentrt.onnx, schema 1; written last)
+    OUT/<component>/model.onnx [+ model.onnx.data when the model is over ~2 GB]
+    OUT/tokenizer/, OUT/tokenizer_2/, OUT/scheduler/   (copied from the checkpoint)
+All files are written into a staging folder beside OUT and moved into place when complete; an
+interrupted export leaves no manifest, so it is never mistaken for a finished one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentrt.errors import CheckpointError, ExportMismatch, OutputConflict, StaleArtifact
+from latentrt.manifest import (
+    MANIFEST,
+    ONNX_KIND,
+    SCHEMA,
+    atomic_write_json,
+    check_writable,
+    move_into_place,
+    read_manifest,
+    sha256_tree,
+    staging_dir,
+    tool_versions,
+)
+from latentrt.tensors import (
+    ComponentIO,
+    Sizes,
+    describe_shape,
+    dummy_inputs,
+    dynamic_axes,
+    io_to_json,
+    shape_of,
+)
+
+from .models import CheckpointRef, LoadedModel, load_checkpoint, locate_checkpoint
+from .wrappers import wrap
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+EXTERNAL_DATA_MB = 1800.0  # protobuf cannot serialize >= 2 GiB: larger models keep weights in DATA_FILE
+DYNAMO_MIN_OPSET = 18  # the dynamo exporter's opset 17 graphs are rejected by ONNX Runtime (Split num_outputs)
+EXPORT_SIZES = {"batch": 2, "unet_batch": 2, "latent_height": 8, "latent_width": 8}  # tracing example (batch >= 2)
+BOS_ID, EOS_ID = 49406, 49407
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Pass if max |onnx - torch| <= atol + rtol * max |torch| (fp32 against fp32)."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-4
+
+    def limit(self, reference: np.ndarray) -> float:
+        return self.atol + self.rtol * float(np.abs(reference).max(initial=0.0))
+
+
+TOLERANCE = Tolerance()
+
+
+def parity_sizes(io: ComponentIO) -> list[dict[str, int]]:
+    """The shapes parity is checked at: batch 1 and 2, square and non-square latents, longer context."""
+    if "tokens" in io.dims:
+        t = io.dims["tokens"].max
+        return [{"batch": 1, "tokens": t}, {"batch": 2, "tokens": t}, {"batch": 2, "tokens": min(t, 20)}]
+    if "unet_batch" in io.dims:
+        seq = io.dims["sequence"].min
+        return [{"unet_batch": 1, "latent_height": 16, "latent_width": 16, "sequence": seq},
+                {"unet_batch": 2, "latent_height": 16, "latent_width": 24, "sequence": 2 * seq}]
+    return [{"batch": 1, "latent_height": 16, "latent_width": 16}, {"batch": 2, "latent_height": 24, "latent_width": 16}]
+
+
+def example_feed(io: ComponentIO, sizes: Sizes, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs; token ids look like real prompts (BOS, words, EOS, padding) so CLIP pools at EOS."""
+    feed = dummy_inputs(io, sizes, seed=seed)
+    if "input_ids" in feed:
+        ids = feed["input_ids"] % 49000
+        rng = np.random.default_rng(seed)
+        for row in ids:
+            end = int(rng.integers(1, row.shape[0])) if row.shape[0] > 1 else 0
+            row[0], row[end:] = BOS_ID, EOS_ID
+        feed["input_ids"] = ids
+    return feed
+
+
+# ---------------------------------------------------------------------------- export of one component
+
+
+def export_component(module: torch.nn.Module, io: ComponentIO, folder: Path, *, opset: int, dynamo: bool,
+                     external_data_mb: float = EXTERNAL_DATA_MB) -> Path:
+    """Export one wrapped component into `folder`/model.onnx (folded, checked); returns the model path."""
+    raw = folder.parent / f".{folder.name}.raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    feed = example_feed(io, EXPORT_SIZES, seed=0)
+    args = tuple(torch.from_numpy(feed[n]) for n in io.input_names)
+    try:
+        with torch.no_grad():
+            if dynamo:
+                _export_dynamo(module, args, io, raw / MODEL_FILE, opset)
+            else:
+                _export_torchscript(module, args, io, raw / MODEL_FILE, opset)
+        folder.mkdir(parents=True, exist_ok=True)
+        return finalize(raw / MODEL_FILE, folder / MODEL_FILE, external_data_mb)
+    finally:
+        shutil.rmtree(raw, ignore_errors=True)
+
+
+def _export_torchscript(module: torch.nn.Module, args: tuple[torch.Tensor, ...], io: ComponentIO, path: Path,
+                        opset: int) -> None:
+    torch.onnx.export(module, args, str(path), input_names=io.input_names, output_names=io.output_names,
+                      dynamic_axes=dynamic_axes(io), opset_version=opset, do_constant_folding=True, dynamo=False)
+
+
+def _export_dynamo(module: torch.nn.Module, args: tuple[torch.Tensor, ...], io: ComponentIO, path: Path,
+                   opset: int) -> None:
+    program = torch.onnx.export(module, args, input_names=io.input_names, output_names=io.output_names,
+                                dynamic_axes=dynamic_axes(io), opset_version=opset, dynamo=True, optimize=True,
+                                verbose=False)
+    if program is None:
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
+    program.save(str(path), external_data=True)
+
+
+def finalize(raw_path: Path, out_path: Path, external_data_mb: float) -> Path:
+    """Fold constants, drop dead nodes, save as one file (or one file + one weights file) and check it."""
+    import onnx
+    import onnxruntime as ort
+    from polygraphy.backend.onnx.loader import FoldConstants
+    from polygraphy.logger import G_LOGGER
+
+    model = onnx.load(str(raw_path))
+    weights_mb = _initializer_bytes(model) / 2**20
+    small = weights_mb < EXTERNAL_DATA_MB  # in-memory shape inference serializes the model (< 2 GiB only)
+    ort.set_default_logger_severity(3)  # folding runs ORT sessions whose optimizer warnings are noise here
+    with G_LOGGER.verbosity(G_LOGGER.ERROR):
+        model = FoldConstants(model, do_shape_inference=small, error_ok=True,
+                              allow_onnxruntime_shape_inference=False)()
+    if weights_mb >= external_data_mb:
+        onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(out_path))
+    onnx.checker.check_model(str(out_path))
+    return out_path
+
+
+def _initializer_bytes(model: Any) -> int:
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
+# ---------------------------------------------------------------------------- parity
+
+
+def check_parity(module: torch.nn.Module, io: ComponentIO, model_path: Path,
+                 tolerance: Tolerance = TOLERANCE) -> list[dict[str, Any]]:
+    """Run ONNX Runtime (CPU) and PyTorch on fresh random inputs at several shapes; raise ExportMismatch."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    checks = []
+    for i, sizes in enumerate(parity_sizes(io)):
+        feed = example_feed(io, sizes, seed=100 + i)
+        got = [np.asarray(x) for x in session.run(io.output_names, feed)]
+        with torch.no_grad():
+            ref = module(*(torch.from_numpy(feed[n]) for n in io.input_names))
+        diffs = {}
+        for spec, g, r in zip(io.outputs, got, ref):
+            r = r.numpy()
+            shape = describe_sizes(sizes)
+            if g.shape != r.shape or g.shape != shape_of(spec, sizes):
+                raise ExportMismatch(io.component, spec.name, float("inf"), 0.0, f"{shape} (ONNX gave shape "
+                                     f"{g.shape}, PyTorch {r.shape}, spec {describe_shape(spec)})")
+            diff = float(np.abs(g.astype(np.float64) - r).max(initial=0.0))
+            if not diff <= tolerance.limit(r):
+                raise ExportMismatch(io.component, spec.name, diff, tolerance.limit(r), shape)
+            diffs[spec.name] = diff
+        checks.append({"sizes": dict(sizes), "max_abs_diff": diffs})
+    return checks
+
+
+def describe_sizes(sizes: Sizes) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+# ---------------------------------------------------------------------------- whole export
+
+
+def check_output(out: Path, ref: CheckpointRef, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse to mix models in one folder; returns the previous manifest of the same model, if any."""
+    if out.exists() and not out.is_dir():
+        raise OutputConflict(f"output {out} exists and is not a folder")
+    if not (out / MANIFEST).is_file():
+        if not overwrite and out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+            raise OutputConflict(f"output {out} is not empty and holds no LatentRT export; choose an empty "
+                                 "folder or pass --overwrite")
+        return None
+    try:
+        old = read_manifest(out, ONNX_KIND)
+    except StaleArtifact:
+        if overwrite:
+            return None
+        raise OutputConflict(f"{out} holds another kind of artifact; choose another folder or pass --overwrite") from None
+    same = old.get("source", {}).get("sha256") == ref.sha256 and old.get("family") == ref.spec.id.value
+    if not same and not overwrite:
+        raise OutputConflict(f"{out} already holds the export of {old.get('source', {}).get('model')!r} "
+                             f"({old.get('family')}); choose another folder or pass --overwrite")
+    return old if same else None
+
+
+def export_model(model: str | Path, out_dir: str | Path, *, family: str | None = None, opset: int = 17,
+                 dynamo: bool = False, verify: bool = True, components: Sequence[str] | None = None,
+                 progress: Progress | None = None, overwrite: bool = False,
+                 external_data_mb: float = EXTERNAL_DATA_MB) -> Path:
+    """Export a checkpoint (tiny:<family>, diffusers folder, hub id) to ONNX under `out_dir`; returns `out_dir`.
+
+    Args:
+        model: what to export; see `latentrt.export.models.load_checkpoint`.
+        out_dir: the export folder (created; refused if it holds another model's export unless `overwrite`).
+        family: the family id, overriding detection from the checkpoint's configs.
+        opset: ONNX opset (raised to 18 for the dynamo exporter).
+        dynamo: use torch.export-based exporter instead of the TorchScript one (default, faster here).
+        verify: compare every component with PyTorch in ONNX Runtime at several shapes.
+        components: a subset of the family's components (default: all).
+        progress: called with one human-readable line per step (the CLI prints them).
+        overwrite: replace an export of a different model.
+        external_data_mb: weights above this size go into `model.onnx.data` beside `model.onnx`.
+    """
+    say = progress or (lambda _msg: None)
+    out = Path(out_dir).expanduser()
+    check_writable(out.parent if not out.exists() else out)
+    ref = locate_checkpoint(model, family)
+    wanted = _select(ref, components)
+    previous = check_output(out, ref, overwrite)
+    check_writable(out)
+    say(f"loading {ref.source} ({ref.folder})")
+    loaded = load_checkpoint(ref)
+    if dynamo and opset < DYNAMO_MIN_OPSET:
+        log.info("dynamo exporter: raising opset %d to %d", opset, DYNAMO_MIN_OPSET)
+        opset = DYNAMO_MIN_OPSET
+    say(f"family {loaded.spec.id.value} ({loaded.spec.title}); exporting {', '.join(wanted)}")
+    with staging_dir(out) as stage:
+        entries = {}
+        for i, name in enumerate(wanted, 1):
+            entries[name] = _export_one(loaded, name, stage, opset=opset, dynamo=dynamo, verify=verify,
+                                        external_data_mb=external_data_mb, say=say, step=f"[{i}/{len(wanted)}]")
+        files = _copy_support_files(loaded, stage)
+        manifest = _manifest(loaded, opset, dynamo, entries, files, previous, out)
+        _publish(stage, out, [*entries, *files], manifest)
+    say(f"wrote {out}")
+    return out
+
+
+def _select(ref: CheckpointRef, components: Sequence[str] | None) -> list[str]:
+    known = list(ref.spec.components)
+    if not components:
+        return known
+    unknown = [c for c in components if c not in known]
+    if unknown:
+        raise CheckpointError(f"{ref.spec.id.value} has no component(s) {', '.join(unknown)}; "
+                              f"choose among {', '.join(known)}")
+    return [c for c in known if c in components]
+
+
+def _export_one(loaded: LoadedModel, name: str, stage: Path, *, opset: int, dynamo: bool, verify: bool,
+                external_data_mb: float, say: Progress, step: str) -> dict[str, Any]:
+    io = loaded.ios()[name]
+    module = wrap(name, loaded)
+    say(f"{step} {name} …")
+    start = time.perf_counter()
+    path = export_component(module, io, stage / name, opset=opset, dynamo=dynamo, external_data_mb=external_data_mb)
+    export_s = time.perf_counter() - start
+    checks = check_parity(module, io, path) if verify else []
+    worst = max((d for c in checks for d in c["max_abs_diff"].values()), default=None)
+    size_mb = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file()) / 2**20
+    verdict = f", parity max|diff| {worst:.1e} ✓ ({len(checks)} shapes)" if worst is not None else ", parity not checked"
+    say(f"{step} {name} {export_s:.1f} s, {size_mb:.1f} MB{verdict}")
+    return {"path": f"{name}/{MODEL_FILE}", "io": io_to_json(io), "sha256": sha256_tree(path.parent),
+            "size_mb": round(size_mb, 3), "export_s": round(export_s, 3),
+            "parity": {"tolerance": dataclasses.asdict(TOLERANCE), "checks": checks}}
+
+
+def _copy_support_files(loaded: LoadedModel, stage: Path) -> dict[str, str]:
+    """Copy the tokenizers and the scheduler config so the runtime needs only the export folder."""
+    names = [te.tokenizer for te in loaded.spec.text_encoders] + ["scheduler"]
+    out = {}
+    for name in names:
+        shutil.copytree(loaded.folder / name, stage / name, dirs_exist_ok=True)
+        out[name] = sha256_tree(stage / name)
+    return out
+
+
+def _manifest(loaded: LoadedModel, opset: int, dynamo: bool, entries: Mapping[str, Any], files: dict[str, str],
+              previous: dict[str, Any] | None, out: Path) -> dict[str, Any]:
+    components = dict(entries)
+    if previous:  # a partial re-export of the same model keeps the components it did not redo
+        for name, entry in previous.get("components", {}).items():
+            if name not in components and (out / entry["path"]).is_file():
+                components[name] = entry
+    order = [c for c in loaded.spec.components if c in components]
+    return {
+        "kind": ONNX_KIND, "schema": SCHEMA, "family": loaded.spec.id.value,
+        "source": {"model": loaded.source, "sha256": loaded.source_sha256},
+        "model": {"dims": dataclasses.asdict(loaded.dims), **loaded.info},
+        "opset": opset, "exporter": "dynamo" if dynamo else "torchscript", "tools": tool_versions(),
+        "components": {c: components[c] for c in order}, "files": files,
+    }
+
+
+def _publish(stage: Path, out: Path, names: Sequence[str], manifest: dict[str, Any]) -> None:
+    """Move finished folders into `out`, the manifest last (an old manifest is removed first)."""
+    out.mkdir(parents=True, exist_ok=True)
+    old = out / MANIFEST
+    if old.exists():
+        os.unlink(old)
+    for name in names:
+        move_into_place(stage / name, out / name)
+    atomic_write_json(out / MANIFEST, manifest)

@@ -1,0 +1,197 @@
+"""Built-in tiny checkpoints: the real architectures of every family with small widths and random weights.
+
+`make_tiny(family, folder)` saves a complete diffusers pipeline folder through diffusers' own
+`save_pretrained` (model_index.json, safetensors weights, configs, CLIP tokenizers with the real
+vocabulary, an Euler scheduler with the family's defaults), so a tiny model is loaded by exactly
+the code path a user's checkpoint takes. The structure is kept: cross-attention down/up blocks,
+SDXL's text-time add-embedding, 9-channel inpainting input, v-prediction config, two-encoder
+SDXL context, a VAE with a scale factor of 8. Weights are seeded, so the files are identical
+from run to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentrt.families import FamilyId, FamilySpec, Prediction, TimeIds, get_family
+from latentrt.manifest import staging_dir
+
+from .tokenizers import EOS, save_clip_tokenizer
+
+log = logging.getLogger(__name__)
+
+TINY_VERSION = 1  # bump when the recipe changes: cached folders are keyed by it
+SEED = 1234
+TIME_EMBED_DIM = 8  # SDXL addition_time_embed_dim (256 in the real model)
+
+
+@dataclass(frozen=True)
+class TinyText:
+    """A small CLIP text tower: `quick_gelu` = OpenAI CLIP-L flavour, `gelu` = OpenCLIP (SD 2, SDXL-G)."""
+
+    hidden: int
+    act: str
+    layers: int = 3
+    heads: int = 4
+    projection: int = 40  # pooled width of CLIPTextModelWithProjection
+
+
+CLIP_L = TinyText(hidden=32, act="quick_gelu")
+OPENCLIP = TinyText(hidden=48, act="gelu")
+OPENCLIP_FAMILIES = {FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO}
+
+
+def cache_root() -> Path:
+    """Where built-in tiny models live: $LATENTRT_CACHE or ~/.cache/latentrt."""
+    return Path(os.environ.get("LATENTRT_CACHE") or Path.home() / ".cache" / "latentrt")
+
+
+def tiny_folder(family: str) -> Path:
+    """The cached tiny checkpoint folder of a family, built on first use."""
+    spec = get_family(family)
+    dest = cache_root() / "tiny" / f"{spec.id.value}-v{TINY_VERSION}"
+    if (dest / "model_index.json").is_file():
+        return dest
+    with staging_dir(dest) as tmp:
+        make_tiny(spec.id.value, tmp / "model")
+        try:
+            os.replace(tmp / "model", dest)
+        except OSError:  # another process finished first: keep its (identical) folder
+            if not (dest / "model_index.json").is_file():
+                raise
+    log.info("built tiny %s checkpoint in %s", spec.id.value, dest)
+    return dest
+
+
+def text_recipes(spec: FamilySpec) -> list[TinyText]:
+    """The tiny text tower of each of the family's encoders, in spec order."""
+    openclip_only = spec.id in OPENCLIP_FAMILIES
+    return [OPENCLIP if (te.pooled or openclip_only) else CLIP_L for te in spec.text_encoders]
+
+
+def make_text_encoder(t: TinyText, pooled: bool, pad_id: int, seed: int) -> torch.nn.Module:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=t.hidden, intermediate_size=2 * t.hidden, num_hidden_layers=t.layers,
+        num_attention_heads=t.heads, max_position_embeddings=77, hidden_act=t.act, projection_dim=t.projection,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=pad_id,
+    )
+    torch.manual_seed(seed)
+    model = (CLIPTextModelWithProjection if pooled else CLIPTextModel)(config)
+    return _jitter(model, seed)
+
+
+def unet_config(spec: FamilySpec, context_dim: int, pooled_dim: int) -> dict[str, Any]:
+    """A two-level UNet2DConditionModel config with the family's structural features."""
+    xl = spec.has_pooled
+    cfg: dict[str, Any] = dict(
+        sample_size=spec.native_size[0] // spec.vae_scale_factor,
+        in_channels=spec.unet_in_channels, out_channels=spec.latent_channels,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+        cross_attention_dim=context_dim, attention_head_dim=(2, 4),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") if xl else ("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D") if xl else ("UpBlock2D", "CrossAttnUpBlock2D"),
+        use_linear_projection=spec.id not in (FamilyId.SD1, FamilyId.SD1_INPAINT),
+        upcast_attention=spec.prediction is Prediction.V,
+    )
+    if xl:
+        cfg.update(transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                   addition_time_embed_dim=TIME_EMBED_DIM,
+                   projection_class_embeddings_input_dim=pooled_dim + spec.time_ids.width * TIME_EMBED_DIM)
+    return cfg
+
+
+def make_unet(spec: FamilySpec, context_dim: int, pooled_dim: int, seed: int) -> torch.nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return _jitter(UNet2DConditionModel(**unet_config(spec, context_dim, pooled_dim)), seed)
+
+
+def make_vae(spec: FamilySpec, seed: int) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    config: dict[str, Any] = dict(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
+        latent_channels=spec.latent_channels, sample_size=spec.native_size[0],
+        scaling_factor=spec.vae_scaling_factor, force_upcast=spec.has_pooled,
+    )
+    return _jitter(AutoencoderKL(**config), seed)
+
+
+def make_scheduler(spec: FamilySpec) -> Any:
+    from diffusers import EulerDiscreteScheduler
+
+    s = spec.schedule
+    return EulerDiscreteScheduler(
+        num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+        beta_schedule=s.beta_schedule, prediction_type=spec.prediction.value,
+        timestep_spacing=spec.sampling.spacing.value, steps_offset=1,
+    )
+
+
+def _jitter(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Perturb 1-D parameters (norm scales, biases) so that none is a trivial 0 or 1."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def make_tiny(family: str, folder: Path) -> Path:
+    """Build the tiny checkpoint of `family` and save it as a diffusers pipeline folder at `folder`."""
+    spec = get_family(family)
+    folder = Path(folder)
+    texts = text_recipes(spec)
+    encoders: dict[str, torch.nn.Module] = {}
+    tokenizers: dict[str, Any] = {}
+    for i, (te, t) in enumerate(zip(spec.text_encoders, texts)):
+        pad = "!" if te.tokenizer == "tokenizer_2" else EOS  # SDXL's OpenCLIP tokenizer pads with "!" (id 0)
+        tokenizers[te.tokenizer] = _tokenizer(folder / ".tmp" / te.tokenizer, pad)
+        encoders[te.component] = make_text_encoder(t, te.pooled, tokenizers[te.tokenizer].pad_token_id, SEED + i)
+    context_dim = sum(t.hidden for t in texts)
+    pooled_dim = next((t.projection for te, t in zip(spec.text_encoders, texts) if te.pooled), 0)
+    parts = dict(
+        unet=make_unet(spec, context_dim, pooled_dim, SEED + 10), vae=make_vae(spec, SEED + 20),
+        scheduler=make_scheduler(spec), **encoders, **tokenizers,
+    )
+    from .models import quiet_progress
+
+    with quiet_progress():
+        _pipeline(spec, parts).save_pretrained(str(folder), safe_serialization=True)
+    shutil.rmtree(folder / ".tmp", ignore_errors=True)
+    return folder
+
+
+def _tokenizer(folder: Path, pad_token: str) -> Any:
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(save_clip_tokenizer(folder, pad_token)))
+
+
+def _pipeline(spec: FamilySpec, parts: dict[str, Any]) -> Any:
+    """The diffusers pipeline object that owns these parts (its class goes into model_index.json)."""
+    import diffusers
+
+    if spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC:
+        absent: dict[str, Any] = {"text_encoder": None, "tokenizer": None}
+        return diffusers.StableDiffusionXLImg2ImgPipeline(
+            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False,
+            **absent, **parts)
+    if spec.has_pooled:
+        return diffusers.StableDiffusionXLPipeline(add_watermarker=False, **parts)
+    cls = diffusers.StableDiffusionInpaintPipeline if spec.is_inpaint else diffusers.StableDiffusionPipeline
+    no_safety: dict[str, Any] = {"safety_checker": None, "feature_extractor": None}
+    return cls(requires_safety_checker=False, **no_safety, **parts)

@@ -1,0 +1,86 @@
+"""Flat-IO modules per component: positional tensors in `ComponentIO.inputs` order, a tuple in `outputs` order.
+
+Each wrapper computes exactly what the diffusers pipelines take from the part:
+text encoders give `last_hidden_state` (SD 1.x / 2.x) or `hidden_states[-2]` without the final
+layer norm (SDXL), plus `text_embeds` for the pooled encoder; the UNet gives the noise / v
+prediction; the VAE decoder decodes unscaled latents (the runtime divides by the scaling factor);
+the VAE encoder returns the Gaussian's raw parameters (mean and logvar on channels, diffusers'
+`latent_dist.parameters`, logvar not yet clamped), so sampling stays outside the graph.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from latentrt.families import HiddenState, TextEncoderSpec
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+
+class TextEncoderWrapper(nn.Module):
+    """input_ids -> hidden_states (+ text_embeds for the pooled encoder)."""
+
+    def __init__(self, encoder: nn.Module, spec: TextEncoderSpec):
+        super().__init__()
+        self.encoder: Any = encoder  # transformers CLIPTextModel(WithProjection)
+        self.penultimate = spec.hidden_state is HiddenState.PENULTIMATE
+        self.pooled = spec.pooled
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.encoder(input_ids, output_hidden_states=self.penultimate, return_dict=True)
+        hidden = out.hidden_states[-2] if self.penultimate else out.last_hidden_state
+        return (hidden, out.text_embeds) if self.pooled else (hidden,)
+
+
+class UNetWrapper(nn.Module):
+    """sample, timestep, encoder_hidden_states [, text_embeds, time_ids] -> out_sample."""
+
+    def __init__(self, unet: nn.Module, added_cond: bool):
+        super().__init__()
+        self.unet: Any = unet  # diffusers UNet2DConditionModel
+        self.added_cond = added_cond
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                *added: torch.Tensor) -> tuple[torch.Tensor]:
+        kwargs = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if self.added_cond else {}
+        return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0],)
+
+
+class VaeDecoderWrapper(nn.Module):
+    """latent (already divided by the scaling factor) -> images in [-1, 1] (not clamped)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae: Any = vae  # diffusers AutoencoderKL
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.decode(latent, return_dict=False)[0],)
+
+
+class VaeEncoderWrapper(nn.Module):
+    """images in [-1, 1] -> latent_parameters (mean, logvar concatenated on channels)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae: Any = vae  # diffusers AutoencoderKL
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.encode(images, return_dict=True).latent_dist.parameters,)
+
+
+def wrap(component: str, loaded: LoadedModel) -> nn.Module:
+    """The flat-IO module of a component ('text_encoder', 'text_encoder_2', 'unet', 'vae_encoder', 'vae_decoder')."""
+    for te in loaded.spec.text_encoders:
+        if te.component == component:
+            return TextEncoderWrapper(loaded.modules[component], te).eval()
+    if component == "unet":
+        return UNetWrapper(loaded.modules["unet"], added_cond=loaded.spec.has_pooled).eval()
+    if component == "vae_decoder":
+        return VaeDecoderWrapper(loaded.modules["vae"]).eval()
+    if component == "vae_encoder":
+        return VaeEncoderWrapper(loaded.modules["vae"]).eval()
+    raise KeyError(f"{loaded.spec.id.value} has no component {component!r}; it has {', '.join(loaded.spec.components)}")

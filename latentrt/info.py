@@ -1,0 +1,68 @@
+"""`latentrt info DIR`: say what a folder holds (diffusers checkpoint, ONNX export, engines)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import LatentRTError, MissingComponent
+from .manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, read_manifest
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", help="a diffusers checkpoint, an ONNX export or an engines folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    for line in describe(Path(args.folder)):
+        print(line)
+    return 0
+
+
+def describe(folder: Path) -> list[str]:
+    """A few lines saying what `folder` holds."""
+    if (folder / MANIFEST).is_file():
+        kind = json.loads((folder / MANIFEST).read_text()).get("kind")
+        if kind == ONNX_KIND:
+            return _onnx_lines(folder, read_manifest(folder, ONNX_KIND))
+        if kind == ENGINE_KIND:
+            return _engine_lines(folder, read_manifest(folder, ENGINE_KIND))
+        return [f"{folder}: a manifest of unknown kind {kind!r}"]
+    if (folder / "model_index.json").is_file():
+        return _checkpoint_lines(folder)
+    raise MissingComponent(f"{folder} holds no diffusers checkpoint (model_index.json), ONNX export or engines "
+                           f"({MANIFEST})")
+
+
+def _checkpoint_lines(folder: Path) -> list[str]:
+    from latentrt.export.models import detect_family, model_index
+
+    index = model_index(folder)
+    try:
+        spec = detect_family(folder)
+        family = f"family {spec.id.value} ({spec.title})"
+    except LatentRTError as e:
+        family = f"family not recognised: {e}"
+    parts = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] is not None]
+    return [f"{folder}: diffusers checkpoint, {index['_class_name']}", f"  {family}", f"  parts: {', '.join(parts)}"]
+
+
+def _onnx_lines(folder: Path, m: dict[str, Any]) -> list[str]:
+    lines = [f"{folder}: ONNX export of {m['source']['model']} ({m['family']}), opset {m['opset']}, {m['exporter']}"]
+    for name, c in m["components"].items():
+        checks = c.get("parity", {}).get("checks", [])
+        worst = max((d for chk in checks for d in chk["max_abs_diff"].values()), default=None)
+        parity = f"parity max|diff| {worst:.1e} at {len(checks)} shapes" if worst is not None else "parity not checked"
+        lines.append(f"  {name:<15} {c['size_mb']:>9.1f} MB  {parity}")
+    return lines
+
+
+def _engine_lines(folder: Path, m: dict[str, Any]) -> list[str]:
+    backend = m.get("backend", "?")
+    lines = [f"{folder}: engines ({backend}) for {m.get('family', '?')}"]
+    for name, c in m.get("components", {}).items():
+        extra = ", ".join(f"{k} {c[k]}" for k in ("precision", "size_mb") if isinstance(c, dict) and k in c)
+        lines.append(f"  {name}" + (f": {extra}" if extra else ""))
+    return lines

@@ -1,0 +1,118 @@
+"""ONNX Runtime backend: one `InferenceSession` per component, fed torch tensors through IO binding.
+
+Inputs and outputs are bound straight to torch tensors' memory (zero-copy on CPU and on CUDA);
+output buffers are allocated from the component's IO spec, so no shape is restated here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from latentrt.errors import BackendUnavailable, MissingComponent
+from latentrt.tensors import DTYPES, ComponentIO, shape_of
+
+from .base import Engine
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+ProviderSpec = str | tuple[str, dict[str, Any]]
+
+
+def default_providers(device: torch.device) -> list[ProviderSpec]:
+    """CUDA EP (with CPU fallback for unsupported nodes) on a CUDA device, else the CPU EP."""
+    if device.type == "cuda":
+        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def provider_name(p: ProviderSpec) -> str:
+    return p if isinstance(p, str) else p[0]
+
+
+def default_session_options() -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only; ORT's own warnings are noisy on exported UNets
+    return opts
+
+
+class OrtEngine(Engine):
+    """Runs one exported component with ONNX Runtime."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike[str], io: ComponentIO, device: torch.device | str = "cpu",
+                 providers: Sequence[ProviderSpec] | None = None, session_options: ort.SessionOptions | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MissingComponent(f"{io.component}: ONNX file {self.path} is missing")
+        requested = list(providers) if providers is not None else default_providers(torch.device(device))
+        self.session = ort.InferenceSession(str(self.path), sess_options=session_options or default_session_options(),
+                                            providers=requested)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.fallback = [provider_name(p) for p in requested if provider_name(p) not in self.providers]
+        on_gpu = any(p in self.providers for p in GPU_PROVIDERS)
+        if self.fallback:
+            log.warning("%s: ONNX Runtime did not enable %s (running on %s); check that onnxruntime-gpu is installed "
+                        "and a GPU is visible", io.component, ", ".join(self.fallback), ", ".join(self.providers))
+        if torch.device(device).type == "cuda" and not on_gpu:
+            device = "cpu"  # feeds follow the session: binding CUDA memory to a CPU-only session would fail
+        super().__init__(io, device)
+        self._check_names()
+
+    def _check_names(self) -> None:
+        """The session's inputs must be the ones the IO spec names (catches a stale or foreign file)."""
+        names = {i.name for i in self.session.get_inputs()}
+        missing = [n for n in self.io.input_names if n not in names]
+        if missing:
+            raise BackendUnavailable(f"{self.component}: {self.path} has inputs {sorted(names)}, "
+                                     f"expected {self.io.input_names}; re-export the model")
+
+    def _device_args(self) -> tuple[str, int]:
+        return ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
+
+    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Bind inputs and spec-shaped output buffers, run, and return the outputs as torch tensors."""
+        sizes = self.check(feed)
+        kind, index = self._device_args()
+        binding = self.session.io_binding()
+        keep: list[torch.Tensor] = []
+        for spec in self.io.inputs:
+            x = feed[spec.name].to(device=self.device, dtype=TORCH_DTYPES[spec.dtype]).contiguous()
+            keep.append(x)
+            binding.bind_input(spec.name, kind, index, DTYPES[spec.dtype], list(x.shape), x.data_ptr())
+        outputs: dict[str, torch.Tensor] = {}
+        for spec in self.io.outputs:
+            y = torch.empty(shape_of(spec, sizes), dtype=TORCH_DTYPES[spec.dtype], device=self.device)
+            outputs[spec.name] = y
+            binding.bind_output(spec.name, kind, index, DTYPES[spec.dtype], list(y.shape), y.data_ptr())
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        start = time.perf_counter()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        self.last_latency_ms = (time.perf_counter() - start) * 1e3
+        return outputs
+
+    def run_numpy(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Plain `session.run` on numpy arrays (for comparisons outside the pipeline)."""
+        names = self.io.output_names
+        return dict(zip(names, self.session.run(names, dict(feed))))
+
+    def describe(self) -> str:
+        fell_back = f" (requested {', '.join(self.fallback)}: unavailable)" if self.fallback else ""
+        return f"onnxruntime {self.component} on {', '.join(self.providers)}{fell_back} ({self.path})"
+
+    def close(self) -> None:
+        self.__dict__.pop("session", None)

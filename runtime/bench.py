@@ -1,0 +1,1061 @@
+"""`latentrt bench`: per-stage latency of several backends on the same requests, measured side by side.
+
+Method (see benchmarks/README.md): every backend is loaded once in this process; each case (size,
+batch, steps) gets `warmup` unrecorded runs per backend, then `runs` measured runs INTERLEAVED
+across backends (round i runs the backends in an order rotated by i), so drift of a shared machine
+hits every backend alike. The very first generation of each backend is recorded apart as its cold
+latency. "reference" is the diffusers pipeline itself (eager PyTorch, `from_pretrained` on the same
+weights, same scheduler, steps, guidance and seed), timed per stage with module hooks; the other
+backends are LatentRT pipelines timed by the pipeline's own stage timers (perf_counter on CPU, CUDA
+events + NVTX ranges on CUDA). Speedups are `reference p50 / backend p50` (> 1: faster than diffusers).
+Pipeline overhead is end-to-end time minus the engines' own compute time (the sum of `last_latency_ms`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentrt.errors import BackendUnavailable, InvalidRequest
+from latentrt.manifest import (
+    ENGINE_KIND,
+    MANIFEST,
+    ONNX_KIND,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_writable,
+    read_manifest,
+    tool_versions,
+)
+
+from .backends.base import Engine
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("reference", "torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
+INT8 = "onnxruntime-int8"
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+CALIBRATION_PROMPTS = (
+    "a photograph of an astronaut riding a horse on the moon",
+    "an oil painting of a lighthouse in a storm, dramatic light",
+    "a bowl of ramen on a wooden table, studio photo",
+    "a watercolor map of an imaginary city",
+)
+SWEEPS = ("steps", "size", "batch")
+PERCENTILES = (50, 90, 99)
+Size = tuple[int, int]
+
+
+# ---------------------------------------------------------------------------- settings and events
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One measured configuration."""
+
+    height: int
+    width: int
+    batch: int  # images per prompt (one prompt)
+    steps: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.height}x{self.width} b{self.batch} s{self.steps}"
+
+
+@dataclass
+class BenchEvent:
+    """Progress: `done` of `total` generations finished; `message` names a phase (export, build, ...)."""
+
+    done: int
+    total: int
+    message: str = ""
+
+
+Progress = Callable[[BenchEvent], None]
+
+
+@dataclass
+class Sample:
+    """One measured generation."""
+
+    stages: dict[str, list[float]]  # stage -> its entries in ms (unet: one per step), "total" included
+    engine_ms: float | None  # sum of the engines' own compute time (None: not observable, the reference)
+    gpu_peak_mb: float | None
+    image: np.ndarray  # (N, H, W, 3) float32 in [0, 1]
+
+    @property
+    def total_ms(self) -> float:
+        return self.stages["total"][0]
+
+
+@dataclass
+class BenchRecord:
+    """Everything one `run_bench` measured; `to_json()` is what bench.json holds."""
+
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    build: dict[str, Any]
+    backends: dict[str, dict[str, Any]]  # label -> what runs, load time, cold latency, memory
+    cases: list[dict[str, Any]]  # one per measured case: per-backend stats and ratios
+    sweeps: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "latentrt.bench", "schema": 1, "machine": self.machine, "settings": self.settings,
+                "build": self.build, "backends": self.backends, "cases": self.cases, "sweeps": self.sweeps,
+                "files": self.files}
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def percentile_stats(values: Sequence[float]) -> dict[str, float]:
+    """mean, min, max, p50, p90, p99 (linear interpolation) of a list of milliseconds."""
+    a = np.asarray(values, dtype=np.float64)
+    out = {"n": int(a.size), "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max())}
+    out.update({f"p{q}": float(np.percentile(a, q)) for q in PERCENTILES})
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two images in [0, 1] (inf when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def image_diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """max |diff| (in [0, 1] units) and PSNR (dB) between two image batches."""
+    return {"max_abs_diff": round(float(np.max(np.abs(a - b))), 6), "psnr_db": round(psnr_db(a, b), 3)}
+
+
+def stage_stats(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
+    """Per stage: statistics of the per-run sum and of single calls (unet: per step)."""
+    names = list(dict.fromkeys(s for sample in samples for s in sample.stages))
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        per_run = [sum(x.stages.get(name, [])) for x in samples]
+        calls = [v for x in samples for v in x.stages.get(name, [])]
+        out[name] = {"calls_per_run": len(calls) / len(samples), "per_run": percentile_stats(per_run),
+                     "per_call": percentile_stats(calls) if calls else None}
+    return out
+
+
+def overhead(samples: Sequence[Sample]) -> dict[str, Any]:
+    """End-to-end minus timed stages, and end-to-end minus the engines' own compute (ms and % of total)."""
+    totals = np.array([x.total_ms for x in samples])
+    staged = np.array([sum(sum(v) for k, v in x.stages.items() if k != "total") for x in samples])
+    out: dict[str, Any] = {"untimed_ms": round(float(np.mean(totals - staged)), 4),
+                           "untimed_pct": round(float(100 * np.mean((totals - staged) / totals)), 4)}
+    if all(x.engine_ms is not None for x in samples):
+        engine = np.array([x.engine_ms or 0.0 for x in samples])
+        out.update({"engine_ms": round(float(np.mean(engine)), 4),
+                    "pipeline_ms": round(float(np.mean(totals - engine)), 4),
+                    "pipeline_pct": round(float(100 * np.mean((totals - engine) / totals)), 4)})
+    return out
+
+
+def summarize(samples: Sequence[Sample], case: BenchCase) -> dict[str, Any]:
+    """The figures of one backend on one case."""
+    stats = stage_stats(samples)
+    e2e = stats["total"]["per_run"]
+    peaks = [x.gpu_peak_mb for x in samples if x.gpu_peak_mb is not None]
+    return {
+        "end_to_end_ms": e2e,
+        "images_per_s": round(case.batch * len(samples) / (sum(x.total_ms for x in samples) / 1e3), 5),
+        "stages": stats,
+        "overhead": overhead(samples),
+        "gpu_peak_mb": round(max(peaks), 2) if peaks else None,
+        "runs_ms": [round(x.total_ms, 3) for x in samples],
+    }
+
+
+# ---------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The SIMD / matrix extensions that decide CPU speed (AVX2, AVX-512, VNNI, AMX)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
+                                    "amx_int8") if f in have]
+    return []
+
+
+def rss_mb() -> float:
+    """Current resident memory of this process (Linux /proc; 0 elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (getrusage; KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
+
+
+def measure_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Measured dense GEMM throughput: fp32 (torch.mm) and int8 (ONNX Runtime MatMulInteger) on this CPU."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = {"fp32_gemm_gflops": round(2 * n**3 / _best_of(lambda: a @ b, repeats) / 1e9, 1)}
+    with contextlib.suppress(Exception):  # the int8 figure is informative only
+        out["int8_gemm_gops"] = round(2 * n**3 / _int8_gemm_seconds(n, repeats) / 1e9, 1)
+    return out
+
+
+def _best_of(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _int8_gemm_seconds(n: int, repeats: int) -> float:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-127, 127, (n, n)).astype(np.int8), "W")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["X", "W"], ["Y"])], "int8_gemm",
+                              [helper.make_tensor_value_info("X", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9  # ONNX Runtime 1.32 reads IR <= 13 (FIELD-NOTES)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.integers(0, 255, (n, n)).astype(np.uint8)
+    return _best_of(lambda: session.run(None, {"X": x}), repeats)
+
+
+def machine_info(device: torch.device, peaks: bool = True) -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "device": str(device),
+                            "tools": tool_versions(), "loadavg_start": _loadavg()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    elif peaks:
+        info["peak"] = measure_peak_gflops()
+    return info
+
+
+def _loadavg() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+# ---------------------------------------------------------------------------- event timing
+
+
+class _HookTimer:
+    """Start/stop timing from module hooks: perf_counter on CPU, CUDA events + NVTX on CUDA."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.open: dict[str, Any] = {}
+        self.done: list[tuple[str, Any, Any]] = []
+
+    def start(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            torch.cuda.nvtx.range_push(f"reference {name}")
+            event.record()
+            self.open[name] = event
+        else:
+            self.open[name] = time.perf_counter()
+
+    def stop(self, name: str) -> None:
+        begin = self.open.pop(name)
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.nvtx.range_pop()
+            self.done.append((name, begin, end))
+        else:
+            self.done.append((name, (time.perf_counter() - begin) * 1e3, None))
+
+    def collect(self) -> dict[str, list[float]]:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out: dict[str, list[float]] = {}
+        for name, a, b in self.done:
+            out.setdefault(name, []).append(a if b is None else a.elapsed_time(b))
+        self.done = []
+        return out
+
+
+# ---------------------------------------------------------------------------- runners
+
+
+def request_inputs(spec: Any, case: BenchCase) -> dict[str, Any]:
+    """Extra inputs the family needs for a txt2img-like run: an init image (+ mask) for inpainting / refiner."""
+    from PIL import Image
+
+    if not (spec.is_inpaint or spec.time_ids.value == "size_crop_aesthetic"):
+        return {}
+    y, x = np.mgrid[0:case.height, 0:case.width]
+    rgb = np.stack([x / case.width, y / case.height, 0.5 + 0 * x], axis=-1)
+    out: dict[str, Any] = {"image": Image.fromarray((255 * rgb).astype(np.uint8))}
+    if spec.is_inpaint:
+        box = (abs(y - case.height / 2) < case.height / 4) & (abs(x - case.width / 2) < case.width / 4)
+        out["mask"] = Image.fromarray((255 * box).astype(np.uint8))
+    return out
+
+
+class _Logged(Engine):
+    """An engine that logs each call's own compute time (and optionally hands its feed to a recorder)."""
+
+    def __init__(self, inner: Engine, calls: list[float]):
+        super().__init__(inner.io, inner.device)
+        self.inner, self.calls = inner, calls
+        self.backend = inner.backend
+        self.record: Callable[[Mapping[str, torch.Tensor]], None] | None = None
+
+    def prepare(self, sizes: Any) -> None:
+        self.inner.prepare(sizes)
+
+    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.record is not None:
+            self.record(feed)
+        out = self.inner.run(feed)
+        self.last_latency_ms = self.inner.last_latency_ms
+        self.calls.append(self.last_latency_ms)
+        return out
+
+    def describe(self) -> str:
+        return self.inner.describe()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class PipelineRunner:
+    """A LatentRT pipeline on one backend, with its engines' compute time logged."""
+
+    def __init__(self, label: str, folder: str | os.PathLike[str], backend: str, device: torch.device):
+        from .pipeline import load_pipeline
+
+        self.label, self.device = label, device
+        before, start = rss_mb(), time.perf_counter()
+        self.pipe = load_pipeline(folder, backend=backend, device=device)
+        self.load_s = time.perf_counter() - start
+        self.rss_load_mb = rss_mb() - before
+        self.calls: list[float] = []
+        engines = self.pipe.engines.engines
+        for name in list(engines):
+            engines[name] = _Logged(engines[name], self.calls)
+        self.describe = self.pipe.engines.describe()
+
+    def generate(self, case: BenchCase, seed: int, prompt: str, guidance: float) -> Sample:
+        from .pipeline import GenerationRequest
+
+        self.calls.clear()
+        _reset_gpu_peak(self.device)
+        request = GenerationRequest(prompt=prompt, steps=case.steps, guidance=guidance, width=case.width,
+                                    height=case.height, seed=seed, num_images_per_prompt=case.batch,
+                                    **request_inputs(self.pipe.spec, case))
+        result = self.pipe.generate(request)
+        stages: dict[str, list[float]] = {}
+        for name, ms in result.timing.entries:
+            stages.setdefault(name, []).append(ms)
+        assert result.array is not None
+        return Sample(stages, float(sum(self.calls)), _gpu_peak(self.device), result.array)
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+class ReferenceRunner:
+    """The diffusers pipeline (eager PyTorch, float32) on the checkpoint's own folder, timed with hooks."""
+
+    label = "reference"
+
+    def __init__(self, checkpoint: str, device: torch.device, family: str | None = None):
+        from diffusers import DiffusionPipeline
+        from latentrt.export.models import detect_family, quiet_progress, resolve
+
+        from latentrt.families import get_family
+
+        folder, _ = resolve(checkpoint)
+        self.device = device
+        before, start = rss_mb(), time.perf_counter()
+        with quiet_progress():
+            self.pipe: Any = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_s = time.perf_counter() - start
+        self.rss_load_mb = rss_mb() - before
+        self.spec = get_family(family) if family else detect_family(folder)
+        self.timer = _HookTimer(device)
+        self._hook()
+        self.describe = [f"diffusers {type(self.pipe).__name__} (eager PyTorch float32) on {device}"]
+
+    def _hook(self) -> None:
+        for name in ("text_encoder", "text_encoder_2", "unet"):
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.register_forward_pre_hook(lambda *_, n=name: self.timer.start(n))
+                module.register_forward_hook(lambda *_, n=name: self.timer.stop(n))
+        vae = self.pipe.vae
+        for method, stage in (("decode", "vae_decoder"), ("encode", "vae_encoder")):
+            setattr(vae, method, self._timed(getattr(vae, method), stage))
+
+    def _timed(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.timer.start(stage)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.timer.stop(stage)
+
+        return timed
+
+    def generate(self, case: BenchCase, seed: int, prompt: str, guidance: float) -> Sample:
+        _reset_gpu_peak(self.device)
+        kwargs = request_inputs(self.spec, case)
+        if "mask" in kwargs:
+            kwargs["mask_image"] = kwargs.pop("mask")
+        generator = torch.Generator("cpu").manual_seed(seed)
+        self.timer.start("total")
+        out = self.pipe(prompt=prompt, num_inference_steps=case.steps, guidance_scale=guidance, height=case.height,
+                        width=case.width, num_images_per_prompt=case.batch, generator=generator, output_type="np",
+                        **kwargs)
+        self.timer.stop("total")
+        stages = self.timer.collect()
+        return Sample(stages, None, _gpu_peak(self.device), np.asarray(out.images, dtype=np.float32))
+
+    def close(self) -> None:
+        self.pipe = None
+
+
+def _reset_gpu_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _gpu_peak(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+Runner = PipelineRunner | ReferenceRunner
+
+
+# ---------------------------------------------------------------------------- what to run
+
+
+@dataclass
+class Targets:
+    """The folders each backend runs from, and what preparing them cost."""
+
+    checkpoint: str | None  # the source checkpoint (reference, torch backend, FLOP count)
+    family: str | None
+    onnx_dir: Path | None
+    folders: dict[str, Path] = field(default_factory=dict)  # pipeline label -> engine / ONNX / checkpoint folder
+    build: dict[str, Any] = field(default_factory=dict)
+
+
+def _source_of(manifest: Mapping[str, Any]) -> str | None:
+    """The checkpoint an ONNX export or engine folder came from (engine manifests nest the export's source)."""
+    source: Any = (manifest.get("source") or {}).get("model")
+    while isinstance(source, Mapping):
+        source = source.get("model")
+    return str(source) if source else None
+
+
+def read_targets(model_or_dir: str | os.PathLike[str]) -> Targets:
+    """Classify what the user passed: an engine folder, an ONNX export, or a checkpoint."""
+    path = Path(model_or_dir)
+    if not (path / MANIFEST).is_file():
+        return Targets(checkpoint=os.fspath(model_or_dir), family=None, onnx_dir=None)
+    manifest = read_manifest(path)
+    family = manifest.get("family")
+    if manifest.get("kind") == ONNX_KIND:
+        return Targets(_source_of(manifest), family, path)
+    if manifest.get("kind") != ENGINE_KIND:
+        raise InvalidRequest(f"{path} holds {manifest.get('kind')!r}, not a checkpoint, ONNX export or engines")
+    onnx_dir = (manifest.get("source") or {}).get("onnx_dir")
+    onnx = Path(onnx_dir) if onnx_dir and (Path(onnx_dir) / MANIFEST).is_file() else None
+    label = INT8 if manifest.get("precision") == "int8" else str(manifest.get("backend", "onnxruntime"))
+    return Targets(_source_of(manifest), family, onnx, {label: path})
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, round(time.perf_counter() - start, 3)
+
+
+def prepare_targets(model_or_dir: str | os.PathLike[str], labels: Sequence[str], out_dir: Path, device: torch.device,
+                    say: Callable[[str], None]) -> Targets:
+    """Export / build whatever the requested backends need and is not given (timed); int8 comes later."""
+    t = read_targets(model_or_dir)
+    needs_onnx = [b for b in ("onnxruntime", INT8, "tensorrt") if b in labels and b not in t.folders]
+    if "onnxruntime" in t.folders or "tensorrt" in t.folders:
+        needs_onnx = [b for b in needs_onnx if b != INT8 or "onnxruntime" not in t.folders]
+    if needs_onnx and t.onnx_dir is None:
+        if t.checkpoint is None:
+            raise InvalidRequest(f"{model_or_dir} names no source checkpoint or ONNX export to build from")
+        from latentrt.export.onnx import export_model
+
+        say(f"exporting {t.checkpoint} to ONNX")
+        t.onnx_dir, t.build["export_s"] = _timed(lambda: export_model(t.checkpoint or "", out_dir / "onnx",
+                                                                       family=t.family, overwrite=True))
+    for backend in ("onnxruntime", "tensorrt"):
+        if backend in t.folders or not (backend in labels or (backend == "onnxruntime" and INT8 in labels)):
+            continue
+        if backend == "tensorrt" and device.type != "cuda":
+            raise BackendUnavailable("the tensorrt backend needs a CUDA GPU; bench on --device cuda or drop it")
+        from latentrt.engines.build import build_engines
+
+        say(f"building {backend} engines")
+        dest = out_dir / f"engines-{backend}"
+        build_device = "cuda" if device.type == "cuda" else "cpu"
+        t.folders[backend], t.build[f"build_{backend}_s"] = _timed(
+            lambda b=backend, d=dest, bd=build_device: build_engines(t.onnx_dir or "", d, backend=b, device=bd,
+                                                                     overwrite=True))
+    if "torch" in labels:
+        if t.checkpoint is None:
+            raise InvalidRequest(f"{model_or_dir} names no source checkpoint: the torch backend cannot be loaded")
+        t.folders["torch"] = t.onnx_dir or Path(t.checkpoint)
+    return t
+
+
+def collect_unet_feeds(runner: PipelineRunner, case: BenchCase, guidance: float, prompts: Sequence[str],
+                       limit: int = 32, tick: Callable[[], None] | None = None) -> list[dict[str, np.ndarray]]:
+    """UNet inputs seen while `runner` (fp32) samples `prompts`: calibration data for static int8."""
+    feeds: list[dict[str, np.ndarray]] = []
+    unet = runner.pipe.engines.engines["unet"]
+    assert isinstance(unet, _Logged)
+    unet.record = lambda feed: feeds.append({k: v.detach().float().cpu().numpy().copy() for k, v in feed.items()})
+    try:
+        for seed, prompt in enumerate(prompts):
+            runner.generate(case, seed, prompt, guidance)
+            if tick:
+                tick()
+    finally:
+        unet.record = None
+    if len(feeds) > limit:
+        keep = np.linspace(0, len(feeds) - 1, limit).round().astype(int)
+        feeds = [feeds[i] for i in dict.fromkeys(keep.tolist())]
+    return feeds
+
+
+def prepare_int8(t: Targets, fp32: PipelineRunner, case: BenchCase, guidance: float, recipe: str, out_dir: Path,
+                 say: Callable[[str], None], tick: Callable[[], None]) -> None:
+    """Quantize the UNet of the fp32 ONNX Runtime engines into `out_dir/engines-onnxruntime-int8`."""
+    from latentrt.engines.quantize import RECIPES, quantize_engine_dir
+
+    if INT8 in t.folders:
+        return
+    feeds: list[dict[str, np.ndarray]] = []
+    if RECIPES[recipe].method == "static":
+        say(f"collecting calibration inputs ({len(CALIBRATION_PROMPTS)} fp32 runs)")
+        feeds = collect_unet_feeds(fp32, case, guidance, CALIBRATION_PROMPTS, tick=tick)
+    say(f"quantizing the UNet to int8 ({recipe})")
+    start = time.perf_counter()
+    t.folders[INT8] = quantize_engine_dir(t.folders["onnxruntime"], out_dir / f"engines-{INT8}", recipe=recipe,
+                                          calibration_feeds=feeds)
+    t.build["quantize_s"] = round(time.perf_counter() - start, 3)
+    t.build["int8"] = read_manifest(t.folders[INT8])["components"]["unet"].get("int8")
+
+
+def make_runner(label: str, t: Targets, device: torch.device) -> Runner:
+    if label == "reference":
+        if t.checkpoint is None:
+            raise InvalidRequest("the reference backend needs the source checkpoint, which the folder does not name")
+        return ReferenceRunner(t.checkpoint, device, t.family)
+    backend = "onnxruntime" if label == INT8 else label
+    return PipelineRunner(label, t.folders[label], backend, device)
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def rotated(labels: Sequence[str], i: int) -> list[str]:
+    """Round i's order: the labels rotated by i (every backend takes every position equally often)."""
+    k = i % len(labels)
+    return list(labels[k:]) + list(labels[:k])
+
+
+def measure_case(runners: Mapping[str, Runner], case: BenchCase, *, warmup: int, runs: int, seed: int, prompt: str,
+                 guidance: float, tick: Callable[[], None]) -> dict[str, list[Sample]]:
+    """`warmup` unrecorded rounds, then `runs` measured rounds interleaved across backends."""
+    labels = list(runners)
+    for i in range(warmup):
+        for label in rotated(labels, i):
+            runners[label].generate(case, seed, prompt, guidance)
+            tick()
+    samples: dict[str, list[Sample]] = {label: [] for label in labels}
+    for i in range(runs):
+        for label in rotated(labels, i):
+            samples[label].append(runners[label].generate(case, seed, prompt, guidance))
+            tick()
+    return samples
+
+
+def _p50(summary: Mapping[str, Any], stage: str, per: str = "per_run") -> float | None:
+    entry = summary["stages"].get(stage)
+    return None if entry is None or entry.get(per) is None else float(entry[per]["p50"])
+
+
+def ratios(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, float]:
+    """base p50 / other p50 for end to end and each shared stage (unet: per step)."""
+    out: dict[str, float] = {}
+    for stage in base["stages"]:
+        per = "per_call" if stage == "unet" else "per_run"
+        a, b = _p50(base, stage, per), _p50(other, stage, per)
+        if a is not None and b:
+            out["end_to_end" if stage == "total" else ("unet_per_step" if stage == "unet" else stage)] = round(a / b, 4)
+    return out
+
+
+def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: float | None,
+                latent: tuple[int, int], unet_batch: int) -> dict[str, Any]:
+    """Per-backend figures of one case, with ratios to the reference and image differences."""
+    results = {label: summarize(s, case) for label, s in samples.items()}
+    out: dict[str, Any] = {"name": case.name, "case": case.__dict__, "latent": list(latent), "unet_batch": unet_batch,
+                           "results": results}
+    if "reference" in results:
+        ref_image = samples["reference"][-1].image
+        out["vs_reference"] = {k: ratios(results["reference"], v) for k, v in results.items() if k != "reference"}
+        out["image_vs_reference"] = {k: image_diff(s[-1].image, ref_image) for k, s in samples.items()
+                                     if k != "reference"}
+    if INT8 in results and "onnxruntime" in results:
+        out["int8_vs_fp32"] = {"speedup": ratios(results["onnxruntime"], results[INT8]),
+                               "image": image_diff(samples[INT8][-1].image, samples["onnxruntime"][-1].image)}
+    if flops:
+        out["flops"] = _flop_rates(flops, results)
+    return out
+
+
+def _flop_rates(gflop: float, results: Mapping[str, Any]) -> dict[str, Any]:
+    rates = {}
+    for label, r in results.items():
+        ms = _p50(r, "unet", "per_call")
+        if ms:
+            rates[label] = round(gflop / (ms / 1e3), 2)
+    return {"unet_gflop_per_call": round(gflop, 3), "unet_gflops": rates,
+            "note": "int8 rates count the same (fp32-equivalent) operations"}
+
+
+def unet_gflop(checkpoint: str, family: str | None, case: BenchCase, cfg: bool) -> float:
+    """FLOPs of one UNet call at the case's shape (torch.utils.flop_counter on the PyTorch model), in GFLOP."""
+    from latentrt.export.models import load_checkpoint
+    from latentrt.export.wrappers import wrap
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from latentrt.tensors import dummy_inputs
+
+    loaded = _LOADED.get(checkpoint) or _LOADED.setdefault(checkpoint, load_checkpoint(checkpoint, family))
+    io = loaded.ios()["unet"]
+    f = loaded.dims.vae_scale_factor
+    sizes = {"unet_batch": case.batch * (2 if cfg else 1), "latent_height": case.height // f,
+             "latent_width": case.width // f, "sequence": loaded.dims.max_tokens}
+    feed = [torch.from_numpy(v) for v in dummy_inputs(io, sizes).values()]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        wrap("unet", loaded)(*feed)
+    return counter.get_total_flops() / 1e9
+
+
+_LOADED: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+
+def parse_size(text: str) -> Size:
+    """'512x768' (height x width, like every size in LatentRT) -> (512, 768)."""
+    try:
+        h, w = (int(v) for v in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        raise InvalidRequest(f"cannot read size {text!r}; write HEIGHTxWIDTH, e.g. 512x512") from None
+    if h <= 0 or w <= 0:
+        raise InvalidRequest(f"size must be positive, got {text!r}")
+    return h, w
+
+
+def sweep_cases(main: BenchCase, sweep: Mapping[str, Sequence[Any]]) -> dict[str, list[BenchCase]]:
+    """The cases of each sweep: the main case with one setting varied."""
+    out: dict[str, list[BenchCase]] = {}
+    for key, values in sweep.items():
+        if key not in SWEEPS:
+            raise InvalidRequest(f"cannot sweep {key!r}; choose one of {', '.join(SWEEPS)}")
+        if not values:
+            raise InvalidRequest(f"sweep {key} has no values")
+        if key == "size":
+            sizes = [parse_size(v) if isinstance(v, str) else (int(v[0]), int(v[1])) for v in values]
+            out[key] = [replace(main, height=h, width=w) for h, w in sizes]
+        else:
+            if any(int(v) < 1 for v in values):
+                raise InvalidRequest(f"sweep {key} values must be >= 1, got {list(values)}")
+            out[key] = [replace(main, **{key: int(v)}) for v in values]
+    return out
+
+
+def sweep_summary(key: str, cases: Sequence[BenchCase], by_name: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Series per backend along a sweep, with a linear fit (steps: fixed + per-step cost)."""
+    first = by_name[cases[0].name]
+    f = cases[0].height // first["latent"][0]
+    x = {"steps": [c.steps for c in cases], "batch": [c.batch for c in cases],
+         "size": [(c.height // f) * (c.width // f) for c in cases]}[key]
+    series: dict[str, dict[str, list[float | None]]] = {}
+    for label in first["results"]:
+        rows = [by_name[c.name]["results"][label] for c in cases]
+        series[label] = {"end_to_end_p50_ms": [r["end_to_end_ms"]["p50"] for r in rows],
+                         "unet_per_step_p50_ms": [_p50(r, "unet", "per_call") for r in rows],
+                         "images_per_s": [r["images_per_s"] for r in rows]}
+    out: dict[str, Any] = {"x": x, "x_label": {"steps": "steps", "batch": "images per prompt",
+                                               "size": "latent pixels (h/8 x w/8)"}[key],
+                           "cases": [c.name for c in cases], "series": series}
+    if len(set(x)) >= 2:
+        y_key = "unet_per_step_p50_ms" if key == "size" else "end_to_end_p50_ms"
+        out["fit"] = {label: _linear_fit(x, s[y_key]) for label, s in series.items()}
+        out["fit_of"] = y_key
+    return out
+
+
+def _linear_fit(x: Sequence[float], y: Sequence[float | None]) -> dict[str, float] | None:
+    """Least-squares y = fixed + slope * x (steps sweep: fixed cost and cost per step)."""
+    pts = [(a, b) for a, b in zip(x, y) if b is not None]
+    if len({a for a, _ in pts}) < 2:
+        return None
+    slope, fixed = np.polyfit([a for a, _ in pts], [b for _, b in pts], 1)
+    return {"fixed_ms": round(float(fixed), 3), "slope_ms": round(float(slope), 4)}
+
+
+# ---------------------------------------------------------------------------- the benchmark
+
+
+def _spec_of(t: Targets) -> Any:
+    from latentrt.export.models import detect_family, resolve
+
+    from latentrt.families import get_family
+
+    if t.family:
+        return get_family(t.family)
+    assert t.checkpoint is not None
+    return detect_family(resolve(t.checkpoint)[0])
+
+
+def _check_args(labels: Sequence[str], runs: int, warmup: int, batch: int, precision: str) -> None:
+    unknown = [b for b in labels if b not in BACKENDS]
+    if unknown:
+        raise InvalidRequest(f"unknown backend(s) {', '.join(unknown)}; choose among {', '.join(BACKENDS)}")
+    if not labels:
+        raise InvalidRequest("name at least one backend")
+    if runs < 1 or warmup < 0 or batch < 1:
+        raise InvalidRequest(f"need runs >= 1, warmup >= 0 and batch >= 1 (got {runs}, {warmup}, {batch})")
+    if precision not in ("fp32", "int8"):
+        raise InvalidRequest(f"unknown precision {precision!r}; choose fp32 or int8 (int8: adds an int8-UNet "
+                             "ONNX Runtime engine set next to the fp32 one)")
+
+
+def _cold(sample: Sample) -> dict[str, Any]:
+    return {"end_to_end_ms": round(sample.total_ms, 3),
+            "stages_ms": {k: round(sum(v), 3) for k, v in sample.stages.items() if k != "total"}}
+
+
+def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] = ("reference", "onnxruntime"),
+              steps: int | None = None, guidance: float | None = None, sizes: Sequence[Size] | None = None,
+              batch: int = 1, warmup: int = 1, runs: int = 5, sweep: Mapping[str, Sequence[Any]] | None = None,
+              out_dir: str | os.PathLike[str] = "bench-out", progress: Progress | None = None,
+              precision: str = "fp32", int8_recipe: str | None = None, device: str = "cpu", seed: int = 0,
+              prompt: str = PROMPT, flops: bool = True, plots: bool = True) -> BenchRecord:
+    """Benchmark backends side by side on one model; writes bench.json, bench.md and PNG plots to `out_dir`.
+
+    Args:
+        model_or_dir: a checkpoint (diffusers folder, tiny:<family>), an ONNX export, or an engine folder.
+        backends: any of reference (diffusers), torch, onnxruntime, onnxruntime-int8, tensorrt (CUDA only).
+        steps / guidance: sampling settings (default: the family's).
+        sizes: (height, width) pixel sizes; the first is the main case, more are measured as a size sweep.
+        batch: images per prompt.
+        warmup / runs: unrecorded rounds per case, then measured rounds (interleaved across backends).
+        sweep: {"steps": [1, 2, 4]}, {"size": ["256x256", "512x512"]} and/or {"batch": [1, 2]}.
+        out_dir: where built engines and the reports go.
+        progress: called with a BenchEvent after each generation and at each phase.
+        precision: "int8" also benchmarks an int8-UNet copy of the ONNX Runtime engines ("onnxruntime-int8").
+        int8_recipe: the quantization recipe (`latentrt.engines.quantize.RECIPES`; default its DEFAULT_RECIPE).
+        device: "cpu" or "cuda".
+        seed / prompt: the request every run repeats.
+        flops: count UNet FLOPs (PyTorch flop counter) and report achieved GFLOP/s.
+        plots: write PNG plots (matplotlib, Agg).
+    """
+    from latentrt.engines.quantize import DEFAULT_RECIPE, RECIPES
+
+    from .denoisers import needs_cfg
+
+    labels: list[str] = list(dict.fromkeys([*backends, *([INT8] if precision == "int8" else [])]))
+    if INT8 in labels and "onnxruntime" not in labels:
+        labels.insert(labels.index(INT8), "onnxruntime")  # the fp32 engines calibrate and anchor the int8 ones
+    _check_args(labels, runs, warmup, batch, precision)
+    recipe = int8_recipe or DEFAULT_RECIPE
+    if recipe not in RECIPES:
+        raise InvalidRequest(f"unknown int8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    out = check_writable(Path(out_dir))
+    dev = torch.device(device)
+    machine = machine_info(dev, peaks=flops)
+    state = {"done": 0, "total": 0}
+
+    def say(message: str) -> None:
+        log.info("%s", message)
+        if progress:
+            progress(BenchEvent(state["done"], state["total"], message))
+
+    def tick() -> None:
+        state["done"] += 1
+        if progress:
+            progress(BenchEvent(state["done"], state["total"]))
+
+    t = prepare_targets(model_or_dir, labels, out, dev, say)
+    spec = _spec_of(t)
+    main = BenchCase(*(list(sizes)[0] if sizes else spec.native_size), batch=batch,
+                     steps=steps if steps is not None else spec.sampling.steps)
+    scale: float = spec.sampling.guidance if guidance is None else float(guidance)
+    sweeps = sweep_cases(main, dict(sweep or {}))
+    if sizes and len(sizes) > 1 and "size" not in sweeps:
+        sweeps["size"] = sweep_cases(main, {"size": list(sizes)})["size"]
+    cases = list({c.name: c for c in [main, *(c for cs in sweeps.values() for c in cs)]}.values())
+    calib = len(CALIBRATION_PROMPTS) if INT8 in labels and INT8 not in t.folders and \
+        RECIPES[recipe].method == "static" else 0
+    state["total"] = len(labels) + calib + sum((warmup + runs) * len(labels) for _ in cases) - len(labels) * min(warmup, 1)
+
+    runners: dict[str, Runner] = {}
+    try:
+        for label in labels:
+            if label == INT8:
+                fp32 = runners["onnxruntime"]
+                assert isinstance(fp32, PipelineRunner)
+                prepare_int8(t, fp32, main, scale, recipe, out, say, tick)
+            say(f"loading {label}")
+            runners[label] = make_runner(label, t, dev)
+        info = {label: {"describe": r.describe, "load_s": round(r.load_s, 3), "rss_load_mb": round(r.rss_load_mb, 1),
+                        "folder": str(t.folders.get(label, t.checkpoint))} for label, r in runners.items()}
+        say("cold runs")
+        for label, r in runners.items():
+            info[label]["cold"] = _cold(r.generate(main, seed, prompt, scale))
+            tick()
+        results: dict[str, dict[str, Any]] = {}
+        for i, case in enumerate(cases):
+            say(f"case {i + 1}/{len(cases)}: {case.name}")
+            rounds = warmup - 1 if i == 0 and warmup else warmup  # the cold run was the first warm-up
+            samples = measure_case(runners, case, warmup=rounds, runs=runs, seed=seed, prompt=prompt,
+                                   guidance=scale, tick=tick)
+            f = spec.vae_scale_factor
+            cfg = needs_cfg(scale)
+            gflop = unet_gflop(t.checkpoint, t.family, case, cfg) if flops and t.checkpoint else None
+            results[case.name] = case_result(case, samples, gflop, (case.height // f, case.width // f),
+                                             case.batch * (2 if cfg else 1))
+    finally:
+        for r in runners.values():
+            r.close()
+    machine.update({"peak_rss_mb": round(peak_rss_mb(), 1), "loadavg_end": _loadavg()})
+    settings = {"model": os.fspath(model_or_dir), "checkpoint": t.checkpoint, "family": spec.id.value,
+                "backends": labels, "steps": main.steps, "guidance": scale, "size": [main.height, main.width],
+                "batch": batch, "warmup": warmup, "runs": runs, "seed": seed, "prompt": prompt, "device": str(dev),
+                "precision": precision, "int8_recipe": recipe if INT8 in labels else None,
+                "sweep": {k: [c.name for c in v] for k, v in sweeps.items()},
+                "ratio_definition": "reference p50 / backend p50 (> 1: faster than the diffusers pipeline); "
+                                    "unet_per_step compares single UNet calls"}
+    record = BenchRecord(machine, settings, t.build, info, [results[c.name] for c in cases],
+                         {k: sweep_summary(k, v, results) for k, v in sweeps.items()})
+    write_reports(record, out, plots=plots)
+    return record
+
+
+# ---------------------------------------------------------------------------- reports
+
+
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def _stage_cell(r: Mapping[str, Any], stages: Sequence[str], per: str = "per_run") -> str:
+    values = [_p50(r, s, per) for s in stages if s in r["stages"]]
+    return _fmt(sum(v for v in values if v is not None)) if values else "–"
+
+
+def case_table(case: Mapping[str, Any]) -> list[str]:
+    """Markdown rows of one case: one row per backend."""
+    lines = [f"### {case['name']} (latent {case['latent'][0]}x{case['latent'][1]}, UNet batch {case['unet_batch']})",
+             "",
+             "| backend | end-to-end p50 ms | p90 | p99 | images/s | speedup vs reference | text encoder(s) ms | "
+             "UNet ms/step p50 | UNet total ms | VAE decode ms | pipeline overhead | image vs reference |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for label, r in case["results"].items():
+        e2e = r["end_to_end_ms"]
+        speed = case.get("vs_reference", {}).get(label, {}).get("end_to_end")
+        ov = r["overhead"]
+        overhead = f"{ov['pipeline_pct']:.2f}%" if "pipeline_pct" in ov else f"{ov['untimed_pct']:.2f}% untimed"
+        img = case.get("image_vs_reference", {}).get(label)
+        img_cell = f"PSNR {img['psnr_db']:.1f} dB, max {img['max_abs_diff']:.3g}" if img else "–"
+        lines.append(f"| {label} | {_fmt(e2e['p50'])} | {_fmt(e2e['p90'])} | {_fmt(e2e['p99'])} | "
+                     f"{r['images_per_s']:.3f} | {'1 (baseline)' if label == 'reference' else _fmt(speed, 2) + 'x'} | "
+                     f"{_stage_cell(r, ('text_encoder', 'text_encoder_2'))} | {_fmt(_p50(r, 'unet', 'per_call'))} | "
+                     f"{_fmt(_p50(r, 'unet'))} | {_stage_cell(r, ('vae_decoder',))} | {overhead} | {img_cell} |")
+    if "int8_vs_fp32" in case:
+        q = case["int8_vs_fp32"]
+        lines += ["", f"int8 vs fp32 ONNX Runtime: end-to-end {_fmt(q['speedup'].get('end_to_end'), 2)}x, UNet/step "
+                      f"{_fmt(q['speedup'].get('unet_per_step'), 2)}x; final image PSNR {q['image']['psnr_db']:.1f} dB, "
+                      f"max |diff| {q['image']['max_abs_diff']:.3g} (pixel values in [0, 1])."]
+    if "flops" in case:
+        fl = case["flops"]
+        rates = ", ".join(f"{k} {v:,.0f}" for k, v in fl["unet_gflops"].items())
+        lines += ["", f"UNet: {fl['unet_gflop_per_call']:.2f} GFLOP per call; achieved GFLOP/s: {rates}."]
+    return lines + [""]
+
+
+def format_markdown(record: BenchRecord) -> str:
+    """The human-readable report (bench.md)."""
+    m, s = record.machine, record.settings
+    tools = m.get("tools", {})
+    peak = m.get("peak", {})
+    lines = [f"# LatentRT bench: {s['model']} ({s['family']})", "",
+             f"- Machine: {m.get('gpu') or m['cpu']}; {m['cores']} cores; flags {', '.join(m.get('cpu_flags', []))}; "
+             f"load average {m.get('loadavg_start')} -> {m.get('loadavg_end')}",
+             f"- Measured GEMM peak: fp32 {_fmt(peak.get('fp32_gemm_gflops'), 0)} GFLOP/s, int8 "
+             f"{_fmt(peak.get('int8_gemm_gops'), 0)} GOP/s" if peak else "- GEMM peak: not measured",
+             f"- Versions: torch {tools.get('torch')}, diffusers {tools.get('diffusers')}, onnxruntime "
+             f"{tools.get('onnxruntime') or tools.get('onnxruntime-gpu')}, latentrt {tools.get('latentrt')}",
+             f"- Settings: {s['steps']} steps, guidance {s['guidance']}, {s['warmup']} warm-up + {s['runs']} measured "
+             f"runs per backend (interleaved), seed {s['seed']}, device {s['device']}, peak RSS {m.get('peak_rss_mb')} MB",
+             f"- Speedup = {s['ratio_definition']}. Pipeline overhead = end-to-end minus the engines' own compute.",
+             ""]
+    if record.build:
+        lines += ["Build: " + ", ".join(f"{k} {v} s" if k.endswith("_s") else f"{k} {v}" for k, v in
+                                        record.build.items() if k != "int8"), ""]
+    lines += ["| backend | load s | cold end-to-end ms | RSS added at load MB | runs on |", "|---|---:|---:|---:|---|"]
+    for label, b in record.backends.items():
+        lines.append(f"| {label} | {b['load_s']:.2f} | {_fmt(b.get('cold', {}).get('end_to_end_ms'))} | "
+                     f"{b['rss_load_mb']:.0f} | {'; '.join(b['describe'][:1])} |")
+    lines.append("")
+    for case in record.cases:
+        lines += case_table(case)
+    for key, sw in record.sweeps.items():
+        lines += [f"### sweep: {key}", "", "| backend | " + " | ".join(str(x) for x in sw["x"]) + " | fit |",
+                  "|---|" + "---:|" * len(sw["x"]) + "---|"]
+        for label, series in sw["series"].items():
+            ys = series["unet_per_step_p50_ms" if key == "size" else "end_to_end_p50_ms"]
+            fit = (sw.get("fit") or {}).get(label)
+            fit_text = f"fixed {fit['fixed_ms']:.1f} ms + {fit['slope_ms']:.2f} ms per {sw['x_label']}" if fit else "–"
+            lines.append(f"| {label} | " + " | ".join(_fmt(y) for y in ys) + f" | {fit_text} |")
+        lines += ["", f"(values: {'UNet ms/step p50' if key == 'size' else 'end-to-end ms p50'} vs {sw['x_label']})",
+                  ""]
+    lines += [f"![{name}]({path})" for name, path in record.files.items() if path.endswith(".png")]
+    return "\n".join(lines) + "\n"
+
+
+STAGE_COLORS = {"text_encoder": "#8da0cb", "text_encoder_2": "#a6d854", "vae_encoder": "#e78ac3",
+                "unet": "#fc8d62", "vae_decoder": "#66c2a5", "other": "#b3b3b3"}
+
+
+def plot_stages(case: Mapping[str, Any], path: Path) -> None:
+    """Horizontal stacked bars: mean time per stage for each backend (other = untimed pipeline work)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(case["results"])
+    fig, ax = plt.subplots(figsize=(8, 0.7 * len(labels) + 1.6))
+    left = np.zeros(len(labels))
+    for stage, color in STAGE_COLORS.items():
+        if stage == "other":
+            vals = np.array([case["results"][b]["overhead"]["untimed_ms"] for b in labels])
+        else:
+            vals = np.array([case["results"][b]["stages"].get(stage, {}).get("per_run", {}).get("mean", 0.0)
+                             for b in labels])
+        if np.any(vals > 0):
+            ax.barh(labels, vals, left=left, color=color, label=stage)
+            left += np.maximum(vals, 0)
+    ax.set_xlabel("milliseconds per image batch (mean)")
+    ax.set_title(f"per-stage time, {case['name']}")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(key: str, sweep: Mapping[str, Any], path: Path) -> None:
+    """Sweep lines per backend (size: UNet ms/step vs latent pixels; steps / batch: end-to-end and images/s)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(sweep["x"], dtype=float)
+    panels = 2 if key == "batch" else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
+    y_key = "unet_per_step_p50_ms" if key == "size" else "end_to_end_p50_ms"
+    for label, series in sweep["series"].items():
+        y = np.array([np.nan if v is None else v for v in series[y_key]], dtype=float)
+        line, = axes[0][0].plot(x, y, "o-", label=label)
+        fit = (sweep.get("fit") or {}).get(label)
+        if fit:
+            axes[0][0].plot(x, fit["fixed_ms"] + fit["slope_ms"] * x, ":", color=line.get_color())
+        if panels == 2:
+            axes[0][1].plot(x, series["images_per_s"], "o-", label=label)
+    axes[0][0].set_xlabel(sweep["x_label"])
+    axes[0][0].set_ylabel("UNet ms per step (p50)" if key == "size" else "end-to-end ms (p50)")
+    axes[0][0].set_title({"steps": "end-to-end vs steps (dotted: fixed + per-step fit)",
+                          "size": "UNet time per step vs latent size", "batch": "end-to-end vs batch"}[key])
+    axes[0][0].legend(fontsize=8)
+    if panels == 2:
+        axes[0][1].set_xlabel(sweep["x_label"])
+        axes[0][1].set_ylabel("images / s")
+        axes[0][1].set_title("throughput vs batch")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_reports(record: BenchRecord, out: Path, plots: bool = True) -> None:
+    """bench.json, bench.md and the PNG plots into `out` (record.files lists them, relative to `out`)."""
+    if plots and record.cases:
+        plot_stages(record.cases[0], out / "stages.png")
+        record.files["stages"] = "stages.png"
+        for key, sw in record.sweeps.items():
+            plot_sweep(key, sw, out / f"sweep-{key}.png")
+            record.files[f"sweep-{key}"] = f"sweep-{key}.png"
+    record.files.update({"json": "bench.json", "markdown": "bench.md"})
+    atomic_write_bytes(out / "bench.md", format_markdown(record).encode())
+    atomic_write_json(out / "bench.json", _finite(record.to_json()))
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf/nan: write them as strings ("inf" PSNR means identical images)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

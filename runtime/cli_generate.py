@@ -1,0 +1,116 @@
+"""`latentrt generate DIR --prompt ... -o out.png`: engines -> images, with a progress bar and a timing table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="DIR", help="engine folder (`latentrt build`), ONNX export (`latentrt "
+                                                      "export`), or with --backend torch a checkpoint / tiny:<family>")
+    parser.add_argument("-p", "--prompt", required=True, help="what to draw")
+    parser.add_argument("-n", "--negative-prompt", help="what to avoid (SDXL: none = zero embeddings)")
+    parser.add_argument("-o", "--output", default="out.png", help="PNG to write; several images -> out-0.png, ...")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the family's, e.g. 30; Turbo 1)")
+    parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1: off; Turbo 0)")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the checkpoint's scheduler")
+    parser.add_argument("--width", type=int, help="pixels, a multiple of 64 (with --height)")
+    parser.add_argument("--height", type=int, help="pixels, a multiple of 64 (with --width)")
+    parser.add_argument("--aspect", help="aspect ratio W:H, e.g. 16:9: snaps to the family's nearest bucket")
+    parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
+    parser.add_argument("--batch", type=int, default=1, help="prompts per batch (the prompt repeated)")
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--image", help="init image (img2img, inpainting)")
+    parser.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8; inpainting 1.0)")
+    parser.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
+    parser.add_argument("--refiner", metavar="DIR", help="SDXL refiner engines: the base hands over its latents")
+    parser.add_argument("--denoising-end", type=float,
+                        help="fraction of the schedule the base runs before the refiner (default 0.8)")
+    parser.add_argument("--backend", choices=BACKENDS, help="default: what DIR was built for")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def output_paths(output: str | Path, count: int) -> list[Path]:
+    """out.png for one image; out-0.png, out-1.png, ... for several."""
+    out = Path(output)
+    if out.suffix.lower() != ".png":
+        out = out.with_name(out.name + ".png")
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+class StepBar:
+    """A tqdm bar over denoising steps; a new bar for each stage (base, refiner)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.bar: Any = None
+        self.stage = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if self.bar is None or done == 1:
+            self.close()
+            self.stage += 1
+            self.bar = tqdm(total=total, desc="denoise" if self.stage == 1 else "refine", unit="step", file=sys.stderr,
+                            leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def request_from_args(args: argparse.Namespace) -> Any:
+    from latentrt.runtime.pipeline import GenerationRequest
+
+    from latentrt.errors import InvalidRequest
+
+    if args.batch < 1:
+        raise InvalidRequest(f"--batch must be >= 1, got {args.batch}")
+    if args.num_images < 1:
+        raise InvalidRequest(f"--num-images must be >= 1, got {args.num_images}")
+    prompt: str | list[str] = args.prompt if args.batch == 1 else [args.prompt] * args.batch
+    return GenerationRequest(
+        prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        sampler=args.sampler, width=args.width, height=args.height, aspect=args.aspect, seed=args.seed,
+        num_images_per_prompt=args.num_images, image=args.image, strength=args.strength, mask=args.mask,
+        denoising_end=args.denoising_end)
+
+
+def run(args: argparse.Namespace) -> int:
+    from latentrt.runtime.images import save_png
+    from latentrt.runtime.pipeline import load_pipeline
+    from latentrt.runtime.timing import format_table
+
+    request = request_from_args(args)
+    pipe = load_pipeline(args.folder, backend=args.backend, device=args.device, refiner=args.refiner)
+    bar = StepBar(args.progress)
+    try:
+        for line in pipe.engines.describe():
+            print(f"engine: {line}")
+        result = pipe.generate(request, callback=bar)
+    finally:
+        bar.close()
+        pipe.close()
+    for note in result.notes:
+        print(f"note: {note}")
+    paths = output_paths(args.output, len(result.images))
+    for i, (image, path) in enumerate(zip(result.images, paths)):
+        save_png(image, path, result.metadata(i))
+        print(f"wrote {path} ({image.width}x{image.height}, seed {result.seed})")
+    print(format_table(result.timing, title=f"timing ({result.settings['backend']}, {result.settings['steps']} steps, "
+                                            f"{result.settings['sampler']})"))
+    return 0

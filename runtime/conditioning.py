@@ -1,0 +1,175 @@
+"""Prompts -> UNet conditioning, computed exactly as the diffusers SD / SDXL pipelines compute it.
+
+SD 1.x / 2.x: the text encoder's chosen hidden state is the context. SDXL: each encoder's
+penultimate hidden state, concatenated on the channel axis, plus text_encoder_2's pooled
+projection (`text_embeds`) and the size / crop / aesthetic `time_ids`. Prompts are padded to the
+tokenizer's 77 tokens; longer prompts are truncated with a WARNING naming what was dropped.
+Each distinct text is encoded once per call (positives and negatives share one batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from latentrt.errors import InvalidRequest
+from latentrt.families import FamilySpec, TimeIds
+
+from .backends.base import Engine
+from .timing import StageTimer
+
+log = logging.getLogger(__name__)
+
+Size = tuple[int, int]  # (height, width) pixels
+
+
+@dataclass
+class TextConditioning:
+    """Per-image text conditioning, one row per image (prompts repeated `num_images_per_prompt` times)."""
+
+    context: torch.Tensor  # (N, 77, C) encoder_hidden_states
+    pooled: torch.Tensor | None  # (N, P) text_embeds (SDXL)
+    negative_context: torch.Tensor | None  # (N, 77, C), present when guidance runs
+    negative_pooled: torch.Tensor | None
+
+    def unet_batch(self, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(encoder_hidden_states, text_embeds) for the UNet: [uncond, cond] stacked when `cfg`."""
+        if not cfg:
+            return self.context, self.pooled
+        assert self.negative_context is not None
+        context = torch.cat([self.negative_context, self.context])
+        pooled = None if self.pooled is None else torch.cat([self._neg_pooled(), self.pooled])
+        return context, pooled
+
+    def _neg_pooled(self) -> torch.Tensor:
+        assert self.negative_pooled is not None
+        return self.negative_pooled
+
+
+def as_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
+    """A prompt or list of prompts as a non-empty list of strings."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest(f"{what} must be a string or a non-empty list of strings")
+    return prompts
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
+    """(B, 77) int64 token ids, padded to max_length; truncation is logged as a WARNING."""
+    length = int(max_length or tokenizer.model_max_length)
+    ids = tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                    return_tensors="pt").input_ids
+    full = tokenizer(list(texts), padding=False, truncation=False, verbose=False)["input_ids"]
+    for row in full:
+        if len(row) > length:
+            dropped = tokenizer.decode(row[length - 1:-1])
+            log.warning("prompt truncated: %d of its %d tokens are over the %d-token limit of the text encoder and "
+                        "were dropped: %r", len(row) - length, len(row), length, dropped)
+    return ids.to(torch.int64)
+
+
+def _encode_batch(engine: Engine, ids: torch.Tensor, timer: StageTimer | None) -> dict[str, torch.Tensor]:
+    """Run a text encoder on token ids, in chunks no larger than its batch range."""
+    limit = engine.io.dims["batch"].max if "batch" in engine.io.dims else ids.shape[0]
+    parts: list[dict[str, torch.Tensor]] = []
+    for start in range(0, ids.shape[0], limit):
+        chunk = ids[start:start + limit].to(engine.device)
+        if timer is None:
+            parts.append(engine.run({"input_ids": chunk}))
+            continue
+        with timer.stage(engine.component):
+            parts.append(engine.run({"input_ids": chunk}))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def encode_texts(spec: FamilySpec, engines: dict[str, Engine] | Any, tokenizers: dict[str, Any],
+                 texts: Sequence[str], timer: StageTimer | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context (B, 77, C), pooled (B, P) or None) for a list of texts, one encoder call each."""
+    hidden: list[torch.Tensor] = []
+    pooled: torch.Tensor | None = None
+    for te in spec.text_encoders:
+        engine = engines[te.component]
+        out = _encode_batch(engine, tokenize(tokenizers[te.tokenizer], texts), timer)
+        hidden.append(out["hidden_states"])
+        if te.pooled:
+            pooled = out["text_embeds"]
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def encode_prompts(spec: FamilySpec, engines: dict[str, Engine] | Any, tokenizers: dict[str, Any],
+                   prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None, *, cfg: bool,
+                   num_images_per_prompt: int = 1, zero_empty_negative: bool = False,
+                   timer: StageTimer | None = None) -> TextConditioning:
+    """Conditioning for a batch of prompts, as diffusers' `encode_prompt` computes it.
+
+    `negative_prompt=None` means "no negative prompt": SDXL checkpoints with
+    `force_zeros_for_empty_prompt` (`zero_empty_negative`) then use all-zero negative embeddings,
+    others encode the empty string.
+    """
+    prompts = as_list(prompt)
+    zero_negative = cfg and negative_prompt is None and zero_empty_negative
+    negatives: list[str] = []
+    if cfg and not zero_negative:
+        negatives = [""] * len(prompts) if negative_prompt is None else as_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise InvalidRequest(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one "
+                                 "per prompt")
+    unique = list(dict.fromkeys(prompts + negatives))  # each distinct text is encoded once
+    context, pooled = encode_texts(spec, engines, tokenizers, unique, timer)
+    rows = {text: i for i, text in enumerate(unique)}
+
+    def pick(x: torch.Tensor | None, texts: list[str]) -> torch.Tensor | None:
+        if x is None:
+            return None
+        index = torch.tensor([rows[t] for t in texts for _ in range(num_images_per_prompt)], device=x.device)
+        return x.index_select(0, index)
+
+    cond = TextConditioning(pick(context, prompts), pick(pooled, prompts), None, None)  # type: ignore[arg-type]
+    if zero_negative:
+        cond.negative_context = torch.zeros_like(cond.context)
+        cond.negative_pooled = None if cond.pooled is None else torch.zeros_like(cond.pooled)
+    elif cfg:
+        cond.negative_context, cond.negative_pooled = pick(context, negatives), pick(pooled, negatives)
+    return cond
+
+
+# ---------------------------------------------------------------------------- SDXL time ids
+
+
+@dataclass
+class SizeConditioning:
+    """SDXL micro-conditioning (all sizes (height, width) in pixels; None = the output size)."""
+
+    original_size: Size | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: Size | None = None
+    negative_original_size: Size | None = None
+    negative_crops_coords_top_left: tuple[int, int] | None = None
+    negative_target_size: Size | None = None
+    aesthetic_score: float = 6.0  # refiner only
+    negative_aesthetic_score: float = 2.5  # refiner only
+
+
+def time_ids(kind: TimeIds, size: Size, cond: SizeConditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) time ids, each (1, width): base (orig, crop, target) / refiner (orig, crop, score)."""
+    orig = tuple(cond.original_size or size)
+    target = tuple(cond.target_size or size)
+    crop = tuple(cond.crops_coords_top_left)
+    neg_orig = tuple(cond.negative_original_size or orig)
+    if kind is TimeIds.SIZE_CROP_AESTHETIC:
+        neg_crop = tuple(cond.negative_crops_coords_top_left or (0, 0))
+        pos = [*orig, *crop, cond.aesthetic_score]
+        neg = [*neg_orig, *neg_crop, cond.negative_aesthetic_score]
+    elif kind is TimeIds.SIZE_CROP_TARGET:
+        neg_crop = tuple(cond.negative_crops_coords_top_left or crop)
+        pos = [*orig, *crop, *target]
+        neg = [*neg_orig, *neg_crop, *tuple(cond.negative_target_size or target)]
+    else:
+        return torch.zeros(1, 0), torch.zeros(1, 0)
+    return torch.tensor([pos], dtype=torch.float32), torch.tensor([neg], dtype=torch.float32)

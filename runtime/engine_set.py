@@ -1,0 +1,386 @@
+"""Load every engine of one model from a folder, whatever produced it, behind one `EngineSet`.
+
+Accepted folders: built engines (`latentrt.engines` manifest: TensorRT plans or ONNX Runtime models),
+an ONNX export (`latentrt.onnx` manifest, run directly on ONNX Runtime), or, for the PyTorch
+reference backend, a checkpoint (diffusers folder or `tiny:<family>`). Every component file is
+checked against the hash in its manifest before it is used: a changed or foreign file is
+`StaleArtifact`, an absent one `MissingComponent`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentrt.errors import BackendUnavailable, InvalidRequest, MissingComponent, StaleArtifact
+from latentrt.families import FamilySpec, TimeIds, get_family
+from latentrt.manifest import (
+    ENGINE_KIND,
+    MANIFEST,
+    ONNX_KIND,
+    read_manifest,
+    sha256_file,
+    sha256_tree,
+    verify_files,
+)
+from latentrt.tensors import ComponentIO, ModelDims, io_from_json
+
+from .backends.base import Engine
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+TINY_PREFIX = "tiny:"
+
+
+@dataclass
+class EngineSet:
+    """One model's engines plus everything the pipeline needs besides them (tokenizers, configs, facts)."""
+
+    folder: Path  # what was loaded (engine folder, ONNX folder or checkpoint folder)
+    kind: str  # "engines", "onnx" or "checkpoint"
+    backend: str  # "onnxruntime", "torch" or "tensorrt"
+    device: torch.device
+    spec: FamilySpec
+    info: dict[str, Any]  # manifest "model" section: vae_scaling_factor, force_zeros_for_empty_prompt, ...
+    source: dict[str, Any]  # {"model": what was exported, "sha256": checkpoint hash}
+    tokenizers: dict[str, Any]  # "tokenizer" / "tokenizer_2" -> transformers CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    engines: dict[str, Engine]
+    dims: ModelDims | None = None
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, component: str) -> Engine:
+        if component not in self.engines:
+            raise MissingComponent(f"{self.folder} has no '{component}' engine (it holds "
+                                   f"{', '.join(self.engines) or 'none'}); re-run the export/build")
+        return self.engines[component]
+
+    def __contains__(self, component: object) -> bool:
+        return component in self.engines
+
+    @property
+    def ios(self) -> dict[str, ComponentIO]:
+        return {name: e.io for name, e in self.engines.items()}
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.info.get("vae_scaling_factor") or self.spec.vae_scaling_factor)
+
+    @property
+    def vae_shift_factor(self) -> float:
+        return float(self.info.get("vae_shift_factor") or 0.0)
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        return bool(self.info.get("force_zeros_for_empty_prompt", self.spec.zero_negative_for_empty_prompt))
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        return bool(self.info.get("requires_aesthetics_score",
+                                  self.spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC))
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.dims.vae_scale_factor if self.dims else self.spec.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.dims.latent_channels if self.dims else self.spec.latent_channels
+
+    def latent_range(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(min, max) latent height and width every spatial engine accepts."""
+        lo_h, hi_h, lo_w, hi_w = 0, 1 << 30, 0, 1 << 30
+        for engine in self.engines.values():
+            dims = engine.io.dims
+            if "latent_height" in dims:
+                lo_h, hi_h = max(lo_h, dims["latent_height"].min), min(hi_h, dims["latent_height"].max)
+            if "latent_width" in dims:
+                lo_w, hi_w = max(lo_w, dims["latent_width"].min), min(hi_w, dims["latent_width"].max)
+        return (lo_h, hi_h), (lo_w, hi_w)
+
+    def describe(self) -> list[str]:
+        """One line per engine saying what actually runs."""
+        return [e.describe() for e in self.engines.values()]
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_engines(folder: str | os.PathLike[str], backend: str | None = None, device: torch.device | str = "cpu",
+                 providers: Sequence[Any] | None = None, verify: bool = True) -> EngineSet:
+    """Load a model's engines: an engine folder, an ONNX export, or (backend "torch") a checkpoint."""
+    if backend is not None and backend not in BACKENDS:
+        raise InvalidRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    text = os.fspath(folder)
+    path = Path(text)
+    if text.startswith(TINY_PREFIX) or not (path / MANIFEST).is_file() and (path / "model_index.json").is_file():
+        if backend not in (None, "torch"):
+            raise InvalidRequest(f"{text} is a checkpoint; export it (`latentrt export`) to run it on {backend}")
+        return _load_reference(text, torch.device(device), kind="checkpoint", manifest={})
+    manifest = read_manifest(path)
+    kind = manifest.get("kind")
+    if kind == ONNX_KIND:
+        return _load_onnx_dir(path, manifest, backend or "onnxruntime", torch.device(device), providers, verify)
+    if kind == ENGINE_KIND:
+        return _load_engine_dir(path, manifest, backend, torch.device(device), providers, verify)
+    raise StaleArtifact(f"{path / MANIFEST} describes {kind!r}, not an ONNX export or built engines")
+
+
+def _load_onnx_dir(path: Path, manifest: dict[str, Any], backend: str, device: torch.device,
+                   providers: Sequence[Any] | None, verify: bool) -> EngineSet:
+    if backend == "torch":
+        return _load_reference(_source_model(manifest, path), device, kind="onnx", manifest=manifest, folder=path)
+    if backend != "onnxruntime":
+        raise InvalidRequest(f"{path} is an ONNX export; build {backend} engines from it first "
+                             f"(`latentrt build {path} --backend {backend}`)")
+    return _ort_set(path, manifest, "onnx", device, providers, verify)
+
+
+def _load_engine_dir(path: Path, manifest: dict[str, Any], backend: str | None, device: torch.device,
+                     providers: Sequence[Any] | None, verify: bool) -> EngineSet:
+    built = str(manifest.get("backend", "onnxruntime"))
+    backend = backend or built
+    if backend == "torch":
+        return _load_reference(_source_model(manifest, path), device, kind="engines", manifest=manifest, folder=path)
+    if backend != built:
+        raise InvalidRequest(f"{path} holds {built} engines, not {backend}; build {backend} engines "
+                             f"(`latentrt build ONNX_DIR --backend {backend}`) or pass --backend {built}")
+    if built == "onnxruntime":
+        return _ort_set(path, manifest, "engines", device, providers, verify)
+    if built == "tensorrt":
+        return _trt_set(path, manifest, device, verify)
+    raise StaleArtifact(f"{path / MANIFEST} names an unknown backend {built!r}")
+
+
+def _components(path: Path, manifest: dict[str, Any], spec: FamilySpec) -> dict[str, dict[str, Any]]:
+    """The manifest's component entries in pipeline order; MissingComponent naming any the family needs."""
+    entries = manifest.get("components") or {}
+    missing = [c for c in spec.components if c not in entries]
+    if missing:
+        raise MissingComponent(f"{path / MANIFEST} lists no {', '.join(missing)} (family {spec.id.value} needs "
+                               f"{', '.join(spec.components)}); re-run the export/build")
+    return {c: entries[c] for c in spec.components}
+
+
+_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _digest(p: Path) -> str:
+    """sha256 of a file (or folder tree), cached per (path, size, mtime) within the process."""
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASH_CACHE:
+        _HASH_CACHE[key] = sha256_file(p) if p.is_file() else sha256_tree(p)
+    return _HASH_CACHE[key]
+
+
+def component_file(path: Path, name: str, entry: dict[str, Any], verify: bool) -> Path:
+    """The component's file, checked to exist and (when `verify`) to match the manifest's hash."""
+    rel = entry.get("path")
+    if not rel:
+        raise StaleArtifact(f"{path / MANIFEST}: component '{name}' has no path")
+    file = path / rel
+    if not file.is_file():
+        raise MissingComponent(f"{name}: {file} is missing (listed in {path / MANIFEST}); re-run the export/build")
+    digest = entry.get("sha256")
+    if verify and digest and _digest(file.parent) != digest and _digest(file) != digest:
+        raise StaleArtifact(f"{name}: {file} does not match the hash in {path / MANIFEST} (changed since it was "
+                            "written, or copied from another model's export); re-run the export/build")
+    return file
+
+
+def _ort_set(path: Path, manifest: dict[str, Any], kind: str, device: torch.device,
+             providers: Sequence[Any] | None, verify: bool) -> EngineSet:
+    from .backends.onnxruntime import OrtEngine
+
+    spec = _family(manifest, path)
+    engines: dict[str, Engine] = {}
+    for name, entry in _components(path, manifest, spec).items():
+        _check_source(path, manifest, name, entry)
+        file = component_file(path, name, entry, verify)
+        ort_info = dict(entry.get("ort") or {})
+        engines[name] = OrtEngine(file, io_from_json(entry["io"]), device, providers=_providers(providers, ort_info, device),
+                                  session_options=session_options(ort_info))
+    return _assemble(path, manifest, kind, "onnxruntime", device, spec, engines, verify)
+
+
+def _providers(requested: Sequence[Any] | None, ort_info: dict[str, Any], device: torch.device) -> Sequence[Any] | None:
+    """The caller's providers, else those the engine was built for when it was built for this device type."""
+    if requested is not None:
+        return requested
+    built_for = ort_info.get("providers")
+    if built_for and ort_info.get("device", "cpu") == device.type:
+        return list(built_for)
+    return None
+
+
+def session_options(ort_info: dict[str, Any]) -> Any:
+    """ONNX Runtime session options recorded by `latentrt build` (optimization level, threads)."""
+    from .backends.onnxruntime import default_session_options
+
+    opts = default_session_options()
+    if not ort_info:
+        return opts
+    from latentrt.engines.onnxruntime import ort_level
+
+    opts.graph_optimization_level = ort_level(str(ort_info.get("session_graph_optimization_level", "all")))
+    threads = dict(ort_info.get("threads") or {})
+    if threads.get("intra_op"):
+        opts.intra_op_num_threads = int(threads["intra_op"])
+    if threads.get("inter_op"):
+        opts.inter_op_num_threads = int(threads["inter_op"])
+    return opts
+
+
+def _trt_set(path: Path, manifest: dict[str, Any], device: torch.device, verify: bool) -> EngineSet:
+    try:
+        from .backends.tensorrt import TensorRTEngine  # imported only here: needs TensorRT and a GPU
+    except ImportError as e:
+        raise BackendUnavailable(f"{path} holds TensorRT engines, but the TensorRT runtime is not available here "
+                                 f"({e}); install TensorRT on a machine with an NVIDIA GPU, or run the ONNX export "
+                                 "with --backend onnxruntime") from None
+
+    spec = _family(manifest, path)
+    engines: dict[str, Engine] = {}
+    for name, entry in _components(path, manifest, spec).items():
+        _check_source(path, manifest, name, entry)
+        file = component_file(path, name, entry, verify)
+        engines[name] = TensorRTEngine(file, io_from_json(entry["io"]), device)  # type: ignore[call-arg]
+    return _assemble(path, manifest, "engines", "tensorrt", device, spec, engines, verify)
+
+
+def _check_source(path: Path, manifest: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
+    """A component that records its own source must come from the same checkpoint as the folder."""
+    own = entry.get("source_sha256") or (entry.get("source") or {}).get("sha256")
+    folder = source_of(manifest).get("sha256")
+    if own and folder and own != folder:
+        raise StaleArtifact(f"{name} in {path} was built from a different model (source {own[:12]}) than the rest "
+                            f"of the folder (source {folder[:12]}); rebuild all components from one export")
+
+
+def _family(manifest: dict[str, Any], path: Path) -> FamilySpec:
+    family = manifest.get("family")
+    if not family:
+        raise StaleArtifact(f"{path / MANIFEST} names no family; re-run the export")
+    return get_family(family)
+
+
+def source_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint a folder comes from, {"model", "sha256"}, from an ONNX or an engine manifest."""
+    source = dict(manifest.get("source") or {})
+    inner = source.get("model")
+    return dict(inner) if isinstance(inner, dict) else source  # engine manifests nest the ONNX source
+
+
+def _source_model(manifest: dict[str, Any], path: Path) -> str:
+    model = source_of(manifest).get("model")
+    if not model:
+        raise StaleArtifact(f"{path / MANIFEST} does not name its source checkpoint; cannot load the PyTorch reference")
+    return str(model)
+
+
+def _assemble(path: Path, manifest: dict[str, Any], kind: str, backend: str, device: torch.device,
+              spec: FamilySpec, engines: dict[str, Engine], verify: bool) -> EngineSet:
+    model = dict(manifest.get("model") or {})
+    dims = _dims(model.get("dims"))
+    if device.type != "cpu" and all(e.device.type == "cpu" for e in engines.values()):
+        log.warning("no engine runs on %s (see the warnings above); the pipeline runs on the CPU", device)
+        device = torch.device("cpu")
+    if verify:
+        verify_files(path, dict(manifest.get("files") or {}))
+    return EngineSet(folder=path, kind=kind, backend=backend, device=device, spec=spec, info=model,
+                     source=source_of(manifest), tokenizers=load_tokenizers(path, spec),
+                     scheduler_config=load_scheduler_config(path), engines=engines, dims=dims, manifest=manifest)
+
+
+def _dims(data: Any) -> ModelDims | None:
+    if not isinstance(data, dict):
+        return None
+    fields: dict[str, Any] = {k: (tuple(v) if k == "text_hidden" else v) for k, v in data.items()
+                              if k in ModelDims.__dataclass_fields__}
+    try:
+        return ModelDims(**fields)
+    except TypeError:
+        return None
+
+
+def load_tokenizers(path: Path, spec: FamilySpec) -> dict[str, Any]:
+    """The family's CLIP tokenizers, read from `path/tokenizer*` as diffusers does (CLIPTokenizer)."""
+    from transformers import CLIPTokenizer
+
+    out: dict[str, Any] = {}
+    for te in spec.text_encoders:
+        folder = path / te.tokenizer
+        if not folder.is_dir():
+            raise MissingComponent(f"{folder} is missing (the {te.component} tokenizer); re-run the export/build")
+        out[te.tokenizer] = CLIPTokenizer.from_pretrained(str(folder))
+    return out
+
+
+def load_scheduler_config(path: Path) -> dict[str, Any]:
+    import json
+
+    file = path / "scheduler" / "scheduler_config.json"
+    if not file.is_file():
+        raise MissingComponent(f"{file} is missing (the scheduler config); re-run the export/build")
+    return dict(json.loads(file.read_text()))
+
+
+def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[str, Any],
+                    folder: Path | None = None) -> EngineSet:
+    """The PyTorch reference backend: the checkpoint's own modules behind the engine interface."""
+    from latentrt.export.models import load_checkpoint
+
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable("the torch backend was asked for CUDA, but PyTorch sees no CUDA device here; "
+                                 "use --device cpu")
+
+    from .backends.torch import TorchEngine
+
+    family = manifest.get("family")
+    loaded = load_checkpoint(model, family=family)
+    ios = loaded.ios()
+    engines: dict[str, Engine] = {c: TorchEngine.from_loaded(c, loaded, ios[c], device) for c in ios}
+    source = source_of(manifest) if manifest else {"model": model, "sha256": loaded.source_sha256}
+    if manifest and source.get("sha256") and source["sha256"] != loaded.source_sha256:
+        raise StaleArtifact(f"the checkpoint {model} changed since {folder} was exported (hash mismatch); "
+                            "re-run the export")
+    return EngineSet(folder=folder or loaded.folder, kind=kind, backend="torch", device=device, spec=loaded.spec,
+                     info=dict(loaded.info), source=source, tokenizers=dict(loaded.tokenizers),
+                     scheduler_config=dict(loaded.scheduler_config), engines=engines, dims=loaded.dims,
+                     manifest=manifest)
+
+
+# ---------------------------------------------------------------------------- pairing
+
+
+def check_refiner(base: EngineSet, refiner: EngineSet) -> None:
+    """InvalidRequest / StaleArtifact when `refiner` cannot continue `base`'s latents."""
+    if refiner.spec.time_ids is not TimeIds.SIZE_CROP_AESTHETIC:
+        raise InvalidRequest(f"--refiner {refiner.folder} is a {refiner.spec.id.value} model, not an SDXL refiner")
+    if not base.spec.has_pooled or base.spec.time_ids is not TimeIds.SIZE_CROP_TARGET:
+        raise InvalidRequest(f"a refiner continues SDXL base latents; {base.folder} is {base.spec.id.value}")
+    if base.latent_channels != refiner.latent_channels or base.vae_scale_factor != refiner.vae_scale_factor:
+        raise StaleArtifact(f"base {base.folder} and refiner {refiner.folder} have different latent spaces "
+                            f"({base.latent_channels} vs {refiner.latent_channels} channels, VAE factor "
+                            f"{base.vae_scale_factor} vs {refiner.vae_scale_factor}); export both from one SDXL release")
+    if abs(base.vae_scaling_factor - refiner.vae_scaling_factor) > 1e-9:
+        raise StaleArtifact(f"base {base.folder} and refiner {refiner.folder} scale latents differently "
+                            f"({base.vae_scaling_factor} vs {refiner.vae_scaling_factor}); export both from one "
+                            "SDXL release")
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule"):
+        a, b = base.scheduler_config.get(key), refiner.scheduler_config.get(key)
+        if a is not None and b is not None and a != b:
+            raise StaleArtifact(f"base and refiner use different noise schedules ({key}: {a} vs {b}); "
+                                "the refiner cannot continue the base's latents")

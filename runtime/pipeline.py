@@ -1,0 +1,481 @@
+"""Engines -> images: encode prompts, sample latents, decode; txt2img, img2img, inpainting, SDXL refiner, Turbo.
+
+The pipeline reproduces the diffusers pipelines (StableDiffusion[Img2Img|Inpaint]Pipeline,
+StableDiffusionXL[Img2Img]Pipeline) step for step, including the order in which they draw from
+the seeded CPU generator, so the same seed gives the same image on every backend:
+
+- txt2img: initial latents (N, C, h, w), then the sampler's per-step noise.
+- img2img: the VAE posterior sample of the init image first, then the noise added to it.
+- inpainting (9-channel UNet): [strength < 1: the init image's posterior sample], the initial
+  noise, then the masked image's posterior sample (its latents are a UNet input).
+- SDXL base + refiner: the base stops at `denoising_end`; its latents (not decoded) continue in
+  the refiner from the same fraction, with the same generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentrt.buckets import check_multiple, format_size, nearest_bucket, nearest_valid
+from latentrt.errors import InvalidRequest, UnsupportedShape
+from latentrt.families import SamplerId
+
+from .conditioning import SizeConditioning, TextConditioning, as_list, encode_prompts, time_ids
+from .denoisers import Model, guided, needs_cfg
+from .engine_set import EngineSet, check_refiner, load_engines
+from .images import ImageInput, float_to_pil, image_to_tensor, load_image, mask_to_tensor, tensor_to_float
+from .samplers import SeededNoise
+from .timing import StageTimer, TimingRecord
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, steps in this stage)
+DEFAULT_IMG2IMG_STRENGTH = 0.8
+DEFAULT_REFINER_SWITCH = 0.8  # fraction of the noise schedule the base denoises before the refiner takes over
+PIXEL_MULTIPLE = 64  # SD UNets need latent sides that are multiples of 8 (FIELD-NOTES)
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate. `None` fields take the family's defaults."""
+
+    prompt: str | list[str]
+    negative_prompt: str | list[str] | None = None  # None: no negative (SDXL: zero embeddings)
+    steps: int | None = None  # denoising steps of the full schedule (img2img runs int(steps * strength))
+    guidance: float | None = None  # classifier-free guidance scale; <= 1 runs no CFG batch (Turbo: 0)
+    sampler: str | None = None  # euler | euler_a | ddim | dpmpp_2m | dpmpp_2m_karras (None: the checkpoint's own)
+    width: int | None = None  # pixels; both or neither of width/height
+    height: int | None = None
+    aspect: str | float | None = None  # "16:9" or width/height: snaps to the family's nearest bucket
+    seed: int | None = None  # None: a random seed (reported in the result)
+    num_images_per_prompt: int = 1
+    image: ImageInput | None = None  # img2img / inpainting init image
+    strength: float | None = None  # img2img 0.8, inpainting 1.0 by default
+    mask: ImageInput | None = None  # inpainting: white = repaint
+    latents: torch.Tensor | None = None  # continue from these latents (with denoising_start)
+    denoising_start: float | None = None  # fraction of the schedule already done (refiner)
+    denoising_end: float | None = None  # stop after this fraction (base before a refiner; default 0.8 then)
+    sizes: SizeConditioning = field(default_factory=SizeConditioning)  # SDXL micro-conditioning
+    output_type: str = "pil"  # "pil" (images + array) or "latent" (no VAE decode)
+    refiner: Pipeline | None = None  # SDXL refiner continuing this request's latents
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]  # N = len(prompts) * num_images_per_prompt images
+    latents: torch.Tensor  # (N, C, h, w) final latents (before the VAE), CPU float32
+    array: np.ndarray | None  # (N, H, W, 3) float32 in [0, 1] (diffusers output_type="np")
+    timing: TimingRecord
+    settings: dict[str, Any]
+    seed: int
+    notes: list[str] = field(default_factory=list)
+
+    def metadata(self, index: int = 0) -> dict[str, str]:
+        """PNG text chunks for image `index`: prompt, seed and the settings that made it."""
+        prompts = self.settings["prompts"]
+        prompt = prompts[index // self.settings["num_images_per_prompt"]]
+        return {"prompt": prompt, "seed": str(self.seed), "latentrt": _json(self.settings | {"index": index})}
+
+
+def _json(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+@dataclass
+class _Resolved:
+    """A validated request with every default filled in."""
+
+    prompts: list[str]
+    negative: list[str] | str | None
+    steps: int
+    guidance: float
+    sampler: str | None  # None until planned: the scheduler config's own sampler
+    height: int
+    width: int
+    seed: int
+    num_images_per_prompt: int
+    mode: str  # txt2img | img2img | inpaint | continue
+    strength: float | None
+    denoising_start: float | None
+    denoising_end: float | None
+    sizes: SizeConditioning
+    image: Image.Image | None = None
+    mask: Image.Image | None = None
+    latents: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+    def settings(self, pipe: Pipeline) -> dict[str, Any]:
+        es = pipe.engines
+        return {
+            "family": es.spec.id.value, "model": es.source.get("model"), "backend": es.backend, "mode": self.mode,
+            "prompts": self.prompts, "negative_prompt": self.negative, "steps": self.steps,
+            "guidance": self.guidance, "sampler": self.sampler, "height": self.height, "width": self.width,
+            "seed": self.seed, "num_images_per_prompt": self.num_images_per_prompt, "strength": self.strength,
+            "denoising_start": self.denoising_start, "denoising_end": self.denoising_end,
+            "sizes": asdict(self.sizes) if es.spec.time_ids.width else None,
+        }
+
+
+class Pipeline:
+    """Runs generation requests on one model's engines (any backend), optionally with an SDXL refiner."""
+
+    def __init__(self, engines: EngineSet, refiner: Pipeline | None = None):
+        self.engines = engines
+        self.spec = engines.spec
+        self.device = engines.device
+        self.refiner = refiner
+        if refiner is not None:
+            check_refiner(engines, refiner.engines)
+
+    def __call__(self, request: GenerationRequest | None = None, **kwargs: Any) -> GenerationResult:
+        return self.generate(request if request is not None else GenerationRequest(**kwargs))
+
+    def close(self) -> None:
+        self.engines.close()
+        if self.refiner is not None:
+            self.refiner.close()
+
+    # ------------------------------------------------------------------ request -> settings
+
+    def resolve(self, request: GenerationRequest) -> tuple[_Resolved, list[str]]:
+        """Validate a request and fill in defaults; returns the settings and notes for the user."""
+        spec, notes = self.spec, []
+        prompts = as_list(request.prompt)
+        guidance = spec.sampling.guidance if request.guidance is None else float(request.guidance)
+        if not math.isfinite(guidance) or guidance < 0:
+            raise InvalidRequest(f"guidance must be >= 0 (0 or 1 disables classifier-free guidance), got {guidance}")
+        sampler = request.sampler
+        if sampler is not None and sampler not in {s.value for s in SamplerId}:
+            raise InvalidRequest(f"unknown sampler {sampler!r}; choose one of {', '.join(s.value for s in SamplerId)}")
+        if request.num_images_per_prompt < 1:
+            raise InvalidRequest(f"num_images_per_prompt must be >= 1, got {request.num_images_per_prompt}")
+        image = load_image(request.image, "init image") if request.image is not None else None
+        mask = load_image(request.mask, "mask") if request.mask is not None else None
+        mode = self._mode(image, mask, request.latents)
+        strength = self._strength(request.strength, mode)
+        steps = self._steps(request.steps, strength)
+        _check_fraction("denoising_start", request.denoising_start)
+        _check_fraction("denoising_end", request.denoising_end)
+        height, width = self._size(request, image, request.latents, notes)
+        if mask is not None and image is not None and mask.size != image.size:
+            raise InvalidRequest(f"the mask is {mask.size[1]}x{mask.size[0]} (HxW) but the image is "
+                                 f"{image.size[1]}x{image.size[0]}; give a mask of the image's size")
+        seed = random.SystemRandom().randrange(2**32) if request.seed is None else int(request.seed)
+        if not 0 <= seed < 2**64:
+            raise InvalidRequest(f"seed must be in [0, 2^64), got {seed}")
+        negative = request.negative_prompt
+        settings = _Resolved(prompts, negative, steps, guidance, sampler, height, width, seed,
+                             request.num_images_per_prompt, mode, strength, request.denoising_start,
+                             request.denoising_end, request.sizes, image, mask, request.latents)
+        self._check_batch(settings)
+        return settings, notes
+
+    def _mode(self, image: Image.Image | None, mask: Image.Image | None, latents: torch.Tensor | None) -> str:
+        if latents is not None:
+            if image is not None or mask is not None:
+                raise InvalidRequest("give either latents or an init image, not both")
+            return "continue"
+        if self.spec.is_inpaint:
+            if image is None or mask is None:
+                raise InvalidRequest(f"{self.spec.id.value} is an inpainting model: give an init image and a mask")
+            return "inpaint"
+        if mask is not None:
+            raise InvalidRequest(f"a mask needs an inpainting model (9-channel UNet, e.g. sd1-inpaint); "
+                                 f"{self.spec.id.value} is not one")
+        return "img2img" if image is not None else "txt2img"
+
+    @staticmethod
+    def _strength(strength: float | None, mode: str) -> float | None:
+        if mode in ("txt2img", "continue"):
+            if strength is not None:
+                raise InvalidRequest("strength applies to img2img and inpainting; give an init image")
+            return None
+        value = (1.0 if mode == "inpaint" else DEFAULT_IMG2IMG_STRENGTH) if strength is None else float(strength)
+        if not 0 < value <= 1:
+            raise InvalidRequest(f"strength must be in (0, 1], got {value}")
+        return value
+
+    def _steps(self, steps: int | None, strength: float | None) -> int:
+        minimum = self.spec.min_turbo_steps_x_strength or 1.0
+        if steps is None:
+            steps = self.spec.sampling.steps
+            if strength is not None and int(steps * strength) < 1:  # Turbo img2img: enough steps for one to run
+                steps = math.ceil(minimum / strength)
+        if int(steps) != steps or steps < 1:
+            raise InvalidRequest(f"steps must be a whole number >= 1, got {steps}")
+        steps = int(steps)
+        if strength is not None and int(steps * strength) < 1:
+            raise InvalidRequest(f"steps x strength must be at least 1 so that one denoising step runs "
+                                 f"(got {steps} x {strength} = {steps * strength:g}); with Turbo use e.g. "
+                                 f"--steps {math.ceil(1 / strength)} --strength {strength}")
+        return steps
+
+    def _size(self, request: GenerationRequest, image: Image.Image | None, latents: torch.Tensor | None,
+              notes: list[str]) -> tuple[int, int]:
+        """(height, width) in pixels: explicit if the engines cover it, else the nearest bucket (noted)."""
+        f = self.engines.vae_scale_factor
+        if latents is not None:
+            return int(latents.shape[-2]) * f, int(latents.shape[-1]) * f
+        if (request.width is None) != (request.height is None):
+            raise InvalidRequest("give both width and height, or an aspect ratio")
+        if request.width is not None and request.height is not None:
+            if request.aspect is not None:
+                raise InvalidRequest("give either width and height or an aspect ratio, not both")
+            size = (int(request.height), int(request.width))
+            check_multiple(size, PIXEL_MULTIPLE)
+            return self._covered(size, notes)
+        if request.aspect is not None:
+            bucket = nearest_bucket((1000, round(1000 * parse_aspect(request.aspect))), self._buckets())
+            notes.append(f"aspect {request.aspect} -> bucket {format_size(bucket)} (HxW)")
+            return bucket
+        if image is not None:
+            size = (image.size[1], image.size[0])
+            if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
+                valid = nearest_valid(size, PIXEL_MULTIPLE)[0]
+                notes.append(f"resized the {format_size(size)} init image to {format_size(valid)} (HxW; sides must "
+                             f"be multiples of {PIXEL_MULTIPLE})")
+                size = valid
+            return self._covered(size, notes)
+        return self._covered(self.spec.native_size, notes)
+
+    def _buckets(self) -> list[tuple[int, int]]:
+        """The family's buckets the engines cover."""
+        covered = [b for b in self.spec.buckets if self._covers(b)]
+        if not covered:
+            (lo_h, hi_h), (lo_w, hi_w) = self.engines.latent_range()
+            f = self.engines.vae_scale_factor
+            raise UnsupportedShape(f"the engines in {self.engines.folder} cover {lo_h * f}-{hi_h * f} x "
+                                   f"{lo_w * f}-{hi_w * f} px (HxW), none of the {self.spec.id.value} buckets")
+        return covered
+
+    def _covers(self, size: tuple[int, int]) -> bool:
+        (lo_h, hi_h), (lo_w, hi_w) = self.engines.latent_range()
+        f = self.engines.vae_scale_factor
+        return lo_h <= size[0] // f <= hi_h and lo_w <= size[1] // f <= hi_w
+
+    def _covered(self, size: tuple[int, int], notes: list[str]) -> tuple[int, int]:
+        if self._covers(size):
+            return size
+        bucket = nearest_bucket(size, self._buckets())
+        notes.append(f"snapped {format_size(size)} to bucket {format_size(bucket)} (HxW): the engines do not "
+                     "cover the requested size")
+        return bucket
+
+    def _check_batch(self, s: _Resolved) -> None:
+        unet = self.engines["unet"].io.dims.get("unet_batch")
+        rows = s.batch * (2 if needs_cfg(s.guidance) else 1)
+        if unet is not None and rows > unet.max:
+            raise InvalidRequest(f"{s.batch} images{' with guidance' if rows > s.batch else ''} need a UNet batch of "
+                                 f"{rows}; the engines take at most {unet.max}: generate fewer images per call")
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, request: GenerationRequest, refiner: Pipeline | None = None,
+                 callback: ProgressCallback | None = None) -> GenerationResult:
+        """Generate images for a request (with `refiner`, or the request's / pipeline's refiner, for SDXL)."""
+        refiner = refiner or request.refiner or self.refiner
+        if refiner is not None and refiner is not self.refiner:
+            check_refiner(self.engines, refiner.engines)
+        settings, notes = self.resolve(request)
+        if refiner is not None and settings.denoising_end is None:
+            settings.denoising_end = DEFAULT_REFINER_SWITCH
+        noise = SeededNoise(settings.seed, self.device)
+        timer = StageTimer(self.device)
+        with timer.stage("total"):
+            latents = self.denoise(settings, noise, timer, callback)
+            pipe = self
+            if refiner is not None:
+                pipe = refiner
+                latents = refiner.refine(settings, latents, noise, timer, callback)
+            array = None
+            if request.output_type != "latent":
+                with timer.prefixed("refiner_" if pipe is refiner else ""):
+                    array = tensor_to_float(pipe.decode(latents, timer))
+        images = float_to_pil(array) if array is not None else []
+        result_settings = settings.settings(self)
+        if refiner is not None:
+            result_settings["refiner"] = refiner.engines.source.get("model")
+        for note in notes:
+            log.info("%s", note)
+        return GenerationResult(images, latents.float().cpu(), array, timer.record(), result_settings,
+                                settings.seed, notes)
+
+    def refine(self, base: _Resolved, latents: torch.Tensor, noise: SeededNoise, timer: StageTimer,
+               callback: ProgressCallback | None = None) -> torch.Tensor:
+        """Continue a base's latents from its `denoising_end` (this pipeline is the refiner)."""
+        settings = replace(base, mode="continue", strength=None, denoising_start=base.denoising_end,
+                           denoising_end=None, image=None, mask=None, latents=latents)
+        with timer.prefixed("refiner_"):
+            return self.denoise(settings, noise, timer, callback)
+
+    def denoise(self, s: _Resolved, noise: SeededNoise, timer: StageTimer,
+                callback: ProgressCallback | None = None) -> torch.Tensor:
+        """Encode the prompts, prepare latents (drawing noise in diffusers' order) and run the sampler."""
+        from .plan import plan_from_scheduler_config
+
+        es = self.engines
+        cfg = needs_cfg(s.guidance)
+        cond = encode_prompts(self.spec, es, es.tokenizers, s.prompts, s.negative, cfg=cfg,
+                              num_images_per_prompt=s.num_images_per_prompt,
+                              zero_empty_negative=es.force_zeros_for_empty_prompt, timer=timer)
+        plan = plan_from_scheduler_config(es.scheduler_config, s.sampler, s.steps, strength=s.strength,
+                                          denoising_start=s.denoising_start, denoising_end=s.denoising_end)
+        s.sampler = plan.sampler.value
+        x, extra = self._initial(s, plan, noise, timer, cfg)
+        model = self._unet_model(cond, s, cfg, extra, timer)
+        return plan.run(model, x, noise, callback=_step_callback(callback, plan))
+
+    def _initial(self, s: _Resolved, plan: Any, noise: SeededNoise, timer: StageTimer,
+                 cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(initial latents, extra UNet input channels or None), drawing noise in diffusers' order."""
+        f, c = self.engines.vae_scale_factor, self.engines.latent_channels
+        shape = (s.batch, c, s.height // f, s.width // f)
+        if s.mode == "continue":
+            assert s.latents is not None
+            return s.latents.to(self.device, torch.float32), None
+        if s.mode == "txt2img":
+            return plan.initial_latents(noise(shape)), None
+        assert s.image is not None
+        pixels = image_to_tensor(s.image, s.height, s.width).to(self.device)
+        if s.mode == "img2img":
+            image_latents = self.encode(pixels, noise, timer).expand(shape)
+            return plan.noised(image_latents, noise(shape)), None
+        return self._inpaint_initial(s, plan, noise, timer, cfg, pixels, shape)
+
+    def _inpaint_initial(self, s: _Resolved, plan: Any, noise: SeededNoise, timer: StageTimer, cfg: bool,
+                         pixels: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """StableDiffusionInpaintPipeline's order: [image latents], noise, masked-image latents."""
+        assert s.mask is not None and s.strength is not None
+        full = s.strength >= 1.0
+        image_latents = None if full else self.encode(pixels, noise, timer).expand(shape)
+        start = noise(shape)
+        x = plan.initial_latents(start) if image_latents is None else plan.noised(image_latents, start)
+        mask = mask_to_tensor(s.mask, s.height, s.width).to(self.device)  # (1, 1, H, W), 1 = repaint
+        masked = self.encode(pixels * (mask < 0.5), noise, timer)
+        small = torch.nn.functional.interpolate(mask, size=shape[-2:])  # nearest, as diffusers
+        extra = torch.cat([small.expand(shape[0], -1, -1, -1), masked.expand(shape)], dim=1)
+        return x, torch.cat([extra, extra]) if cfg else extra
+
+    def _unet_model(self, cond: TextConditioning, s: _Resolved, cfg: bool, extra: torch.Tensor | None,
+                    timer: StageTimer) -> Model:
+        """The model the sampler calls: (x * c_in, t) -> eps / v, one UNet call per step (CFG doubled)."""
+        engine = self.engines["unet"]
+        context, pooled = cond.unet_batch(cfg)
+        static: dict[str, torch.Tensor] = {"encoder_hidden_states": context}
+        if pooled is not None:
+            static["text_embeds"] = pooled
+        kind = self.spec.time_ids
+        if kind.width:
+            pos, neg = time_ids(kind, (s.height, s.width), s.sizes)
+            n = cond.context.shape[0]
+            static["time_ids"] = torch.cat([neg.expand(n, -1), pos.expand(n, -1)]) if cfg else pos.expand(n, -1)
+        static = {k: v.to(engine.device) for k, v in static.items()}
+
+        def unet(x: torch.Tensor, t: float) -> torch.Tensor:
+            sample = x if extra is None else torch.cat([x, extra], dim=1)
+            feed = {"sample": sample.to(engine.device),
+                    "timestep": torch.full((x.shape[0],), t, dtype=torch.float32, device=engine.device), **static}
+            with timer.stage("unet"):
+                out = engine.run(feed)["out_sample"]
+            return out.to(x.device)
+
+        return guided(unet, s.guidance) if cfg else unet
+
+    # ------------------------------------------------------------------ VAE
+
+    def encode(self, pixels: torch.Tensor, noise: SeededNoise, timer: StageTimer) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1]: a posterior sample (mean + std * noise) as diffusers draws it."""
+        engine = self.engines["vae_encoder"]
+        with timer.stage("vae_encoder"):
+            params = engine.run({"images": pixels.to(engine.device)})["latent_parameters"].to(self.device)
+        mean, logvar = params.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+        sample = mean + std * noise(tuple(mean.shape)).to(mean)
+        return (sample - self.engines.vae_shift_factor) * self.engines.vae_scaling_factor
+
+    def decode(self, latents: torch.Tensor, timer: StageTimer) -> torch.Tensor:
+        """Images in [-1, 1] (N, 3, H, W) from scaled latents, in chunks the decoder's batch range allows."""
+        engine = self.engines["vae_decoder"]
+        z = latents / self.engines.vae_scaling_factor + self.engines.vae_shift_factor
+        limit = engine.io.dims["batch"].max if "batch" in engine.io.dims else z.shape[0]
+        out = []
+        for start in range(0, z.shape[0], limit):
+            with timer.stage("vae_decoder"):
+                out.append(engine.run({"latent": z[start:start + limit].to(engine.device)})["images"].to(self.device))
+        return torch.cat(out)
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is not None and not 0 < value < 1:
+        raise InvalidRequest(f"{name} must be a fraction in (0, 1), got {value}")
+
+
+def _step_callback(callback: ProgressCallback | None, plan: Any) -> Callable[[int, float, torch.Tensor], None] | None:
+    if callback is None:
+        return None
+    total = len(plan.sigmas) - 1
+
+    def on_step(i: int, _sigma: float, _x: torch.Tensor) -> None:
+        callback(i + 1, total)
+
+    return on_step
+
+
+def parse_aspect(aspect: str | float) -> float:
+    """Width / height from '16:9', '16/9', '1.78' or a number."""
+    if isinstance(aspect, (int, float)):
+        value = float(aspect)
+    else:
+        text = aspect.strip().replace("/", ":")
+        try:
+            w, _, h = text.partition(":")
+            value = float(w) / float(h) if h else float(w)
+        except (ValueError, ZeroDivisionError):
+            raise InvalidRequest(f"cannot read aspect ratio {aspect!r}; write it like 16:9") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidRequest(f"aspect ratio must be positive, got {aspect!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------- API
+
+
+def load_pipeline(folder: str | os.PathLike[str], backend: str | None = None, device: torch.device | str = "cpu",
+                  refiner: str | os.PathLike[str] | Pipeline | None = None,
+                  providers: Sequence[Any] | None = None) -> Pipeline:
+    """A pipeline over the engines in `folder` (engine folder, ONNX export, or checkpoint with backend "torch")."""
+    engines = load_engines(folder, backend=backend, device=device, providers=providers)
+    ref = refiner if isinstance(refiner, Pipeline) or refiner is None else \
+        Pipeline(load_engines(refiner, backend=backend, device=device, providers=providers))
+    return Pipeline(engines, refiner=ref)
+
+
+LOAD_KEYS = ("backend", "device", "refiner", "providers")
+
+
+def generate(folder: str | os.PathLike[str], prompt: str | list[str], **kwargs: Any) -> GenerationResult:
+    """One-call generation: `generate("engines/", "a red fox", steps=20, seed=1, backend="onnxruntime")`."""
+    load = {k: kwargs.pop(k) for k in LOAD_KEYS if k in kwargs}
+    unknown = set(kwargs) - set(GenerationRequest.__dataclass_fields__)
+    if unknown:
+        raise InvalidRequest(f"unknown generation setting(s) {', '.join(sorted(unknown))}")
+    pipe = load_pipeline(folder, **load)
+    try:
+        return pipe.generate(GenerationRequest(prompt=prompt, **kwargs))
+    finally:
+        pipe.close()

@@ -1,0 +1,120 @@
+"""Every derivation from a ComponentIO (dynamic axes, dummy inputs, profiles, shapes) agrees, for every family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from latentrt.buckets import SDXL_BUCKETS
+from latentrt.families import FAMILIES, FamilyId, FamilySpec
+from latentrt.tensors import (
+    ComponentIO,
+    Dim,
+    ModelDims,
+    Scaled,
+    component_ios,
+    dummy_inputs,
+    dynamic_axes,
+    infer_sizes,
+    io_from_json,
+    io_to_json,
+    profile,
+    shape_of,
+    shapes,
+)
+
+# Widths of the real checkpoints (CLIP-L 768, OpenCLIP-H 1024, OpenCLIP-bigG 1280 with a 1280 projection).
+REAL_WIDTHS = {
+    FamilyId.SD1: ((768,), 0), FamilyId.SD1_INPAINT: ((768,), 0), FamilyId.SD2: ((1024,), 0),
+    FamilyId.SD2_V: ((1024,), 0), FamilyId.SD2_INPAINT: ((1024,), 0), FamilyId.SD_TURBO: ((1024,), 0),
+    FamilyId.SDXL: ((768, 1280), 1280), FamilyId.SDXL_TURBO: ((768, 1280), 1280),
+    FamilyId.SDXL_REFINER: ((1280,), 1280),
+}
+
+
+def real_dims(spec: FamilySpec) -> ModelDims:
+    hidden, pooled = REAL_WIDTHS[spec.id]
+    return ModelDims(text_hidden=hidden, pooled_dim=pooled, context_dim=sum(hidden),
+                     unet_in_channels=spec.unet_in_channels, latent_channels=4, vae_scale_factor=8,
+                     time_ids=spec.time_ids.width)
+
+
+def all_ios() -> list[tuple[str, ComponentIO]]:
+    return [(f"{fid.value}/{name}", io) for fid, spec in FAMILIES.items()
+            for name, io in component_ios(spec, real_dims(spec)).items()]
+
+
+IOS = all_ios()
+IO_IDS = [name for name, _ in IOS]
+
+
+def bound_sizes(io: ComponentIO) -> list[dict[str, int]]:
+    dims = io.dims.values()
+    return [{d.name: d.min for d in dims}, {d.name: d.opt for d in dims}]
+
+
+def test_every_family_has_its_components() -> None:
+    for fid, spec in FAMILIES.items():
+        ios = component_ios(spec, real_dims(spec))
+        assert tuple(ios) == spec.components, fid
+        unet = ios["unet"]
+        assert shape_of(unet.input("sample"), {"unet_batch": 1, "latent_height": 8, "latent_width": 8})[1] == \
+            spec.unet_in_channels
+        assert ("text_embeds" in unet.input_names) == spec.has_pooled
+        assert ("time_ids" in unet.input_names) == (spec.time_ids.width > 0)
+        if spec.time_ids.width:
+            assert unet.input("time_ids").shape[1] == spec.time_ids.width
+        context = unet.input("encoder_hidden_states").shape[2]
+        assert context == sum(ios[te.component].outputs[0].shape[2] for te in spec.text_encoders)  # type: ignore
+
+
+@pytest.mark.parametrize("io", [io for _, io in IOS], ids=IO_IDS)
+def test_dynamic_axes_follow_the_symbolic_dims(io: ComponentIO) -> None:
+    axes = dynamic_axes(io)
+    for t in io.inputs + io.outputs:
+        expected = {i: a.name for i, a in enumerate(t.shape) if isinstance(a, (Dim, Scaled))}
+        assert axes.get(t.name, {}) == expected
+
+
+@pytest.mark.parametrize("io", [io for _, io in IOS], ids=IO_IDS)
+def test_dummy_inputs_profile_and_shapes_agree(io: ComponentIO) -> None:
+    prof = profile(io)
+    assert list(prof) == io.input_names
+    lo, opt, hi = ({d.name: getattr(d, k) for d in io.dims.values()} for k in ("min", "opt", "max"))
+    for t in io.inputs:
+        assert prof[t.name] == (shape_of(t, lo), shape_of(t, opt), shape_of(t, hi))
+        assert all(a <= b <= c for a, b, c in zip(*prof[t.name]))
+    for sizes in bound_sizes(io):
+        feed = dummy_inputs(io, sizes)
+        concrete = shapes(io, sizes)
+        assert {n: a.shape for n, a in feed.items()} == {t.name: concrete[t.name] for t in io.inputs}
+        assert {n: str(a.dtype) for n, a in feed.items()} == {t.name: t.dtype for t in io.inputs}
+        assert infer_sizes(io, feed) == {k: v for k, v in sizes.items() if k in _input_dims(io)}
+        for t in io.outputs:
+            assert len(concrete[t.name]) == len(t.shape)
+
+
+def _input_dims(io: ComponentIO) -> set[str]:
+    return {d.name for t in io.inputs for d in t.dims}
+
+
+@pytest.mark.parametrize("io", [io for _, io in IOS], ids=IO_IDS)
+def test_io_round_trips_through_json(io: ComponentIO) -> None:
+    text = json.dumps(io_to_json(io))
+    assert io_from_json(json.loads(text)) == io
+
+
+def test_image_sides_are_the_vae_factor_times_latent_sides() -> None:
+    for fid, spec in FAMILIES.items():
+        io = component_ios(spec, real_dims(spec))["vae_decoder"]
+        sizes = {"batch": 2, "latent_height": 16, "latent_width": 24}
+        assert shapes(io, sizes) == {"latent": (2, 4, 16, 24), "images": (2, 3, 128, 192)}, fid
+
+
+def test_buckets() -> None:
+    for spec in FAMILIES.values():
+        assert spec.buckets and all(h % 64 == 0 and w % 64 == 0 for h, w in spec.buckets), spec.id
+    assert len(SDXL_BUCKETS) == 40
+    assert (704, 1344) in SDXL_BUCKETS and (1344, 704) not in SDXL_BUCKETS
+    assert (1024, 1024) in SDXL_BUCKETS
