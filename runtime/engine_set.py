@@ -105,6 +105,22 @@ class EngineSet:
                 lo_w, hi_w = max(lo_w, dims["latent_width"].min), min(hi_w, dims["latent_width"].max)
         return (lo_h, hi_h), (lo_w, hi_w)
 
+    def covers(self, latent_height: int, latent_width: int) -> bool:
+        """Whether every spatial engine takes latents of this size (some TensorRT profile, or the IO range)."""
+        from latentrt.engines.profiles import covers
+
+        sizes = {"latent_height": latent_height, "latent_width": latent_width}
+        for engine in self.engines.values():
+            profiles = getattr(engine, "profiles", None)
+            if profiles and all("bounds" in p for p in profiles):
+                if not any(covers({k: tuple(v) for k, v in p["bounds"].items()}, sizes) for p in profiles):
+                    return False
+                continue
+            dims = engine.io.dims
+            if any(k in dims and not dims[k].min <= v <= dims[k].max for k, v in sizes.items()):
+                return False
+        return True
+
     def describe(self) -> list[str]:
         """One line per engine saying what actually runs."""
         return [e.describe() for e in self.engines.values()]
@@ -245,18 +261,21 @@ def session_options(ort_info: dict[str, Any]) -> Any:
 
 def _trt_set(path: Path, manifest: dict[str, Any], device: torch.device, verify: bool) -> EngineSet:
     try:
-        from .backends.tensorrt import TensorRTEngine  # imported only here: needs TensorRT and a GPU
+        from .backends.tensorrt import SharedDeviceMemory, TensorRTEngine  # only here: needs TensorRT and a GPU
     except ImportError as e:
         raise BackendUnavailable(f"{path} holds TensorRT engines, but the TensorRT runtime is not available here "
                                  f"({e}); install TensorRT on a machine with an NVIDIA GPU, or run the ONNX export "
                                  "with --backend onnxruntime") from None
-
+    if device.type != "cuda":
+        log.info("TensorRT engines run on CUDA; using cuda instead of %s", device)
+        device = torch.device("cuda")
     spec = _family(manifest, path)
+    memory = SharedDeviceMemory(device if device.index is not None else "cuda")  # engines run one at a time
     engines: dict[str, Engine] = {}
     for name, entry in _components(path, manifest, spec).items():
         _check_source(path, manifest, name, entry)
-        file = component_file(path, name, entry, verify)
-        engines[name] = TensorRTEngine(file, io_from_json(entry["io"]), device)  # type: ignore[call-arg]
+        component_file(path, name, entry, verify)
+        engines[name] = TensorRTEngine.from_manifest(path, name, manifest, device=device, memory=memory)
     return _assemble(path, manifest, "engines", "tensorrt", device, spec, engines, verify)
 
 

@@ -264,9 +264,8 @@ class Pipeline:
         return covered
 
     def _covers(self, size: tuple[int, int]) -> bool:
-        (lo_h, hi_h), (lo_w, hi_w) = self.engines.latent_range()
         f = self.engines.vae_scale_factor
-        return lo_h <= size[0] // f <= hi_h and lo_w <= size[1] // f <= hi_w
+        return self.engines.covers(size[0] // f, size[1] // f)
 
     def _covered(self, size: tuple[int, int], notes: list[str]) -> tuple[int, int]:
         if self._covers(size):
