@@ -108,11 +108,12 @@ class OrtEngine(Engine):
     def run_numpy(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Plain `session.run` on numpy arrays (for comparisons outside the pipeline)."""
         names = self.io.output_names
-        return dict(zip(names, self.session.run(names, dict(feed))))
+        return {n: np.asarray(y) for n, y in zip(names, self.session.run(names, dict(feed)))}
 
     def describe(self) -> str:
         fell_back = f" (requested {', '.join(self.fallback)}: unavailable)" if self.fallback else ""
         return f"onnxruntime {self.component} on {', '.join(self.providers)}{fell_back} ({self.path})"
 
     def close(self) -> None:
-        self.__dict__.pop("session", None)
+        if hasattr(self, "session"):
+            del self.session
