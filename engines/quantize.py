@@ -322,3 +322,135 @@ def quantize_engine_dir(engine_dir: str | os.PathLike[str], out_dir: str | os.Pa
         move_into_place(tmp, out)
     log.info("wrote int8-UNet ONNX Runtime engines to %s", out)
     return out
+
+
+# ---------------------------------------------------------------------------- attention fusion
+
+
+def _const_int(graph: Any, name: str) -> int | None:
+    """The scalar / 1-element integer value of an initializer or Constant output, else None."""
+    from onnx import numpy_helper
+
+    for t in graph.initializer:
+        if t.name == name:
+            a = numpy_helper.to_array(t)
+            return int(a.reshape(-1)[0]) if a.size == 1 else None
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            a = numpy_helper.to_array(n.attribute[0].t)
+            return int(a.reshape(-1)[0]) if a.size == 1 else None
+    return None
+
+
+def _heads_of(graph: Any, reshape: Any, producer: Mapping[str, Any]) -> int | None:
+    """Number of heads of a (B, S, C) -> (B, S, H, D) Reshape whose shape is Concat(B, S, H, D)."""
+    concat = producer.get(reshape.input[1])
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 4:
+        return None
+    src = producer.get(concat.input[2])
+    name = src.input[0] if src is not None and src.op_type == "Unsqueeze" else concat.input[2]
+    return _const_int(graph, name)
+
+
+def _perm(node: Any) -> list[int]:
+    return next((list(a.ints) for a in node.attribute if a.name == "perm"), [])
+
+
+def _head_split(name: str, perm: list[int], producer: Mapping[str, Any], scaled: bool) -> tuple[str, Any] | None:
+    """Walk back [Mul(scale)] <- Transpose(perm) <- Reshape(B,S,H,D) to the (B, S, C) projection output."""
+    node = producer.get(name)
+    if scaled:
+        if node is None or node.op_type != "Mul":
+            return None
+        node = next((producer[i] for i in node.input if i in producer and producer[i].op_type == "Transpose"), None)
+    if node is None or node.op_type != "Transpose" or _perm(node) != perm:
+        return None
+    reshape = producer.get(node.input[0])
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    return reshape.input[0], reshape
+
+
+def _match_sdpa(softmax: Any, graph: Any, producer: Mapping[str, Any],
+                consumers: Mapping[str, list[Any]]) -> tuple[str, str, str, str, int, Any] | None:
+    """(q, k, v, output, heads, final Reshape) of one exported scaled_dot_product_attention, else None."""
+    scores = producer.get(softmax.input[0])
+    if scores is None or scores.op_type != "MatMul":
+        return None
+    q = _head_split(scores.input[0], [0, 2, 1, 3], producer, scaled=True)
+    k = _head_split(scores.input[1], [0, 2, 3, 1], producer, scaled=True)
+    after = consumers.get(softmax.output[0], [])
+    if q is None or k is None or len(after) != 1 or after[0].op_type != "MatMul" or after[0].input[0] != softmax.output[0]:
+        return None
+    v = _head_split(after[0].input[1], [0, 2, 1, 3], producer, scaled=False)
+    t = consumers.get(after[0].output[0], [])
+    if v is None or len(t) != 1 or t[0].op_type != "Transpose" or _perm(t[0]) != [0, 2, 1, 3]:
+        return None
+    r = consumers.get(t[0].output[0], [])
+    heads = _heads_of(graph, q[1], producer)
+    if len(r) != 1 or r[0].op_type != "Reshape" or not heads:
+        return None
+    return q[0], k[0], v[0], r[0].output[0], heads, r[0]
+
+
+def fuse_attention_model(model: Any) -> int:
+    """Replace exported SDPA subgraphs (reshape/transpose/scale/MatMul/Softmax/MatMul) by one
+    `com.microsoft.MultiHeadAttention` node each (ONNX Runtime's fused CPU/CUDA kernel); returns the count.
+
+    The legacy exporter writes diffusers' `F.scaled_dot_product_attention` with the default scale
+    1/sqrt(head_dim), which is MultiHeadAttention's default too; callers check parity afterwards.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    replace_at: dict[int, Any] = {}
+    index = {id(n): i for i, n in enumerate(graph.node)}
+    for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
+        m = _match_sdpa(softmax, graph, producer, consumers)
+        if m is None:
+            continue
+        q, k, v, out, heads, last = m
+        replace_at[index[id(last)]] = helper.make_node(
+            "MultiHeadAttention", [q, k, v], [out], domain="com.microsoft", num_heads=heads,
+            name=softmax.name.rsplit("/", 1)[0] + "/MultiHeadAttention")
+    if not replace_at:
+        return 0
+    nodes = _live([replace_at.get(i, n) for i, n in enumerate(graph.node)], {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
+    unused = [t for t in graph.initializer if t.name not in used]
+    for t in unused:
+        graph.initializer.remove(t)
+    if not any(op.domain == "com.microsoft" for op in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return len(replace_at)
+
+
+def _live(nodes: Sequence[Any], outputs: set[str]) -> list[Any]:
+    """Nodes that (transitively) feed a graph output, in the original order."""
+    needed, keep = set(outputs), [False] * len(nodes)
+    for i in range(len(nodes) - 1, -1, -1):
+        if any(o in needed for o in nodes[i].output):
+            keep[i] = True
+            needed.update(x for x in nodes[i].input if x)
+    return [n for n, k in zip(nodes, keep) if k]
+
+
+def fuse_attention(src: str | os.PathLike[str], dest: str | os.PathLike[str]) -> int:
+    """`fuse_attention_model` on an ONNX file, written to `dest` (external data above ~1.8 GB)."""
+    import onnx
+
+    src, dest = Path(src), Path(dest)
+    model = onnx.load(str(src))
+    count = fuse_attention_model(model)
+    external = model_bytes(src) > EXTERNAL_DATA_BYTES
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(dest), save_as_external_data=external, all_tensors_to_one_file=True,
+                    location=dest.name + ".data")
+    return count

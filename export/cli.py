@@ -7,10 +7,14 @@ import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="diffusers folder (with model_index.json), hub id (org/name) or tiny:<family>")
+    parser.add_argument("model", help="diffusers folder (with model_index.json), hub id (org/name), tiny:<family> "
+                                      "or a single original-layout .safetensors file (with --config)")
     parser.add_argument("-o", "--output", required=True, help="export folder to create")
     parser.add_argument("--family", help="family id, overriding detection (sd1, sd1-inpaint, sd2, sd2-v, "
                                          "sd2-inpaint, sdxl, sdxl-refiner, sdxl-turbo, sd-turbo)")
+    parser.add_argument("--config", help="for a single .safetensors file: a local diffusers folder of the same "
+                                         "family whose configs and tokenizers describe it (weights not needed), "
+                                         "or a hub id; without it, the family's reference configs are fetched")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; dynamo uses >= 18)")
     parser.add_argument("--dynamo", action="store_true", help="use the torch.export-based exporter (slower)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
@@ -23,7 +27,6 @@ def run(args: argparse.Namespace) -> int:
     import warnings
 
     from latentrt.export.onnx import export_model
-
     from latentrt.manifest import read_manifest
 
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         out = export_model(args.model, args.output, family=args.family, opset=args.opset, dynamo=args.dynamo,
-                           verify=args.verify, components=components, overwrite=args.overwrite,
+                           verify=args.verify, components=components, overwrite=args.overwrite, config=args.config,
                            progress=lambda line: print(line, flush=True))
     manifest = read_manifest(out)
     total_mb = sum(c["size_mb"] for c in manifest["components"].values())

@@ -1,4 +1,4 @@
-"""Load PyTorch reference models: a diffusers folder, a hub id, or a built-in `tiny:<family>` model.
+"""Load PyTorch reference models: a diffusers folder, a hub id, a single-file checkpoint or `tiny:<family>`.
 
 Everything goes through the diffusers folder layout (model_index.json + one folder per part):
 the family is detected from the configs alone, then each part is loaded with the class
@@ -257,9 +257,8 @@ class CheckpointRef:
     sha256: str
 
 
-def locate_checkpoint(model: str | Path, family: str | None = None) -> CheckpointRef:
-    """Resolve, validate and hash a checkpoint (configs only); `family` overrides detection."""
-    folder, source = resolve(model)
+def check_folder(folder: Path, family: str | None = None) -> FamilySpec:
+    """Validate a diffusers folder (configs only) against its family, given or detected; returns the family."""
     index = model_index(folder)
     spec = get_family(family) if family else detect_family(folder)
     for te in spec.text_encoders:
@@ -267,12 +266,36 @@ def locate_checkpoint(model: str | Path, family: str | None = None) -> Checkpoin
             raise CheckpointError(f"{folder} has no '{te.component}'/'{te.tokenizer}', which family "
                                   f"{spec.id.value} needs")
     model_dims(spec, folder)  # raises when the widths do not fit the family
+    return spec
+
+
+def locate_checkpoint(model: str | Path, family: str | None = None,
+                      config: str | Path | None = None) -> CheckpointRef:
+    """Resolve, validate and hash a checkpoint (configs only); `family` overrides detection.
+
+    A single original-layout `.safetensors` file is converted once into a cached diffusers folder
+    with `config` (a diffusers folder or hub id of the same family; see `latentrt.export.single_file`).
+    """
+    from .single_file import is_single_file, locate_single_file
+
+    if is_single_file(model):
+        return locate_single_file(model, config=config, family=family)
+    if config is not None:
+        raise CheckpointError(f"--config applies to single-file checkpoints; {model} is not a file (a diffusers "
+                              "folder carries its own configs)")
+    folder, source = resolve(model)
+    spec = check_folder(folder, family)
     return CheckpointRef(folder, source, spec, checkpoint_sha256(folder))
 
 
-def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None) -> LoadedModel:
-    """Load a checkpoint (tiny:<family>, a diffusers folder or a hub id); `family` overrides detection."""
-    ref = model if isinstance(model, CheckpointRef) else locate_checkpoint(model, family)
+def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None,
+                    config: str | Path | None = None) -> LoadedModel:
+    """Load a checkpoint (tiny:<family>, a diffusers folder, a hub id or a single `.safetensors` file).
+
+    `family` overrides detection; `config` (single files only) names the diffusers folder or hub id
+    whose configs describe the file's architecture.
+    """
+    ref = model if isinstance(model, CheckpointRef) else locate_checkpoint(model, family, config)
     folder, spec = ref.folder, ref.spec
     index = model_index(folder)
     sched = part_config(folder, "scheduler")

@@ -227,8 +227,10 @@ def check_output(out: Path, ref: CheckpointRef, overwrite: bool) -> dict[str, An
 def export_model(model: str | Path, out_dir: str | Path, *, family: str | None = None, opset: int = 17,
                  dynamo: bool = False, verify: bool = True, components: Sequence[str] | None = None,
                  progress: Progress | None = None, overwrite: bool = False,
-                 external_data_mb: float = EXTERNAL_DATA_MB) -> Path:
-    """Export a checkpoint (tiny:<family>, diffusers folder, hub id) to ONNX under `out_dir`; returns `out_dir`.
+                 external_data_mb: float = EXTERNAL_DATA_MB, config: str | Path | None = None) -> Path:
+    """Export a checkpoint (tiny:<family>, diffusers folder, hub id, single file) to ONNX under `out_dir`.
+
+    Returns `out_dir`.
 
     Args:
         model: what to export; see `latentrt.export.models.load_checkpoint`.
@@ -241,11 +243,13 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
         progress: called with one human-readable line per step (the CLI prints them).
         overwrite: replace an export of a different model.
         external_data_mb: weights above this size go into `model.onnx.data` beside `model.onnx`.
+        config: for a single original-layout `.safetensors` file, the diffusers folder (or hub id) of the
+            same family whose configs describe it (see `latentrt.export.single_file`).
     """
     say = progress or (lambda _msg: None)
     out = Path(out_dir).expanduser()
     check_writable(out.parent if not out.exists() else out)
-    ref = locate_checkpoint(model, family)
+    ref = locate_checkpoint(model, family, config)
     wanted = _select(ref, components)
     previous = check_output(out, ref, overwrite)
     check_writable(out)

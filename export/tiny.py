@@ -11,6 +11,7 @@ from run to run.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -27,7 +28,7 @@ from .tokenizers import EOS, save_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = 1  # bump when the recipe changes: cached folders are keyed by it
+TINY_VERSION = 2  # bump when the recipe changes: cached folders are keyed by it
 SEED = 1234
 TIME_EMBED_DIM = 8  # SDXL addition_time_embed_dim (256 in the real model)
 
@@ -172,7 +173,22 @@ def make_tiny(family: str, folder: Path) -> Path:
     with quiet_progress():
         _pipeline(spec, parts).save_pretrained(str(folder), safe_serialization=True)
     shutil.rmtree(folder / ".tmp", ignore_errors=True)
+    _add_released_scheduler_keys(folder / "scheduler" / "scheduler_config.json")
     return folder
+
+
+def _add_released_scheduler_keys(path: Path) -> None:
+    """Add the DDIM/PNDM keys that the released SD/SDXL scheduler configs carry (clip_sample: false, ...).
+
+    The released configs were saved from PNDM/DDIM schedulers, so they hold these keys even when
+    their class is Euler; without them a DDIM scheduler built from the config would clip x0.
+    """
+    config = json.loads(path.read_text())
+    config.update({k: v for k, v in RELEASED_SCHEDULER_KEYS.items() if k not in config})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+RELEASED_SCHEDULER_KEYS = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}
 
 
 def _tokenizer(folder: Path, pad_token: str) -> Any:

@@ -60,12 +60,11 @@ def build_step(onnx_dir: Path, folder: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from latentrt.buckets import check_multiple
     from latentrt.runtime.cli_generate import StepBar
     from latentrt.runtime.images import save_png
     from latentrt.runtime.pipeline import GenerationRequest, load_pipeline
     from latentrt.runtime.timing import format_table
-
-    from latentrt.buckets import check_multiple
 
     check_multiple((args.size, args.size))
     root = Path(args.output)

@@ -74,9 +74,8 @@ class StepBar:
 
 
 def request_from_args(args: argparse.Namespace) -> Any:
-    from latentrt.runtime.pipeline import GenerationRequest
-
     from latentrt.errors import InvalidRequest
+    from latentrt.runtime.pipeline import GenerationRequest
 
     if args.batch < 1:
         raise InvalidRequest(f"--batch must be >= 1, got {args.batch}")

@@ -261,7 +261,10 @@ def session_options(ort_info: dict[str, Any]) -> Any:
 
 def _trt_set(path: Path, manifest: dict[str, Any], device: torch.device, verify: bool) -> EngineSet:
     try:
-        from .backends.tensorrt import SharedDeviceMemory, TensorRTEngine  # only here: needs TensorRT and a GPU
+        from .backends.tensorrt import (  # only here: needs TensorRT and a GPU
+            SharedDeviceMemory,
+            TensorRTEngine,
+        )
     except ImportError as e:
         raise BackendUnavailable(f"{path} holds TensorRT engines, but the TensorRT runtime is not available here "
                                  f"({e}); install TensorRT on a machine with an NVIDIA GPU, or run the ONNX export "

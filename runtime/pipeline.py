@@ -94,7 +94,7 @@ def _json(obj: Any) -> str:
 
 
 @dataclass
-class _Resolved:
+class ResolvedRequest:
     """A validated request with every default filled in."""
 
     prompts: list[str]
@@ -152,7 +152,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------ request -> settings
 
-    def resolve(self, request: GenerationRequest) -> tuple[_Resolved, list[str]]:
+    def resolve(self, request: GenerationRequest) -> tuple[ResolvedRequest, list[str]]:
         """Validate a request and fill in defaults; returns the settings and notes for the user."""
         spec, notes = self.spec, []
         prompts = as_list(request.prompt)
@@ -167,6 +167,9 @@ class Pipeline:
         image = load_image(request.image, "init image") if request.image is not None else None
         mask = load_image(request.mask, "mask") if request.mask is not None else None
         mode = self._mode(image, mask, request.latents)
+        if mode == "continue" and request.denoising_start is None:
+            raise InvalidRequest("latents continue a partly denoised run: give denoising_start (the fraction "
+                                 "already denoised, e.g. the base's denoising_end)")
         strength = self._strength(request.strength, mode)
         steps = self._steps(request.steps, strength)
         _check_fraction("denoising_start", request.denoising_start)
@@ -175,13 +178,15 @@ class Pipeline:
         if mask is not None and image is not None and mask.size != image.size:
             raise InvalidRequest(f"the mask is {mask.size[1]}x{mask.size[0]} (HxW) but the image is "
                                  f"{image.size[1]}x{image.size[0]}; give a mask of the image's size")
+        if image is not None and (image.size[1], image.size[0]) != (height, width) and not notes:
+            notes.append(f"resized the {image.size[1]}x{image.size[0]} init image to {height}x{width} (HxW)")
         seed = random.SystemRandom().randrange(2**32) if request.seed is None else int(request.seed)
         if not 0 <= seed < 2**64:
             raise InvalidRequest(f"seed must be in [0, 2^64), got {seed}")
         negative = request.negative_prompt
-        settings = _Resolved(prompts, negative, steps, guidance, sampler, height, width, seed,
-                             request.num_images_per_prompt, mode, strength, request.denoising_start,
-                             request.denoising_end, request.sizes, image, mask, request.latents)
+        settings = ResolvedRequest(prompts, negative, steps, guidance, sampler, height, width, seed,
+                                   request.num_images_per_prompt, mode, strength, request.denoising_start,
+                                   request.denoising_end, request.sizes, image, mask, request.latents)
         self._check_batch(settings)
         return settings, notes
 
@@ -275,7 +280,7 @@ class Pipeline:
                      "cover the requested size")
         return bucket
 
-    def _check_batch(self, s: _Resolved) -> None:
+    def _check_batch(self, s: ResolvedRequest) -> None:
         unet = self.engines["unet"].io.dims.get("unet_batch")
         rows = s.batch * (2 if needs_cfg(s.guidance) else 1)
         if unet is not None and rows > unet.max:
@@ -314,7 +319,7 @@ class Pipeline:
         return GenerationResult(images, latents.float().cpu(), array, timer.record(), result_settings,
                                 settings.seed, notes)
 
-    def refine(self, base: _Resolved, latents: torch.Tensor, noise: SeededNoise, timer: StageTimer,
+    def refine(self, base: ResolvedRequest, latents: torch.Tensor, noise: SeededNoise, timer: StageTimer,
                callback: ProgressCallback | None = None) -> torch.Tensor:
         """Continue a base's latents from its `denoising_end` (this pipeline is the refiner)."""
         settings = replace(base, mode="continue", strength=None, denoising_start=base.denoising_end,
@@ -322,7 +327,7 @@ class Pipeline:
         with timer.prefixed("refiner_"):
             return self.denoise(settings, noise, timer, callback)
 
-    def denoise(self, s: _Resolved, noise: SeededNoise, timer: StageTimer,
+    def denoise(self, s: ResolvedRequest, noise: SeededNoise, timer: StageTimer,
                 callback: ProgressCallback | None = None) -> torch.Tensor:
         """Encode the prompts, prepare latents (drawing noise in diffusers' order) and run the sampler."""
         from .plan import plan_from_scheduler_config
@@ -339,7 +344,7 @@ class Pipeline:
         model = self._unet_model(cond, s, cfg, extra, timer)
         return plan.run(model, x, noise, callback=_step_callback(callback, plan))
 
-    def _initial(self, s: _Resolved, plan: Any, noise: SeededNoise, timer: StageTimer,
+    def _initial(self, s: ResolvedRequest, plan: Any, noise: SeededNoise, timer: StageTimer,
                  cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(initial latents, extra UNet input channels or None), drawing noise in diffusers' order."""
         f, c = self.engines.vae_scale_factor, self.engines.latent_channels
@@ -356,7 +361,7 @@ class Pipeline:
             return plan.noised(image_latents, noise(shape)), None
         return self._inpaint_initial(s, plan, noise, timer, cfg, pixels, shape)
 
-    def _inpaint_initial(self, s: _Resolved, plan: Any, noise: SeededNoise, timer: StageTimer, cfg: bool,
+    def _inpaint_initial(self, s: ResolvedRequest, plan: Any, noise: SeededNoise, timer: StageTimer, cfg: bool,
                          pixels: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """StableDiffusionInpaintPipeline's order: [image latents], noise, masked-image latents."""
         assert s.mask is not None and s.strength is not None
@@ -370,7 +375,7 @@ class Pipeline:
         extra = torch.cat([small.expand(shape[0], -1, -1, -1), masked.expand(shape)], dim=1)
         return x, torch.cat([extra, extra]) if cfg else extra
 
-    def _unet_model(self, cond: TextConditioning, s: _Resolved, cfg: bool, extra: torch.Tensor | None,
+    def _unet_model(self, cond: TextConditioning, s: ResolvedRequest, cfg: bool, extra: torch.Tensor | None,
                     timer: StageTimer) -> Model:
         """The model the sampler calls: (x * c_in, t) -> eps / v, one UNet call per step (CFG doubled)."""
         engine = self.engines["unet"]

@@ -23,10 +23,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from PIL import Image, ImageDraw
+
+from latentrt.errors import InvalidRequest
 from latentrt.runtime.conditioning import SizeConditioning
 from latentrt.runtime.pipeline import GenerationRequest, GenerationResult, Pipeline, load_pipeline
 from latentrt.runtime.plan import DIFFUSERS_SCHEDULERS
-from PIL import Image, ImageDraw
 
 BACKENDS = ("onnxruntime", "torch")
 IMAGE_TOL = {"onnxruntime": 1e-3, "torch": 2e-5}
@@ -57,6 +59,8 @@ CASES = [
     Case("sd1-img2img", "sd1", "img2img", "euler_a", 4, 7.5, size=(64, 128), strength=0.6),
     Case("sd1-inpaint-full", "sd1-inpaint", "inpaint", "euler_a", 3, 7.5, strength=1.0),
     Case("sd1-inpaint-0.75", "sd1-inpaint", "inpaint", "euler", 4, 6.0, strength=0.75, negative="lowres"),
+    Case("sd1-ddim", "sd1", "txt2img", "ddim", 3, 7.5, size=(64, 128)),
+    Case("sdxl-turbo-ddim-2", "sdxl-turbo", "txt2img", "ddim", 2, 0.0),
     Case("sd2-dpmpp_2m", "sd2", "txt2img", "dpmpp_2m", 3, 7.5, size=(128, 64)),
     Case("sd2-v-dpmpp_2m_karras", "sd2-v", "txt2img", "dpmpp_2m_karras", 3, 6.0),
     Case("sd2-v-euler_a", "sd2-v", "txt2img", "euler_a", 3, 6.0, size=(64, 128)),
@@ -249,3 +253,28 @@ def test_refiner_timing_and_settings(onnx_export_dir: Callable[[str], Path]) -> 
     assert counts["refiner_vae_decoder"] == 1 and "vae_decoder" not in counts
     assert counts["text_encoder"] == counts["text_encoder_2"] == counts["refiner_text_encoder_2"] == 1
     assert r.settings["denoising_end"] == 0.8 and r.settings["refiner"] == "tiny:sdxl-refiner"
+
+
+def test_python_api_generate(onnx_export_dir: Callable[[str], Path]) -> None:
+    """`latentrt.generate(folder, prompt, **settings)` is the pipeline in one call."""
+    import latentrt
+
+    folder = onnx_export_dir("sd-turbo")
+    one_call = latentrt.generate(str(folder), "a red boat", steps=2, width=64, height=64, seed=4, backend="torch")
+    pipe = our_pipeline(str(folder), "torch")
+    assert isinstance(one_call, GenerationResult) and one_call.settings["backend"] == "torch"
+    assert torch.equal(one_call.latents, pipe.generate(GenerationRequest("a red boat", steps=2, width=64, height=64,
+                                                                         seed=4)).latents)
+
+
+def test_continue_from_latents_equals_refiner_handoff(onnx_export_dir: Callable[[str], Path]) -> None:
+    """Base with denoising_end, then the refiner from those latents by hand = the built-in handoff."""
+    base = our_pipeline(str(onnx_export_dir("sdxl")), "onnxruntime")
+    refiner = our_pipeline(str(onnx_export_dir("sdxl-refiner")), "onnxruntime")
+    request = dict(prompt="a castle", steps=5, width=64, height=64, guidance=5.0, sampler="euler")
+    joint = base.generate(GenerationRequest(**request, seed=8), refiner=refiner)  # type: ignore[arg-type]
+    half = base.generate(GenerationRequest(**request, seed=8, denoising_end=0.8, output_type="latent"))  # type: ignore[arg-type]
+    rest = refiner.generate(GenerationRequest(**request, seed=8, latents=half.latents, denoising_start=0.8))  # type: ignore[arg-type]
+    assert torch.equal(joint.latents, rest.latents)
+    with pytest.raises(InvalidRequest, match="give denoising_start"):
+        refiner.generate(GenerationRequest("a castle", latents=half.latents))

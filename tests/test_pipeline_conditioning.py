@@ -20,12 +20,12 @@ TOL = {"onnxruntime": 1e-4, "torch": 1e-6}
 LONG_PROMPT = " ".join(["a very detailed painting of a red fox"] * 12)  # ~100 tokens
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def engines(folder: str, backend: str) -> EngineSet:
     return load_engines(folder, backend=backend)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(folder: str) -> Any:
     import diffusers
 

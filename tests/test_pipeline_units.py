@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -115,8 +116,8 @@ def test_postprocess_matches_diffusers() -> None:
 
     proc = VaeImageProcessor(vae_scale_factor=8)
     decoded = torch.randn(2, 3, 16, 24, generator=torch.Generator().manual_seed(0)) * 1.5
-    ref_np = proc.postprocess(decoded, output_type="np")
-    ref_pil = proc.postprocess(decoded, output_type="pil")
+    ref_np: Any = proc.postprocess(decoded, output_type="np")
+    ref_pil: Any = proc.postprocess(decoded, output_type="pil")
     ours = tensor_to_float(decoded)
     assert np.array_equal(ours, ref_np)
     for a, b in zip(float_to_pil(ours), ref_pil):
@@ -151,3 +152,19 @@ def test_output_paths() -> None:
     assert output_paths("out.png", 1) == [Path("out.png")]
     assert output_paths("dir/out.png", 3) == [Path("dir/out-0.png"), Path("dir/out-1.png"), Path("dir/out-2.png")]
     assert output_paths("picture", 1) == [Path("picture.png")]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stage_timer_on_cuda() -> None:
+    """CUDA events resolve at `record()`; entries keep the order stages end in."""
+    timer = StageTimer("cuda")
+    x = torch.randn(2048, 2048, device="cuda")
+    with timer.stage("total"):
+        with timer.stage("unet"):
+            for _ in range(5):
+                x = x @ x / 2048
+    record = timer.record()
+    assert [s for s, _ in record.entries] == ["unet", "total"]
+    ms = dict(record.entries)
+    assert 0 < ms["unet"] <= ms["total"]
