@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class Scaled:
     factor: int
 
 
-Axis = Union[int, Dim, Scaled]
+Axis = int | Dim | Scaled
 Sizes = Mapping[str, int]  # base dim name -> concrete value
 Bounds = Mapping[str, tuple[int, int, int]]  # base dim name -> (min, opt, max)
 

@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from test_engines_fakes import make_fake_export
+
 from latentrt.engines.build import build_engines, component_precision, read_onnx_export
 from latentrt.engines.cache import check_engine, digest
 from latentrt.engines.onnxruntime import prepare_ort_engine
 from latentrt.engines.tensorrt import LogTail, attention_core, layer_kind
-from test_engines_fakes import make_fake_export
-
 from latentrt.errors import BuildError, OutputConflict, StaleArtifact
 from latentrt.families import FamilyId, get_family
 from latentrt.manifest import ENGINE_KIND, MANIFEST, read_manifest, sha256_tree

@@ -7,8 +7,8 @@ import json
 from typing import Any
 
 import pytest
-from latentrt.engines.cache import cache_key, check_engine, digest, key_fields
 
+from latentrt.engines.cache import cache_key, check_engine, digest, key_fields
 from latentrt.errors import StaleArtifact
 
 BASE: dict[str, Any] = {

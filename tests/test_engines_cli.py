@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from latentrt.engines.tensorrt import tensorrt_available
 from test_engines_fakes import make_fake_export
 
 from latentrt.cli import main
+from latentrt.engines.tensorrt import tensorrt_available
 from latentrt.families import FamilyId, get_family
 from latentrt.manifest import MANIFEST
 

@@ -10,9 +10,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+
 from latentrt.engines.build import build_engines
 from latentrt.engines.profiles import route
-
 from latentrt.families import FamilyId, get_family
 from latentrt.manifest import ENGINE_KIND, MANIFEST, read_manifest
 from latentrt.tensors import dummy_inputs, io_from_json
@@ -63,9 +63,8 @@ def test_engines_from_a_real_export_match_pytorch(onnx_export_dir: Callable[[str
 
 def test_tensorrt_plan_of_a_real_export(onnx_export_dir: Callable[[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
     """The plan reads the real export's IO: every SDXL bucket routes to a profile of every component."""
-    from latentrt.engines.build import plan_for_export, read_onnx_export
-
     from latentrt.cli import main
+    from latentrt.engines.build import plan_for_export, read_onnx_export
 
     export = read_onnx_export(onnx_export_dir("sdxl"))
     plan = plan_for_export(export, strategy="grouped")

@@ -10,18 +10,18 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from test_engines_fakes import make_fake_export
+
 from latentrt.engines.build import build_engines
 from latentrt.engines.tensorrt import tensorrt_available
+from latentrt.errors import BackendUnavailable, MissingComponent, StaleArtifact
+from latentrt.manifest import MANIFEST
 from latentrt.runtime.backends.tensorrt import (
     SharedDeviceMemory,
     TensorRTEngine,
     check_plan_file,
     load_engines,
 )
-from test_engines_fakes import make_fake_export
-
-from latentrt.errors import BackendUnavailable, MissingComponent, StaleArtifact
-from latentrt.manifest import MANIFEST
 from latentrt.tensors import dummy_inputs, io_from_json
 
 HAVE_TRT, WHY = tensorrt_available()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+
+from latentrt.buckets import SDXL_BUCKETS, parse_sizes
 from latentrt.engines.profiles import (
     format_plan,
     group_by_aspect,
@@ -13,8 +15,6 @@ from latentrt.engines.profiles import (
     route,
     select_profile,
 )
-
-from latentrt.buckets import SDXL_BUCKETS, parse_sizes
 from latentrt.errors import UnsupportedShape
 from latentrt.families import FAMILIES, FamilyId, get_family
 from latentrt.tensors import ModelDims, component_ios, profile, shapes

@@ -20,12 +20,12 @@ import pytest
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
-from latentrt.runtime.denoisers import guided, make_denoiser, needs_cfg
-from latentrt.runtime.plan import SamplingPlan, plan_from_scheduler_config, plan_sampling
-from latentrt.runtime.samplers import SeededNoise, sample_euler
 
 from latentrt.errors import InvalidRequest
 from latentrt.families import NoiseSchedule, Prediction, SamplerId, Spacing
+from latentrt.runtime.denoisers import guided, make_denoiser, needs_cfg
+from latentrt.runtime.plan import SamplingPlan, plan_from_scheduler_config, plan_sampling
+from latentrt.runtime.samplers import SeededNoise, sample_euler
 
 SHAPE = (2, 4, 8, 8)
 FIXED = 0.1 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1234))

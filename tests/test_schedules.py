@@ -8,6 +8,8 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+
+from latentrt.families import NoiseSchedule, Spacing
 from latentrt.runtime.schedules import (
     alphas_cumprod,
     betas,
@@ -20,8 +22,6 @@ from latentrt.runtime.schedules import (
     train_sigmas,
     turbo_timesteps,
 )
-
-from latentrt.families import NoiseSchedule, Spacing
 
 SD = NoiseSchedule()  # scaled_linear 0.00085 .. 0.012, T = 1000
 LINEAR = NoiseSchedule(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", num_train_timesteps=1000)

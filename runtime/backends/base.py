@@ -29,7 +29,7 @@ class Engine(ABC):
     def component(self) -> str:
         return self.io.component
 
-    def prepare(self, sizes: Sizes) -> None:
+    def prepare(self, sizes: Sizes) -> None:  # noqa: B027 (optional hook: backends without profiles skip it)
         """Select a profile / allocate buffers for concrete dim sizes (batch, latent_height, ...)."""
 
     def check(self, feed: Mapping[str, torch.Tensor]) -> dict[str, int]:
@@ -44,7 +44,7 @@ class Engine(ABC):
         """One line saying what actually runs (e.g. the ONNX Runtime providers in use)."""
         return f"{self.backend} {self.component} on {self.device}"
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook)
         """Release sessions / contexts / device memory."""
 
     def __enter__(self) -> Engine:
