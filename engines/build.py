@@ -18,7 +18,7 @@ from typing import Any
 
 from latentrt.buckets import Size
 from latentrt.errors import BuildError, MissingComponent, OutputConflict, StaleArtifact
-from latentrt.families import FamilyId, FamilySpec, get_family
+from latentrt.families import FamilySpec, get_family
 from latentrt.manifest import (
     ENGINE_KIND,
     MANIFEST,
@@ -27,6 +27,7 @@ from latentrt.manifest import (
     atomic_write_json,
     check_writable,
     move_into_place,
+    publish_modes,
     read_manifest,
     sha256_file,
     sha256_tree,
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "tensorrt")
 ENGINE_FILES = {"onnxruntime": "model.onnx", "tensorrt": "engine.plan"}
-# Known fp16 failures (FIELD-NOTES): the SDXL VAE overflows to NaN; SD 2.x attention gives black images.
-FP32_VAE_FAMILIES = frozenset({FamilyId.SDXL, FamilyId.SDXL_REFINER, FamilyId.SDXL_TURBO})
-FP32_ATTENTION_FAMILIES = frozenset({FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO})
 VAE_COMPONENTS = ("vae_encoder", "vae_decoder")
 
 
@@ -131,10 +129,11 @@ def component_precision(spec: FamilySpec, component: str, requested: str, *,
         raise BuildError(f"unknown precision {requested!r}; choose fp16 or fp32")
     if requested == "fp32":
         return ComponentPrecision("fp32")
-    if component in VAE_COMPONENTS and spec.id in FP32_VAE_FAMILIES and not fp16_fixed_vae:
+    # Known fp16 failures (FIELD-NOTES): the SDXL VAE overflows to NaN; SD 2.x attention gives black images.
+    if component in VAE_COMPONENTS and spec.fp16_vae_overflows and not fp16_fixed_vae:
         return ComponentPrecision("fp32", note="the SDXL VAE overflows in fp16: built fp32/TF32 "
                                                "(pass --fp16-fixed-vae for an fp16-fixed VAE)")
-    if component == "unet" and spec.id in FP32_ATTENTION_FAMILIES:
+    if component == "unet" and spec.fp32_attention:
         return ComponentPrecision("fp16", attention_core, "attention softmax/matmul kept fp32 (SD 2.x fp16 overflow)")
     return ComponentPrecision("fp16")
 
@@ -208,11 +207,15 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
                         graph_optimization_level, fp16_fixed_vae, optimization_level, refittable, strongly_typed,
                         workspace_mb, timing_cache, verify)
     gpu = _check_backend(opts)
-    verify_export(export, plan.components)
     out = Path(out_dir)
     previous = _previous_build(export, out, overwrite)
+    outdated = _outdated_kept(previous, export, opts, gpu, plan.components, out)
+    if outdated:
+        plan = plan_for_export(export, sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg,
+                               opt_batch=opt_batch, components=[*plan.components, *outdated])
+    verify_export(export, plan.components)
     with staging_dir(out) as tmp:
-        entries = _kept_entries(previous, opts.backend, plan.components, out, tmp)
+        entries = _kept_entries(previous, opts.backend, plan.components, list(export.ios), out, tmp)
         reusable = None if overwrite else previous
         for i, c in enumerate(plan.components):
             entries[c] = _build_component(export, plan, c, tmp, opts, gpu, reusable, out, (i, len(plan.components)),
@@ -220,7 +223,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         files = _copy_files(export, tmp)
         ordered = {c: entries[c] for c in export.ios if c in entries}
         atomic_write_json(tmp / MANIFEST, engine_manifest(export, plan, opts, gpu, ordered, files))
-        _public_mode(tmp)
+        publish_modes(tmp)
         move_into_place(tmp, out)
     log.info("wrote %s engines for %s to %s", backend, export.spec.id.value, out)
     return out
@@ -271,20 +274,46 @@ def _previous_build(export: OnnxExport, out: Path, overwrite: bool) -> Mapping[s
     return old
 
 
-def _kept_entries(previous: Mapping[str, Any] | None, backend: str, building: Sequence[str], out: Path,
-                  tmp: Path) -> dict[str, Any]:
-    """Entries (and files) of components not being built, kept from the previous build of the same export."""
+def _outdated_kept(previous: Mapping[str, Any] | None, export: OnnxExport, opts: BuildOptions,
+                   gpu: Mapping[str, str] | None, building: Sequence[str], out: Path) -> list[str]:
+    """Components not asked for whose previous engine no longer fits: they are rebuilt too.
+
+    An engine is outdated when the export's component changed since it was built (its ONNX hash), when
+    its files are missing or changed, or (TensorRT) when it was built by another TensorRT version or for a
+    GPU of another compute capability.
+    """
+    if previous is None or previous.get("backend") != opts.backend:
+        return []
+    machine = {"trt_version": _trt_version(opts), "compute_capability": (gpu or {}).get("compute_capability")}
+    outdated = []
+    for c, entry in previous.get("components", {}).items():
+        if c in building or c not in export.ios:
+            continue
+        want = {"onnx_sha256": export.manifest["components"][c]["sha256"],
+                **(machine if opts.backend == "tensorrt" else {})}
+        key = entry.get("key") if isinstance(entry, Mapping) else None
+        why = [f"{f} differs" for f, v in want.items() if not isinstance(key, Mapping) or key.get(f) != v]
+        if not why and (not (out / c).is_dir() or sha256_tree(out / c) != entry.get("sha256")):
+            why = ["its files are missing or changed"]
+        if why:
+            log.warning("%s: the previous engine is outdated (%s); rebuilding it too", c, ", ".join(why))
+            outdated.append(c)
+    return outdated
+
+
+def _kept_entries(previous: Mapping[str, Any] | None, backend: str, building: Sequence[str],
+                  known: Sequence[str], out: Path, tmp: Path) -> dict[str, Any]:
+    """Entries (and files) of components not being built, kept from the previous build of the same export.
+
+    `_outdated_kept` has already moved every outdated engine into `building`.
+    """
     if previous is None or previous.get("backend") != backend:
         return {}
     kept = {}
     for c, entry in previous.get("components", {}).items():
-        if c in building:
-            continue
-        if not (out / c).is_dir() or sha256_tree(out / c) != entry.get("sha256"):
-            log.warning("%s: the previous engine is missing or changed; it is dropped from the manifest", c)
-            continue
-        _link_tree(out / c, tmp / c)
-        kept[c] = entry
+        if c in known and c not in building:
+            _link_tree(out / c, tmp / c)
+            kept[c] = entry
     return kept
 
 
@@ -407,15 +436,6 @@ def _link_tree(src: Path, dst: Path) -> None:
             os.link(p, target)
         except OSError:
             shutil.copy2(p, target)
-
-
-def _public_mode(folder: Path) -> None:
-    """Give the staging folder and its files (created 0700 / 0600 by mkdtemp / mkstemp) the usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _tree_bytes(folder: Path) -> int:

@@ -8,7 +8,6 @@ model_index.json names (diffusers or transformers), in float32 on the CPU, in ev
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from typing import Any
 import torch
 
 from latentrt.errors import CheckpointError, UnknownFamily
-from latentrt.families import FamilyId, FamilySpec, Prediction, Spacing, get_family
-from latentrt.manifest import sha256_file
+from latentrt.families import FamilyId, FamilySpec, Prediction, Spacing, TimeIds, get_family
+from latentrt.manifest import sha256_tree
 from latentrt.tensors import ComponentIO, ModelDims, component_ios
 
 from .tiny import tiny_folder
@@ -164,14 +163,16 @@ def runtime_info(spec: FamilySpec, folder: Path, index: dict[str, Any], sched: d
 
 def checkpoint_sha256(folder: Path) -> str:
     """Hash of the files a LatentRT export reads (model_index.json and the used parts' folders)."""
-    h = hashlib.sha256()
-    for name in HASHED_PARTS:
-        root = folder / name
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-        for p in files:
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(sha256_file(p).encode())
-    return h.hexdigest()
+    return sha256_tree(folder, include=lambda rel: rel.parts[0] in HASHED_PARTS)
+
+
+def pipeline_class_name(spec: FamilySpec) -> str:
+    """The diffusers pipeline class of a family (tiny checkpoints are saved as it, single files read as it)."""
+    if spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC:
+        return "StableDiffusionXLImg2ImgPipeline"
+    if spec.has_pooled:
+        return "StableDiffusionXLPipeline"
+    return "StableDiffusionInpaintPipeline" if spec.is_inpaint else "StableDiffusionPipeline"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -220,17 +221,18 @@ def resolve(model: str | Path) -> tuple[Path, str]:
         return tiny_folder(text[len(TINY_PREFIX):]), text
     path = Path(text).expanduser()
     if path.exists():
-        if path.is_file():
+        if path.is_file():  # locate_checkpoint routes files to single_file; direct callers (bench) get here
             raise CheckpointError(f"{path} is a file; LatentRT exports diffusers folders (with model_index.json), "
                                   "tiny:<family> or hub ids")
         return path, text
-    if _looks_like_hub_id(text):
+    if looks_like_hub_id(text):
         return download(text), text
     raise CheckpointError(f"checkpoint {text} does not exist (expected a diffusers folder, a hub id "
                           "like org/name, or tiny:<family>)")
 
 
-def _looks_like_hub_id(text: str) -> bool:
+def looks_like_hub_id(text: str) -> bool:
+    """Whether `text` has the form of a Hugging Face hub repository id (org/name, not a local path)."""
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
 

@@ -30,6 +30,7 @@ from latentrt.manifest import (
     atomic_write_json,
     check_writable,
     move_into_place,
+    publish_modes,
     read_manifest,
     sha256_tree,
     staging_dir,
@@ -334,5 +335,6 @@ def _publish(stage: Path, out: Path, names: Sequence[str], manifest: dict[str, A
     if old.exists():
         os.unlink(old)
     for name in names:
+        publish_modes(stage / name)  # copied tokenizer/scheduler files keep their source's (maybe private) modes
         move_into_place(stage / name, out / name)
     atomic_write_json(out / MANIFEST, manifest)

@@ -27,10 +27,19 @@ from typing import Any
 import torch
 
 from latentrt.errors import CheckpointError, UnknownFamily
-from latentrt.families import FamilyId, FamilySpec, TimeIds, get_family
-from latentrt.manifest import atomic_write_json, sha256_file, staging_dir
+from latentrt.families import FAMILIES, FamilyId, FamilySpec, TextTower, get_family
+from latentrt.manifest import atomic_write_json, sha256_file, sha256_tree, staging_dir
 
-from .models import CheckpointRef, LoadedModel, check_folder, detect_family, load_checkpoint, quiet_progress
+from .models import (
+    CheckpointRef,
+    LoadedModel,
+    check_folder,
+    detect_family,
+    load_checkpoint,
+    looks_like_hub_id,
+    pipeline_class_name,
+    quiet_progress,
+)
 from .tiny import cache_root
 
 log = logging.getLogger(__name__)
@@ -45,13 +54,12 @@ MAX_HEADER_BYTES = 100 * 2**20
 
 UNET = "model.diffusion_model."
 UNET_IN = UNET + "input_blocks.0.0.weight"
-# which text tower prefixes a file holds -> the families it can be, the usual one first
-TEXT_GROUPS: tuple[tuple[str, str, tuple[FamilyId, ...]], ...] = (
-    ("conditioner.embedders.1.model.", "SDXL base (CLIP-L + OpenCLIP bigG)", (FamilyId.SDXL, FamilyId.SDXL_TURBO)),
-    ("conditioner.embedders.0.model.", "SDXL refiner (OpenCLIP bigG)", (FamilyId.SDXL_REFINER,)),
-    ("cond_stage_model.transformer.", "SD 1.x (CLIP-L)", (FamilyId.SD1, FamilyId.SD1_INPAINT)),
-    ("cond_stage_model.model.", "SD 2.x (OpenCLIP ViT-H)",
-     (FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD_TURBO, FamilyId.SD2_INPAINT)),
+# the key prefix of a file's last text tower -> what it says and the towers the file holds
+TEXT_GROUPS: tuple[tuple[str, str, tuple[TextTower, ...]], ...] = (
+    ("conditioner.embedders.1.model.", "SDXL base (CLIP-L + OpenCLIP bigG)", (TextTower.CLIP_L, TextTower.OPENCLIP_BIGG)),
+    ("conditioner.embedders.0.model.", "SDXL refiner (OpenCLIP bigG)", (TextTower.OPENCLIP_BIGG,)),
+    ("cond_stage_model.transformer.", "SD 1.x (CLIP-L)", (TextTower.CLIP_L,)),
+    ("cond_stage_model.model.", "SD 2.x (OpenCLIP ViT-H)", (TextTower.OPENCLIP_H,)),
 )
 # where each diffusers text encoder sits in an original-layout file
 TEXT_HOLDERS = {"text_encoder": ("cond_stage_model.", "conditioner.embedders.0.transformer."),
@@ -60,18 +68,6 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 # look-alikes whose files carry the same keys and whose difference (eps / v, timestep spacing) matters: a
 # config or --family must decide. SDXL-Turbo files also look like SDXL base; those default to SDXL.
 AMBIGUOUS = {FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD_TURBO}
-# the reference diffusers configs on the Hugging Face hub, fetched when no --config is given
-HUB_CONFIGS = {
-    FamilyId.SD1: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    FamilyId.SD1_INPAINT: "stable-diffusion-v1-5/stable-diffusion-inpainting",
-    FamilyId.SD2: "stabilityai/stable-diffusion-2-1-base",
-    FamilyId.SD2_V: "stabilityai/stable-diffusion-2-1",
-    FamilyId.SD2_INPAINT: "stabilityai/stable-diffusion-2-inpainting",
-    FamilyId.SDXL: "stabilityai/stable-diffusion-xl-base-1.0",
-    FamilyId.SDXL_REFINER: "stabilityai/stable-diffusion-xl-refiner-1.0",
-    FamilyId.SDXL_TURBO: "stabilityai/sdxl-turbo",
-    FamilyId.SD_TURBO: "stabilityai/sd-turbo",
-}
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
 CONFIG_HINT = ("pass --config <diffusers folder> (a local diffusers pipeline folder of the same family; only its "
                "configs and tokenizers are read, its weights are not needed)")
@@ -190,10 +186,11 @@ class FamilyChoice:
 def candidate_families(sf: SingleFile) -> tuple[str, tuple[FamilyId, ...]]:
     """What the file's keys say: a description and the families they allow (usual one first)."""
     in_ch = sf.unet_in_channels
-    for prefix, what, group in TEXT_GROUPS:
+    for prefix, what, towers in TEXT_GROUPS:
         if sf.has(prefix):
             desc = f"{what}, UNet in_channels={in_ch}"
-            fits = tuple(f for f in group if get_family(f).unet_in_channels == in_ch)
+            fits = tuple(s.id for s in FAMILIES.values()  # registry order: the usual family first
+                         if tuple(te.tower for te in s.text_encoders) == towers and s.unet_in_channels == in_ch)
             if not fits:
                 raise UnknownFamily(f"{sf.path} holds {desc}: no supported family has that UNet input")
             return desc, fits
@@ -230,15 +227,6 @@ def ambiguity_error(sf: SingleFile, choice: FamilyChoice) -> UnknownFamily:
                          f"{CONFIG_HINT}, or pass --family")
 
 
-def pipeline_class_name(spec: FamilySpec) -> str:
-    """The diffusers pipeline class whose `from_single_file` reads this family."""
-    if spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC:
-        return "StableDiffusionXLImg2ImgPipeline"
-    if spec.has_pooled:
-        return "StableDiffusionXLPipeline"
-    return "StableDiffusionInpaintPipeline" if spec.is_inpaint else "StableDiffusionPipeline"
-
-
 # ---------------------------------------------------------------------------- the config
 
 
@@ -249,15 +237,15 @@ def config_folder(config: str | Path | None, spec: FamilySpec) -> tuple[Path, st
         if path.is_dir():
             check_folder(path, spec.id.value)
             return path, str(path)
-        if path.exists() or not _looks_like_hub_id(str(config)):
+        if path.exists() or not looks_like_hub_id(str(config)):
             raise CheckpointError(f"--config {config} is not a diffusers folder; {CONFIG_HINT}")
-    repo = str(config) if config is not None else HUB_CONFIGS[spec.id]
+        repo = str(config)
+    elif spec.reference_repo is None:
+        raise CheckpointError(f"family {spec.id.value} names no reference checkpoint to fetch configs from; "
+                              f"{CONFIG_HINT}")
+    else:
+        repo = spec.reference_repo  # the family's reference diffusers configs on the Hugging Face hub
     return _fetch_configs(repo), repo
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    parts = text.split("/")
-    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
 
 
 def _fetch_configs(repo: str) -> Path:
@@ -274,11 +262,7 @@ def _fetch_configs(repo: str) -> Path:
 
 def config_sha256(folder: Path) -> str:
     """Hash of the files the conversion reads from a config folder (all but weights)."""
-    h = hashlib.sha256()
-    for p in sorted(x for x in folder.rglob("*") if x.is_file() and x.suffix not in WEIGHT_SUFFIXES):
-        h.update(str(p.relative_to(folder)).encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
+    return sha256_tree(folder, include=lambda rel: rel.suffix not in WEIGHT_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------- conversion

@@ -11,6 +11,7 @@ from run to run.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from latentrt.families import FamilyId, FamilySpec, Prediction, TimeIds, get_family
+from latentrt.families import FamilySpec, Prediction, TextTower, TimeIds, get_family
 from latentrt.manifest import staging_dir
 
 from .tokenizers import EOS, save_clip_tokenizer
@@ -46,7 +47,7 @@ class TinyText:
 
 CLIP_L = TinyText(hidden=32, act="quick_gelu")
 OPENCLIP = TinyText(hidden=48, act="gelu")
-OPENCLIP_FAMILIES = {FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO}
+TOWERS = {TextTower.CLIP_L: CLIP_L, TextTower.OPENCLIP_H: OPENCLIP, TextTower.OPENCLIP_BIGG: OPENCLIP}
 
 
 def cache_root() -> Path:
@@ -73,8 +74,7 @@ def tiny_folder(family: str) -> Path:
 
 def text_recipes(spec: FamilySpec) -> list[TinyText]:
     """The tiny text tower of each of the family's encoders, in spec order."""
-    openclip_only = spec.id in OPENCLIP_FAMILIES
-    return [OPENCLIP if (te.pooled or openclip_only) else CLIP_L for te in spec.text_encoders]
+    return [TOWERS[te.tower] for te in spec.text_encoders]
 
 
 def make_text_encoder(t: TinyText, pooled: bool, pad_id: int, seed: int) -> torch.nn.Module:
@@ -100,7 +100,8 @@ def unet_config(spec: FamilySpec, context_dim: int, pooled_dim: int) -> dict[str
         cross_attention_dim=context_dim, attention_head_dim=(2, 4),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") if xl else ("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D") if xl else ("UpBlock2D", "CrossAttnUpBlock2D"),
-        use_linear_projection=spec.id not in (FamilyId.SD1, FamilyId.SD1_INPAINT),
+        # SD 1.x UNets (CLIP-L context only) project attention with 1x1 convs, SD 2 and SDXL with linear layers
+        use_linear_projection=any(te.tower is not TextTower.CLIP_L for te in spec.text_encoders),
         upcast_attention=spec.prediction is Prediction.V,
     )
     if xl:
@@ -201,13 +202,13 @@ def _pipeline(spec: FamilySpec, parts: dict[str, Any]) -> Any:
     """The diffusers pipeline object that owns these parts (its class goes into model_index.json)."""
     import diffusers
 
-    if spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC:
-        absent: dict[str, Any] = {"text_encoder": None, "tokenizer": None}
-        return diffusers.StableDiffusionXLImg2ImgPipeline(
-            requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False,
-            **absent, **parts)
-    if spec.has_pooled:
-        return diffusers.StableDiffusionXLPipeline(add_watermarker=False, **parts)
-    cls = diffusers.StableDiffusionInpaintPipeline if spec.is_inpaint else diffusers.StableDiffusionPipeline
-    no_safety: dict[str, Any] = {"safety_checker": None, "feature_extractor": None}
-    return cls(requires_safety_checker=False, **no_safety, **parts)
+    from .models import pipeline_class_name
+
+    cls = getattr(diffusers, pipeline_class_name(spec))
+    params = inspect.signature(cls.__init__).parameters
+    extra: dict[str, Any] = {k: None for k in ("safety_checker", "feature_extractor") if k in params}
+    extra.update({k: False for k in ("requires_safety_checker", "add_watermarker") if k in params})
+    if spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC:  # the refiner: OpenCLIP bigG only, aesthetic-score time ids
+        extra.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                     force_zeros_for_empty_prompt=False)
+    return cls(**extra, **parts)

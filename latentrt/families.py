@@ -36,6 +36,14 @@ class HiddenState(str, Enum):
     PENULTIMATE = "penultimate"  # hidden_states[-2], no final layer norm (SDXL)
 
 
+class TextTower(str, Enum):
+    """The pretrained text model an encoder is (decides its tokenizer flavour and activation)."""
+
+    CLIP_L = "clip-vit-l-14"  # OpenAI CLIP ViT-L/14 (quick_gelu): SD 1.x, SDXL encoder 1
+    OPENCLIP_H = "openclip-vit-h-14"  # OpenCLIP ViT-H/14 (gelu): SD 2.x, SD-Turbo
+    OPENCLIP_BIGG = "openclip-vit-bigg-14"  # OpenCLIP ViT-bigG/14 (gelu): SDXL encoder 2, refiner
+
+
 class TimeIds(str, Enum):
     NONE = "none"
     SIZE_CROP_TARGET = "size_crop_target"  # SDXL base: original (h, w), crop top-left (y, x), target (h, w)
@@ -66,6 +74,7 @@ class TextEncoderSpec:
     tokenizer: str  # "tokenizer" or "tokenizer_2"
     hidden_state: HiddenState  # which hidden state feeds the UNet context
     pooled: bool  # also gives the pooled projection (SDXL's `text_embeds`)
+    tower: TextTower  # which pretrained text model it is
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,9 @@ class FamilySpec:
     schedule: NoiseSchedule = NoiseSchedule()
     zero_negative_for_empty_prompt: bool = False  # SDXL: force_zeros_for_empty_prompt
     min_turbo_steps_x_strength: float = 0.0  # Turbo img2img: steps * strength must reach 1
+    fp16_vae_overflows: bool = False  # the VAE overflows to NaN in fp16 (SDXL): engines keep it fp32
+    fp32_attention: bool = False  # fp16 attention softmax/matmul overflows (SD 2.x): engines keep them fp32
+    reference_repo: str | None = None  # hub id of the family's reference checkpoint (configs for single files)
 
     @property
     def uses_cfg(self) -> bool:
@@ -125,10 +137,12 @@ class FamilySpec:
         return tuple(te.component for te in self.text_encoders) + ("unet", "vae_encoder", "vae_decoder")
 
 
-_CLIP_L = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, pooled=False)
-_OPENCLIP_H = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, pooled=False)
-_XL_L = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.PENULTIMATE, pooled=False)
-_XL_G = TextEncoderSpec("text_encoder_2", "tokenizer_2", HiddenState.PENULTIMATE, pooled=True)
+_CLIP_L = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, pooled=False, tower=TextTower.CLIP_L)
+_OPENCLIP_H = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, pooled=False,
+                              tower=TextTower.OPENCLIP_H)
+_XL_L = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.PENULTIMATE, pooled=False, tower=TextTower.CLIP_L)
+_XL_G = TextEncoderSpec("text_encoder_2", "tokenizer_2", HiddenState.PENULTIMATE, pooled=True,
+                        tower=TextTower.OPENCLIP_BIGG)
 
 _SD_STEPS = SamplingDefaults(SamplerId.EULER, 30, 7.5, Spacing.LEADING)
 _XL_STEPS = SamplingDefaults(SamplerId.EULER, 30, 5.0, Spacing.LEADING)
@@ -140,23 +154,28 @@ _B768 = scaled_buckets(768)
 FAMILIES: dict[FamilyId, FamilySpec] = {
     s.id: s
     for s in (
-        FamilySpec(FamilyId.SD1, "Stable Diffusion 1.x", (_CLIP_L,), 4, Prediction.EPS, (512, 512), _B512, _SD_STEPS),
+        FamilySpec(FamilyId.SD1, "Stable Diffusion 1.x", (_CLIP_L,), 4, Prediction.EPS, (512, 512), _B512, _SD_STEPS,
+                   reference_repo="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         FamilySpec(FamilyId.SD1_INPAINT, "Stable Diffusion 1.5 inpainting", (_CLIP_L,), 9, Prediction.EPS,
-                   (512, 512), _B512, _SD_STEPS),
+                   (512, 512), _B512, _SD_STEPS, reference_repo="stable-diffusion-v1-5/stable-diffusion-inpainting"),
         FamilySpec(FamilyId.SD2, "Stable Diffusion 2.x base", (_OPENCLIP_H,), 4, Prediction.EPS, (512, 512),
-                   _B512, _SD_STEPS),
+                   _B512, _SD_STEPS, fp32_attention=True, reference_repo="stabilityai/stable-diffusion-2-1-base"),
         FamilySpec(FamilyId.SD2_V, "Stable Diffusion 2.x (v-prediction, 768)", (_OPENCLIP_H,), 4, Prediction.V,
-                   (768, 768), _B768, _SD_STEPS),
+                   (768, 768), _B768, _SD_STEPS, fp32_attention=True, reference_repo="stabilityai/stable-diffusion-2-1"),
         FamilySpec(FamilyId.SD2_INPAINT, "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), 9, Prediction.EPS,
-                   (512, 512), _B512, _SD_STEPS),
+                   (512, 512), _B512, _SD_STEPS, fp32_attention=True,
+                   reference_repo="stabilityai/stable-diffusion-2-inpainting"),
         FamilySpec(FamilyId.SDXL, "SDXL base", (_XL_L, _XL_G), 4, Prediction.EPS, (1024, 1024), SDXL_BUCKETS,
-                   _XL_STEPS, TimeIds.SIZE_CROP_TARGET, 0.13025, zero_negative_for_empty_prompt=True),
+                   _XL_STEPS, TimeIds.SIZE_CROP_TARGET, 0.13025, zero_negative_for_empty_prompt=True,
+                   fp16_vae_overflows=True, reference_repo="stabilityai/stable-diffusion-xl-base-1.0"),
         FamilySpec(FamilyId.SDXL_REFINER, "SDXL refiner", (_XL_G,), 4, Prediction.EPS, (1024, 1024), SDXL_BUCKETS,
-                   _XL_STEPS, TimeIds.SIZE_CROP_AESTHETIC, 0.13025),
+                   _XL_STEPS, TimeIds.SIZE_CROP_AESTHETIC, 0.13025, fp16_vae_overflows=True,
+                   reference_repo="stabilityai/stable-diffusion-xl-refiner-1.0"),
         FamilySpec(FamilyId.SDXL_TURBO, "SDXL-Turbo", (_XL_L, _XL_G), 4, Prediction.EPS, (512, 512), _B512,
-                   _TURBO, TimeIds.SIZE_CROP_TARGET, 0.13025, min_turbo_steps_x_strength=1.0),
+                   _TURBO, TimeIds.SIZE_CROP_TARGET, 0.13025, min_turbo_steps_x_strength=1.0,
+                   fp16_vae_overflows=True, reference_repo="stabilityai/sdxl-turbo"),
         FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), 4, Prediction.EPS, (512, 512), _B512, _TURBO,
-                   min_turbo_steps_x_strength=1.0),
+                   min_turbo_steps_x_strength=1.0, fp32_attention=True, reference_repo="stabilityai/sd-turbo"),
     )
 }
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
-from .errors import LatentRTError, MissingComponent
+from .errors import LatentRTError, MissingComponent, StaleArtifact
 from .manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, read_manifest
 
 
@@ -24,12 +23,15 @@ def run(args: argparse.Namespace) -> int:
 def describe(folder: Path) -> list[str]:
     """A few lines saying what `folder` holds."""
     if (folder / MANIFEST).is_file():
-        kind = json.loads((folder / MANIFEST).read_text()).get("kind")
-        if kind == ONNX_KIND:
-            return _onnx_lines(folder, read_manifest(folder, ONNX_KIND))
-        if kind == ENGINE_KIND:
-            return _engine_lines(folder, read_manifest(folder, ENGINE_KIND))
-        return [f"{folder}: a manifest of unknown kind {kind!r}"]
+        manifest = read_manifest(folder)
+        lines = {ONNX_KIND: _onnx_lines, ENGINE_KIND: _engine_lines}.get(str(manifest.get("kind")))
+        if lines is None:
+            return [f"{folder}: a manifest of unknown kind {manifest.get('kind')!r}"]
+        try:
+            return lines(folder, manifest)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StaleArtifact(f"{folder / MANIFEST} is incomplete or malformed ({type(e).__name__}: {e}); re-run "
+                                f"`latentrt {'export' if manifest['kind'] == ONNX_KIND else 'build'}`") from None
     if (folder / "model_index.json").is_file():
         return _checkpoint_lines(folder)
     raise MissingComponent(f"{folder} holds no diffusers checkpoint (model_index.json), ONNX export or engines "

@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -35,14 +35,20 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_tree(folder: str | os.PathLike[str]) -> str:
-    """Hash of every file's relative path and content under a folder (or of a single file)."""
+def sha256_tree(folder: str | os.PathLike[str], include: Callable[[Path], bool] | None = None) -> str:
+    """Hash of every file's relative path and content under a folder (or of a single file).
+
+    `include`, when given, is called with each file's path relative to `folder` and keeps the file when true.
+    """
     root = Path(folder)
     if root.is_file():
         return sha256_file(root)
     h = hashlib.sha256()
     for p in sorted(x for x in root.rglob("*") if x.is_file()):
-        h.update(str(p.relative_to(root)).encode())
+        rel = p.relative_to(root)
+        if include is not None and not include(rel):
+            continue
+        h.update(str(rel).encode())
         h.update(sha256_file(p).encode())
     return h.hexdigest()
 
@@ -130,8 +136,11 @@ def read_manifest(folder: str | os.PathLike[str], kind: str | None = None) -> di
         raise MissingComponent(f"{folder} has no {MANIFEST}: it is not {what}")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise StaleArtifact(f"{path} is unreadable: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StaleArtifact(f"{path} is unreadable ({e}); re-run the stage that wrote it") from None
+    if not isinstance(data, dict):
+        raise StaleArtifact(f"{path} should hold a JSON object, found {type(data).__name__}; re-run the stage "
+                            "that wrote it")
     if kind is not None and data.get("kind") != kind:
         raise StaleArtifact(f"{path} describes {data.get('kind')!r}, expected {kind!r}")
     if data.get("schema") != SCHEMA:

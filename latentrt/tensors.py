@@ -46,6 +46,19 @@ Bounds = Mapping[str, tuple[int, int, int]]  # base dim name -> (min, opt, max)
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
+# Tensor names, defined once (the exporters, the backends and the pipeline all use these).
+INPUT_IDS = "input_ids"  # text encoders: token ids in
+HIDDEN_STATES = "hidden_states"  # text encoders: the chosen hidden state out
+TEXT_EMBEDS = "text_embeds"  # pooled text projection (text encoder out, SDXL UNet in)
+SAMPLE = "sample"  # UNet: (scaled) noisy latents in
+TIMESTEP = "timestep"
+ENCODER_HIDDEN_STATES = "encoder_hidden_states"
+TIME_IDS = "time_ids"  # SDXL micro-conditioning
+OUT_SAMPLE = "out_sample"  # UNet: noise / v prediction out
+IMAGES = "images"  # VAE encoder in, VAE decoder out: pixels in [-1, 1]
+LATENT_PARAMETERS = "latent_parameters"  # VAE encoder out: posterior mean and log-variance
+LATENT = "latent"  # VAE decoder in
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -149,14 +162,14 @@ def dummy_inputs(io: ComponentIO, sizes: Sizes | None = None, seed: int = 0) -> 
         shape = shape_of(t, sizes)
         if t.dtype.startswith("int"):
             feed[t.name] = rng.integers(0, INT_INPUT_HIGH.get(t.name, 1000), size=shape).astype(DTYPES[t.dtype])
-        elif t.name == "timestep":
+        elif t.name == TIMESTEP:
             feed[t.name] = rng.uniform(0, 999, size=shape).astype(DTYPES[t.dtype])
         else:
             feed[t.name] = rng.standard_normal(size=shape).astype(DTYPES[t.dtype])
     return feed
 
 
-INT_INPUT_HIGH = {"input_ids": 49407}
+INT_INPUT_HIGH = {INPUT_IDS: 49407}
 
 
 def profile(io: ComponentIO) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
@@ -236,27 +249,27 @@ def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
     img_h, img_w = Scaled("image_height", lh, f), Scaled("image_width", lw, f)
     ios: dict[str, ComponentIO] = {}
     for te, width in zip(spec.text_encoders, m.text_hidden):
-        outs = [TensorSpec("hidden_states", "float32", (BATCH, tokens, width))]
+        outs = [TensorSpec(HIDDEN_STATES, "float32", (BATCH, tokens, width))]
         if te.pooled:
-            outs.append(TensorSpec("text_embeds", "float32", (BATCH, m.pooled_dim)))
-        ios[te.component] = ComponentIO(te.component, (TensorSpec("input_ids", "int64", (BATCH, tokens)),), tuple(outs))
+            outs.append(TensorSpec(TEXT_EMBEDS, "float32", (BATCH, m.pooled_dim)))
+        ios[te.component] = ComponentIO(te.component, (TensorSpec(INPUT_IDS, "int64", (BATCH, tokens)),), tuple(outs))
     unet_in = [
-        TensorSpec("sample", "float32", (UNET_BATCH, m.unet_in_channels, lh, lw)),
-        TensorSpec("timestep", "float32", (UNET_BATCH,)),
-        TensorSpec("encoder_hidden_states", "float32", (UNET_BATCH, seq, m.context_dim)),
+        TensorSpec(SAMPLE, "float32", (UNET_BATCH, m.unet_in_channels, lh, lw)),
+        TensorSpec(TIMESTEP, "float32", (UNET_BATCH,)),
+        TensorSpec(ENCODER_HIDDEN_STATES, "float32", (UNET_BATCH, seq, m.context_dim)),
     ]
     if spec.has_pooled:
-        unet_in.append(TensorSpec("text_embeds", "float32", (UNET_BATCH, m.pooled_dim)))
+        unet_in.append(TensorSpec(TEXT_EMBEDS, "float32", (UNET_BATCH, m.pooled_dim)))
     if spec.time_ids.width:
-        unet_in.append(TensorSpec("time_ids", "float32", (UNET_BATCH, spec.time_ids.width)))
+        unet_in.append(TensorSpec(TIME_IDS, "float32", (UNET_BATCH, spec.time_ids.width)))
     ios["unet"] = ComponentIO("unet", tuple(unet_in),
-                              (TensorSpec("out_sample", "float32", (UNET_BATCH, m.latent_channels, lh, lw)),))
+                              (TensorSpec(OUT_SAMPLE, "float32", (UNET_BATCH, m.latent_channels, lh, lw)),))
     ios["vae_encoder"] = ComponentIO(
-        "vae_encoder", (TensorSpec("images", "float32", (BATCH, 3, img_h, img_w)),),
-        (TensorSpec("latent_parameters", "float32", (BATCH, 2 * m.latent_channels, lh, lw)),))
+        "vae_encoder", (TensorSpec(IMAGES, "float32", (BATCH, 3, img_h, img_w)),),
+        (TensorSpec(LATENT_PARAMETERS, "float32", (BATCH, 2 * m.latent_channels, lh, lw)),))
     ios["vae_decoder"] = ComponentIO(
-        "vae_decoder", (TensorSpec("latent", "float32", (BATCH, m.latent_channels, lh, lw)),),
-        (TensorSpec("images", "float32", (BATCH, 3, img_h, img_w)),))
+        "vae_decoder", (TensorSpec(LATENT, "float32", (BATCH, m.latent_channels, lh, lw)),),
+        (TensorSpec(IMAGES, "float32", (BATCH, 3, img_h, img_w)),))
     return {c: ios[c] for c in spec.components}
 
 

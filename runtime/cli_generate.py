@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
     parser.add_argument("--refiner", metavar="DIR", help="SDXL refiner engines: the base hands over its latents")
     parser.add_argument("--denoising-end", type=float,
-                        help="fraction of the schedule the base runs before the refiner (default 0.8)")
+                        help="with --refiner: fraction of the schedule the base runs before the refiner (default 0.8)")
     parser.add_argument("--backend", choices=BACKENDS, help="default: what DIR was built for")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -81,6 +81,9 @@ def request_from_args(args: argparse.Namespace) -> Any:
         raise InvalidRequest(f"--batch must be >= 1, got {args.batch}")
     if args.num_images < 1:
         raise InvalidRequest(f"--num-images must be >= 1, got {args.num_images}")
+    if args.denoising_end is not None and not args.refiner:
+        raise InvalidRequest("--denoising-end sets where the base hands over to --refiner; without a refiner the "
+                             "image would be left partly denoised: add --refiner DIR or drop --denoising-end")
     prompt: str | list[str] = args.prompt if args.batch == 1 else [args.prompt] * args.batch
     return GenerationRequest(
         prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,

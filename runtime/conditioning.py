@@ -18,6 +18,7 @@ import torch
 
 from latentrt.errors import InvalidRequest
 from latentrt.families import FamilySpec, TimeIds
+from latentrt.tensors import HIDDEN_STATES, INPUT_IDS, TEXT_EMBEDS
 
 from .backends.base import Engine
 from .timing import StageTimer
@@ -79,10 +80,10 @@ def _encode_batch(engine: Engine, ids: torch.Tensor, timer: StageTimer | None) -
     for start in range(0, ids.shape[0], limit):
         chunk = ids[start:start + limit].to(engine.device)
         if timer is None:
-            parts.append(engine.run({"input_ids": chunk}))
+            parts.append(engine.run({INPUT_IDS: chunk}))
             continue
         with timer.stage(engine.component):
-            parts.append(engine.run({"input_ids": chunk}))
+            parts.append(engine.run({INPUT_IDS: chunk}))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -94,9 +95,9 @@ def encode_texts(spec: FamilySpec, engines: dict[str, Engine] | Any, tokenizers:
     for te in spec.text_encoders:
         engine = engines[te.component]
         out = _encode_batch(engine, tokenize(tokenizers[te.tokenizer], texts), timer)
-        hidden.append(out["hidden_states"])
+        hidden.append(out[HIDDEN_STATES])
         if te.pooled:
-            pooled = out["text_embeds"]
+            pooled = out[TEXT_EMBEDS]
     return torch.cat(hidden, dim=-1), pooled
 
 
@@ -156,20 +157,32 @@ class SizeConditioning:
     negative_aesthetic_score: float = 2.5  # refiner only
 
 
-def time_ids(kind: TimeIds, size: Size, cond: SizeConditioning) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) time ids, each (1, width): base (orig, crop, target) / refiner (orig, crop, score)."""
+def time_ids(kind: TimeIds, size: Size, cond: SizeConditioning,
+             img2img: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) time ids, each (1, width): base (orig, crop, target) / refiner (orig, crop, score).
+
+    The negative ids follow the diffusers pipeline of the mode. StableDiffusionXLPipeline (base
+    txt2img): separate ids only when both negative_original_size and negative_target_size are given
+    (negative crop default (0, 0)), else the positive ids. StableDiffusionXLImg2ImgPipeline
+    (`img2img`, and always for the refiner): negative sizes default to the positive ones; the refiner
+    uses the negative crop (default (0, 0)) and score, the base img2img the positive crop.
+    """
     orig = tuple(cond.original_size or size)
     target = tuple(cond.target_size or size)
     crop = tuple(cond.crops_coords_top_left)
+    neg_crop = tuple(cond.negative_crops_coords_top_left or (0, 0))
     neg_orig = tuple(cond.negative_original_size or orig)
+    neg_target = tuple(cond.negative_target_size or target)
     if kind is TimeIds.SIZE_CROP_AESTHETIC:
-        neg_crop = tuple(cond.negative_crops_coords_top_left or (0, 0))
         pos = [*orig, *crop, cond.aesthetic_score]
         neg = [*neg_orig, *neg_crop, cond.negative_aesthetic_score]
-    elif kind is TimeIds.SIZE_CROP_TARGET:
-        neg_crop = tuple(cond.negative_crops_coords_top_left or crop)
+    elif kind is TimeIds.SIZE_CROP_TARGET and img2img:
         pos = [*orig, *crop, *target]
-        neg = [*neg_orig, *neg_crop, *tuple(cond.negative_target_size or target)]
+        neg = [*neg_orig, *crop, *neg_target]
+    elif kind is TimeIds.SIZE_CROP_TARGET:
+        pos = [*orig, *crop, *target]
+        both = cond.negative_original_size is not None and cond.negative_target_size is not None
+        neg = [*neg_orig, *neg_crop, *neg_target] if both else pos
     else:
         return torch.zeros(1, 0), torch.zeros(1, 0)
     return torch.tensor([pos], dtype=torch.float32), torch.tensor([neg], dtype=torch.float32)

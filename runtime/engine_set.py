@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from latentrt.errors import BackendUnavailable, InvalidRequest, MissingComponent, StaleArtifact
+from latentrt.export.models import TINY_PREFIX
 from latentrt.families import FamilySpec, TimeIds, get_family
 from latentrt.manifest import (
     ENGINE_KIND,
@@ -36,7 +37,6 @@ from .backends.base import Engine
 log = logging.getLogger(__name__)
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-TINY_PREFIX = "tiny:"
 
 
 @dataclass
@@ -106,20 +106,9 @@ class EngineSet:
         return (lo_h, hi_h), (lo_w, hi_w)
 
     def covers(self, latent_height: int, latent_width: int) -> bool:
-        """Whether every spatial engine takes latents of this size (some TensorRT profile, or the IO range)."""
-        from latentrt.engines.profiles import covers
-
+        """Whether every engine takes latents of this size."""
         sizes = {"latent_height": latent_height, "latent_width": latent_width}
-        for engine in self.engines.values():
-            profiles = getattr(engine, "profiles", None)
-            if profiles and all("bounds" in p for p in profiles):
-                if not any(covers({k: tuple(v) for k, v in p["bounds"].items()}, sizes) for p in profiles):
-                    return False
-                continue
-            dims = engine.io.dims
-            if any(k in dims and not dims[k].min <= v <= dims[k].max for k, v in sizes.items()):
-                return False
-        return True
+        return all(e.covers(sizes) for e in self.engines.values())
 
     def describe(self) -> list[str]:
         """One line per engine saying what actually runs."""
@@ -133,23 +122,38 @@ class EngineSet:
 # ---------------------------------------------------------------------------- loading
 
 
+def parse_device(text: torch.device | str) -> torch.device:
+    """A torch device from "cpu", "cuda" or "cuda:N"; InvalidRequest for anything else."""
+    if isinstance(text, torch.device):
+        device = text
+    else:
+        try:
+            device = torch.device(str(text).strip())
+        except (RuntimeError, ValueError):
+            device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidRequest(f"device must be cpu or cuda[:N] (e.g. cuda:0), got {str(text)!r}")
+    return device
+
+
 def load_engines(folder: str | os.PathLike[str], backend: str | None = None, device: torch.device | str = "cpu",
                  providers: Sequence[Any] | None = None, verify: bool = True) -> EngineSet:
     """Load a model's engines: an engine folder, an ONNX export, or (backend "torch") a checkpoint."""
     if backend is not None and backend not in BACKENDS:
         raise InvalidRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    device = parse_device(device)
     text = os.fspath(folder)
     path = Path(text)
     if text.startswith(TINY_PREFIX) or not (path / MANIFEST).is_file() and (path / "model_index.json").is_file():
         if backend not in (None, "torch"):
             raise InvalidRequest(f"{text} is a checkpoint; export it (`latentrt export`) to run it on {backend}")
-        return _load_reference(text, torch.device(device), kind="checkpoint", manifest={})
+        return _load_reference(text, device, kind="checkpoint", manifest={})
     manifest = read_manifest(path)
     kind = manifest.get("kind")
     if kind == ONNX_KIND:
-        return _load_onnx_dir(path, manifest, backend or "onnxruntime", torch.device(device), providers, verify)
+        return _load_onnx_dir(path, manifest, backend or "onnxruntime", device, providers, verify)
     if kind == ENGINE_KIND:
-        return _load_engine_dir(path, manifest, backend, torch.device(device), providers, verify)
+        return _load_engine_dir(path, manifest, backend, device, providers, verify)
     raise StaleArtifact(f"{path / MANIFEST} describes {kind!r}, not an ONNX export or built engines")
 
 
@@ -189,13 +193,22 @@ def _components(path: Path, manifest: dict[str, Any], spec: FamilySpec) -> dict[
     return {c: entries[c] for c in spec.components}
 
 
-_HASH_CACHE: dict[tuple[str, int, int], str] = {}
+_HASH_CACHE: dict[tuple[str, tuple[tuple[str, int, int, int], ...]], str] = {}
+
+
+def _stat_key(p: Path) -> tuple[tuple[str, int, int, int], ...]:
+    """(relative path, size, mtime_ns, inode) of the file, or of every file under the folder."""
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    out = []
+    for f in files:
+        st = f.stat()
+        out.append((f.relative_to(p).as_posix() if f != p else "", st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(out)
 
 
 def _digest(p: Path) -> str:
-    """sha256 of a file (or folder tree), cached per (path, size, mtime) within the process."""
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    """sha256 of a file (or folder tree), cached within the process until any file in it changes."""
+    key = (str(p.resolve()), _stat_key(p))
     if key not in _HASH_CACHE:
         _HASH_CACHE[key] = sha256_file(p) if p.is_file() else sha256_tree(p)
     return _HASH_CACHE[key]
@@ -223,7 +236,6 @@ def _ort_set(path: Path, manifest: dict[str, Any], kind: str, device: torch.devi
     spec = _family(manifest, path)
     engines: dict[str, Engine] = {}
     for name, entry in _components(path, manifest, spec).items():
-        _check_source(path, manifest, name, entry)
         file = component_file(path, name, entry, verify)
         ort_info = dict(entry.get("ort") or {})
         engines[name] = OrtEngine(file, io_from_json(entry["io"]), device, providers=_providers(providers, ort_info, device),
@@ -261,10 +273,7 @@ def session_options(ort_info: dict[str, Any]) -> Any:
 
 def _trt_set(path: Path, manifest: dict[str, Any], device: torch.device, verify: bool) -> EngineSet:
     try:
-        from .backends.tensorrt import (  # only here: needs TensorRT and a GPU
-            SharedDeviceMemory,
-            TensorRTEngine,
-        )
+        from .backends.tensorrt import load_engines as load_trt  # only here: needs TensorRT and a GPU
     except ImportError as e:
         raise BackendUnavailable(f"{path} holds TensorRT engines, but the TensorRT runtime is not available here "
                                  f"({e}); install TensorRT on a machine with an NVIDIA GPU, or run the ONNX export "
@@ -273,22 +282,11 @@ def _trt_set(path: Path, manifest: dict[str, Any], device: torch.device, verify:
         log.info("TensorRT engines run on CUDA; using cuda instead of %s", device)
         device = torch.device("cuda")
     spec = _family(manifest, path)
-    memory = SharedDeviceMemory(device if device.index is not None else "cuda")  # engines run one at a time
-    engines: dict[str, Engine] = {}
-    for name, entry in _components(path, manifest, spec).items():
-        _check_source(path, manifest, name, entry)
+    entries = _components(path, manifest, spec)
+    for name, entry in entries.items():
         component_file(path, name, entry, verify)
-        engines[name] = TensorRTEngine.from_manifest(path, name, manifest, device=device, memory=memory)
+    engines: dict[str, Engine] = dict(load_trt(path, list(entries), device=device, manifest=manifest))
     return _assemble(path, manifest, "engines", "tensorrt", device, spec, engines, verify)
-
-
-def _check_source(path: Path, manifest: dict[str, Any], name: str, entry: dict[str, Any]) -> None:
-    """A component that records its own source must come from the same checkpoint as the folder."""
-    own = entry.get("source_sha256") or (entry.get("source") or {}).get("sha256")
-    folder = source_of(manifest).get("sha256")
-    if own and folder and own != folder:
-        raise StaleArtifact(f"{name} in {path} was built from a different model (source {own[:12]}) than the rest "
-                            f"of the folder (source {folder[:12]}); rebuild all components from one export")
 
 
 def _family(manifest: dict[str, Any], path: Path) -> FamilySpec:

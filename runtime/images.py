@@ -60,10 +60,6 @@ def float_to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(x) for x in (images * 255).round().astype(np.uint8)]
 
 
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    return float_to_pil(tensor_to_float(images))
-
-
 def png_bytes(image: Image.Image, metadata: Mapping[str, Any] | None = None) -> bytes:
     """PNG file content with each metadata item as a text chunk (non-strings as JSON)."""
     info = PngImagePlugin.PngInfo()

@@ -29,11 +29,24 @@ from PIL import Image
 from latentrt.buckets import check_multiple, format_size, nearest_bucket, nearest_valid
 from latentrt.errors import InvalidRequest, UnsupportedShape
 from latentrt.families import SamplerId
+from latentrt.tensors import (
+    ENCODER_HIDDEN_STATES,
+    IMAGES,
+    LATENT,
+    LATENT_PARAMETERS,
+    OUT_SAMPLE,
+    SAMPLE,
+    TEXT_EMBEDS,
+    TIME_IDS,
+    TIMESTEP,
+    shape_of,
+)
 
 from .conditioning import SizeConditioning, TextConditioning, as_list, encode_prompts, time_ids
 from .denoisers import Model, guided, needs_cfg
 from .engine_set import EngineSet, check_refiner, load_engines
 from .images import ImageInput, float_to_pil, image_to_tensor, load_image, mask_to_tensor, tensor_to_float
+from .plan import check_fraction
 from .samplers import SeededNoise
 from .timing import StageTimer, TimingRecord
 
@@ -101,7 +114,7 @@ class ResolvedRequest:
     negative: list[str] | str | None
     steps: int
     guidance: float
-    sampler: str | None  # None until planned: the scheduler config's own sampler
+    sampler: str | None  # the user's choice; None: each stage's scheduler config's own sampler
     height: int
     width: int
     seed: int
@@ -172,8 +185,8 @@ class Pipeline:
                                  "already denoised, e.g. the base's denoising_end)")
         strength = self._strength(request.strength, mode)
         steps = self._steps(request.steps, strength)
-        _check_fraction("denoising_start", request.denoising_start)
-        _check_fraction("denoising_end", request.denoising_end)
+        check_fraction("denoising_start", request.denoising_start)
+        check_fraction("denoising_end", request.denoising_end)
         height, width = self._size(request, image, request.latents, notes)
         if mask is not None and image is not None and mask.size != image.size:
             raise InvalidRequest(f"the mask is {mask.size[1]}x{mask.size[0]} (HxW) but the image is "
@@ -301,35 +314,42 @@ class Pipeline:
         noise = SeededNoise(settings.seed, self.device)
         timer = StageTimer(self.device)
         with timer.stage("total"):
-            latents = self.denoise(settings, noise, timer, callback)
-            pipe = self
+            latents, sampler = self.denoise(settings, noise, timer, callback)
+            pipe, refiner_sampler = self, None
             if refiner is not None:
                 pipe = refiner
-                latents = refiner.refine(settings, latents, noise, timer, callback)
+                latents, refiner_sampler = refiner.refine(settings, latents, noise, timer, callback)
             array = None
             if request.output_type != "latent":
                 with timer.prefixed("refiner_" if pipe is refiner else ""):
                     array = tensor_to_float(pipe.decode(latents, timer))
         images = float_to_pil(array) if array is not None else []
-        result_settings = settings.settings(self)
+        result_settings = settings.settings(self) | {"sampler": sampler}
         if refiner is not None:
             result_settings["refiner"] = refiner.engines.source.get("model")
+            result_settings["refiner_sampler"] = refiner_sampler
         for note in notes:
             log.info("%s", note)
         return GenerationResult(images, latents.float().cpu(), array, timer.record(), result_settings,
                                 settings.seed, notes)
 
     def refine(self, base: ResolvedRequest, latents: torch.Tensor, noise: SeededNoise, timer: StageTimer,
-               callback: ProgressCallback | None = None) -> torch.Tensor:
-        """Continue a base's latents from its `denoising_end` (this pipeline is the refiner)."""
+               callback: ProgressCallback | None = None) -> tuple[torch.Tensor, str]:
+        """Continue a base's latents from its `denoising_end` (this pipeline is the refiner).
+
+        Returns (latents, the sampler that ran): the user's sampler, else the refiner's own scheduler's.
+        """
         settings = replace(base, mode="continue", strength=None, denoising_start=base.denoising_end,
                            denoising_end=None, image=None, mask=None, latents=latents)
         with timer.prefixed("refiner_"):
             return self.denoise(settings, noise, timer, callback)
 
     def denoise(self, s: ResolvedRequest, noise: SeededNoise, timer: StageTimer,
-                callback: ProgressCallback | None = None) -> torch.Tensor:
-        """Encode the prompts, prepare latents (drawing noise in diffusers' order) and run the sampler."""
+                callback: ProgressCallback | None = None) -> tuple[torch.Tensor, str]:
+        """Encode the prompts, prepare latents (drawing noise in diffusers' order) and run the sampler.
+
+        Returns (latents, the sampler that ran: `s.sampler`, else this model's scheduler config's own).
+        """
         from .plan import plan_from_scheduler_config
 
         es = self.engines
@@ -339,16 +359,14 @@ class Pipeline:
                               zero_empty_negative=es.force_zeros_for_empty_prompt, timer=timer)
         plan = plan_from_scheduler_config(es.scheduler_config, s.sampler, s.steps, strength=s.strength,
                                           denoising_start=s.denoising_start, denoising_end=s.denoising_end)
-        s.sampler = plan.sampler.value
         x, extra = self._initial(s, plan, noise, timer, cfg)
         model = self._unet_model(cond, s, cfg, extra, timer)
-        return plan.run(model, x, noise, callback=_step_callback(callback, plan))
+        return plan.run(model, x, noise, callback=_step_callback(callback, plan)), plan.sampler.value
 
     def _initial(self, s: ResolvedRequest, plan: Any, noise: SeededNoise, timer: StageTimer,
                  cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(initial latents, extra UNet input channels or None), drawing noise in diffusers' order."""
-        f, c = self.engines.vae_scale_factor, self.engines.latent_channels
-        shape = (s.batch, c, s.height // f, s.width // f)
+        shape = self.latent_shape(s.batch, s.height, s.width)
         if s.mode == "continue":
             assert s.latents is not None
             return s.latents.to(self.device, torch.float32), None
@@ -375,27 +393,33 @@ class Pipeline:
         extra = torch.cat([small.expand(shape[0], -1, -1, -1), masked.expand(shape)], dim=1)
         return x, torch.cat([extra, extra]) if cfg else extra
 
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """The shape of `batch` latents for height x width pixels, read from the decoder's IO spec."""
+        f = self.engines.vae_scale_factor
+        sizes = {"batch": batch, "latent_height": height // f, "latent_width": width // f}
+        return shape_of(self.engines["vae_decoder"].io.input(LATENT), sizes)
+
     def _unet_model(self, cond: TextConditioning, s: ResolvedRequest, cfg: bool, extra: torch.Tensor | None,
                     timer: StageTimer) -> Model:
         """The model the sampler calls: (x * c_in, t) -> eps / v, one UNet call per step (CFG doubled)."""
         engine = self.engines["unet"]
         context, pooled = cond.unet_batch(cfg)
-        static: dict[str, torch.Tensor] = {"encoder_hidden_states": context}
+        static: dict[str, torch.Tensor] = {ENCODER_HIDDEN_STATES: context}
         if pooled is not None:
-            static["text_embeds"] = pooled
+            static[TEXT_EMBEDS] = pooled
         kind = self.spec.time_ids
         if kind.width:
-            pos, neg = time_ids(kind, (s.height, s.width), s.sizes)
+            pos, neg = time_ids(kind, (s.height, s.width), s.sizes, img2img=s.mode != "txt2img")
             n = cond.context.shape[0]
-            static["time_ids"] = torch.cat([neg.expand(n, -1), pos.expand(n, -1)]) if cfg else pos.expand(n, -1)
+            static[TIME_IDS] = torch.cat([neg.expand(n, -1), pos.expand(n, -1)]) if cfg else pos.expand(n, -1)
         static = {k: v.to(engine.device) for k, v in static.items()}
 
         def unet(x: torch.Tensor, t: float) -> torch.Tensor:
             sample = x if extra is None else torch.cat([x, extra], dim=1)
-            feed = {"sample": sample.to(engine.device),
-                    "timestep": torch.full((x.shape[0],), t, dtype=torch.float32, device=engine.device), **static}
+            feed = {SAMPLE: sample.to(engine.device),
+                    TIMESTEP: torch.full((x.shape[0],), t, dtype=torch.float32, device=engine.device), **static}
             with timer.stage("unet"):
-                out = engine.run(feed)["out_sample"]
+                out = engine.run(feed)[OUT_SAMPLE]
             return out.to(x.device)
 
         return guided(unet, s.guidance) if cfg else unet
@@ -406,7 +430,7 @@ class Pipeline:
         """Scaled latents of images in [-1, 1]: a posterior sample (mean + std * noise) as diffusers draws it."""
         engine = self.engines["vae_encoder"]
         with timer.stage("vae_encoder"):
-            params = engine.run({"images": pixels.to(engine.device)})["latent_parameters"].to(self.device)
+            params = engine.run({IMAGES: pixels.to(engine.device)})[LATENT_PARAMETERS].to(self.device)
         mean, logvar = params.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         sample = mean + std * noise(tuple(mean.shape)).to(mean)
@@ -420,13 +444,8 @@ class Pipeline:
         out = []
         for start in range(0, z.shape[0], limit):
             with timer.stage("vae_decoder"):
-                out.append(engine.run({"latent": z[start:start + limit].to(engine.device)})["images"].to(self.device))
+                out.append(engine.run({LATENT: z[start:start + limit].to(engine.device)})[IMAGES].to(self.device))
         return torch.cat(out)
-
-
-def _check_fraction(name: str, value: float | None) -> None:
-    if value is not None and not 0 < value < 1:
-        raise InvalidRequest(f"{name} must be a fraction in (0, 1), got {value}")
 
 
 def _step_callback(callback: ProgressCallback | None, plan: Any) -> Callable[[int, float, torch.Tensor], None] | None:

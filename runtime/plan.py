@@ -222,12 +222,11 @@ def _enum(cls: type[_E], value: _E | str, what: str) -> _E:
         raise InvalidRequest(f"unknown {what} {value!r}; choose one of: {known}") from None
 
 
-def _check_fraction(name: str, value: float | None, upper_inclusive: bool = False) -> None:
+def check_fraction(name: str, value: float | None, upper_inclusive: bool = False) -> None:
     """A strength / denoising fraction must lie in (0, 1) (or (0, 1] for strength)."""
     if value is None or (0 < value < 1) or (upper_inclusive and value == 1):
         return
-    bounds = "0 < {} <= 1" if upper_inclusive else "0 < {} < 1"
-    raise InvalidRequest(f"{name} must satisfy {bounds.format(name)}, got {value}")
+    raise InvalidRequest(f"{name} must be a fraction in (0, 1{']' if upper_inclusive else ')'}, got {value}")
 
 
 def _validate(sampler: SamplerId, steps: int, schedule: NoiseSchedule, strength: float | None,
@@ -235,9 +234,9 @@ def _validate(sampler: SamplerId, steps: int, schedule: NoiseSchedule, strength:
     """Reject settings a user can get wrong, with what to change."""
     if not isinstance(steps, int) or not 1 <= steps <= schedule.num_train_timesteps:
         raise InvalidRequest(f"steps must be an integer from 1 to {schedule.num_train_timesteps}, got {steps!r}")
-    _check_fraction("strength", strength, upper_inclusive=True)
-    _check_fraction("denoising_start", denoising_start)
-    _check_fraction("denoising_end", denoising_end)
+    check_fraction("strength", strength, upper_inclusive=True)
+    check_fraction("denoising_start", denoising_start)
+    check_fraction("denoising_end", denoising_end)
     if strength is not None and denoising_start is not None:
         raise InvalidRequest("give either strength or denoising_start (the refiner's start), not both")
     if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:

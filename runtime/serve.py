@@ -35,8 +35,12 @@ from .pipeline import GenerationRequest, GenerationResult, Pipeline
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
-WIRE_FIELDS = {"prompt", "negative_prompt", "steps", "guidance", "sampler", "width", "height", "aspect", "seed",
-               "num_images_per_prompt", "strength", "denoising_end"}
+WIRE_TYPES = {  # field -> the JSON types it accepts ("str[]": a list of strings); null is always accepted
+    "prompt": ("str", "str[]"), "negative_prompt": ("str", "str[]"), "sampler": ("str",),
+    "steps": ("int",), "seed": ("int",), "width": ("int",), "height": ("int",), "num_images_per_prompt": ("int",),
+    "guidance": ("number",), "strength": ("number",), "denoising_end": ("number",), "aspect": ("str", "number"),
+}
+WIRE_FIELDS = set(WIRE_TYPES)
 
 
 def decode_image(value: Any, what: str) -> Image.Image:
@@ -51,15 +55,35 @@ def decode_image(value: Any, what: str) -> Image.Image:
         raise InvalidRequest(f"'{what}' is not a readable base64 image: {e}") from None
 
 
+def _is(value: Any, kind: str) -> bool:
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "str[]":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if isinstance(value, bool):  # JSON true/false are not numbers
+        return False
+    return isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+
+
+def check_types(body: dict[str, Any]) -> None:
+    """InvalidRequest naming the first wire field whose JSON type is wrong (e.g. "steps": "20")."""
+    names = {"str": "a string", "str[]": "a list of strings", "int": "an integer", "number": "a number"}
+    for key, kinds in WIRE_TYPES.items():
+        value = body.get(key)
+        if value is not None and not any(_is(value, k) for k in kinds):
+            raise InvalidRequest(f"'{key}' must be {' or '.join(names[k] for k in kinds)}, got {json.dumps(value)}")
+
+
 def request_from_json(body: dict[str, Any]) -> GenerationRequest:
     """Validate the wire fields and build a `GenerationRequest`."""
-    if "prompt" not in body:
+    if body.get("prompt") is None:
         raise InvalidRequest("the request needs a 'prompt'")
     unknown = set(body) - WIRE_FIELDS - {"image", "mask"}
     if unknown:
         raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(WIRE_FIELDS))}"
                              ", image, mask")
-    fields = {k: v for k, v in body.items() if k in WIRE_FIELDS}
+    check_types(body)
+    fields = {k: v for k, v in body.items() if k in WIRE_FIELDS and v is not None}  # null: the default
     for key in ("image", "mask"):
         if body.get(key) is not None:
             fields[key] = decode_image(body[key], key)
@@ -139,8 +163,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(HTTPStatus.OK, result_to_json(result))
 
     def _read_json(self) -> dict[str, Any]:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True  # the body's end is unknown: this connection cannot be reused
+            raise InvalidRequest(f"Content-Length must be a number of bytes, got "
+                                 f"{self.headers.get('Content-Length')!r}") from None
         if length <= 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body (if any) is left unread
             raise InvalidRequest(f"a JSON body of 1 byte to {MAX_BODY_BYTES >> 20} MiB is required")
         try:
             body = json.loads(self.rfile.read(length))

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from latentrt.errors import BackendUnavailable, InvalidRequest, MissingComponent, UnsupportedShape
+from latentrt.errors import (
+    BackendUnavailable,
+    InvalidRequest,
+    MissingComponent,
+    StaleArtifact,
+    UnsupportedShape,
+)
 from latentrt.manifest import MANIFEST
 from latentrt.runtime.backends.onnxruntime import OrtEngine
 from latentrt.runtime.engine_set import load_engines
@@ -88,6 +94,54 @@ def test_missing_onnx_file(onnx_export_dir: Callable[[str], Path], tmp_path: Pat
     io = load_engines(onnx_export_dir("sd1"))["unet"].io
     with pytest.raises(MissingComponent, match="unet: ONNX file .* is missing"):
         OrtEngine(tmp_path / "nope.onnx", io)
+
+
+def test_foreign_onnx_file_is_stale(onnx_export_dir: Callable[[str], Path]) -> None:
+    """An ONNX file of another component (or an older export) is StaleArtifact, naming what differs."""
+    folder = onnx_export_dir("sd1")
+    io = load_engines(folder)["unet"].io
+    with pytest.raises(StaleArtifact, match=r"unet: .*has inputs \['latent'\].*re-export the model"):
+        OrtEngine(folder / "vae_decoder" / "model.onnx", io)
+
+
+def test_onnx_outputs_are_checked(onnx_export_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """Right input names but another output name: StaleArtifact, not a failure at the first run."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    io = load_engines(onnx_export_dir("sd1"))["vae_decoder"].io
+    graph = helper.make_graph([helper.make_node("Identity", ["latent"], ["pixels"])], "g",
+                              [helper.make_tensor_value_info("latent", TensorProto.FLOAT, ["b", 4, "h", "w"])],
+                              [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["b", 4, "h", "w"])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(StaleArtifact, match=r"vae_decoder: .*has outputs \['pixels'\], its IO spec names \['images'\]"):
+        OrtEngine(path, io)
+
+
+def test_engine_covers_reads_the_io_ranges(onnx_export_dir: Callable[[str], Path]) -> None:
+    es = load_engines(onnx_export_dir("sd1"))
+    unet, encoder = es["unet"], es["text_encoder"]
+    lh = unet.io.dims["latent_height"]
+    assert unet.covers({"latent_height": lh.min, "latent_width": lh.max})
+    assert not unet.covers({"latent_height": lh.max + 1, "latent_width": 8})
+    assert encoder.covers({"latent_height": 10**6})  # dims an engine does not have are ignored
+    assert es.covers(lh.min, lh.min) and not es.covers(lh.min - 1, lh.min)
+
+
+def test_tensorrt_engine_covers_reads_its_profiles(onnx_export_dir: Callable[[str], Path]) -> None:
+    """TensorRT engines cover only what some optimization profile covers (not the whole IO range)."""
+    from latentrt.runtime.backends.base import Engine
+    from latentrt.runtime.backends.tensorrt import TensorRTEngine
+
+    engine = TensorRTEngine.__new__(TensorRTEngine)  # no plan needed: covers() reads the manifest's profiles
+    Engine.__init__(engine, load_engines(onnx_export_dir("sd1"))["unet"].io)
+    engine.profiles = [{"bounds": {"latent_height": [8, 8, 8], "latent_width": [8, 8, 16]}},
+                       {"bounds": {"latent_height": [16, 16, 32], "latent_width": [16, 16, 16]}}]
+    assert engine.covers({"latent_height": 8, "latent_width": 16})
+    assert engine.covers({"latent_height": 24, "latent_width": 16})
+    assert not engine.covers({"latent_height": 16, "latent_width": 8})  # within the IO range, in no profile
+    assert Engine.covers(engine, {"latent_height": 16, "latent_width": 8})
 
 
 def test_engine_folder_runs_like_the_onnx_folder(onnx_export_dir: Callable[[str], Path], tmp_path: Path) -> None:

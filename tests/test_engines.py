@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from latentrt.engines.cache import check_engine, digest
 from latentrt.engines.onnxruntime import prepare_ort_engine
 from latentrt.engines.tensorrt import LogTail, attention_core, layer_kind
 from latentrt.errors import BuildError, OutputConflict, StaleArtifact
-from latentrt.families import FamilyId, get_family
+from latentrt.families import FAMILIES, FamilyId, get_family
 from latentrt.manifest import ENGINE_KIND, MANIFEST, read_manifest, sha256_tree
 from latentrt.tensors import dummy_inputs, io_from_json, io_to_json
 
@@ -220,3 +223,83 @@ def test_fp32_op_block_list_combines_with_the_layer_filter() -> None:
     assert keep("/attn1/MatMul", layer_kind("MATRIX_MULTIPLY"))  # the attention filter still applies
     assert not keep("/attn1/to_q/MatMul", layer_kind("MATRIX_MULTIPLY"))
     assert _fp32_filter(None, []) is None
+
+
+def _replace_component(export_dir: Path, component: str, seed: int) -> str:
+    """Re-export one component of a fake export with other weights; returns its new manifest sha256."""
+    from test_engines_fakes import make_model
+
+    manifest = json.loads((export_dir / MANIFEST).read_text())
+    io = io_from_json(manifest["components"][component]["io"])
+    shutil.rmtree(export_dir / component)
+    (export_dir / component).mkdir()
+    onnx.save_model(make_model(io, seed=seed), str(export_dir / component / "model.onnx"))
+    manifest["components"][component]["sha256"] = sha256_tree(export_dir / component)
+    (export_dir / MANIFEST).write_text(json.dumps(manifest))
+    return manifest["components"][component]["sha256"]
+
+
+def test_partial_rebuild_rebuilds_kept_engines_whose_export_changed(exports: dict[str, Path], tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    src = shutil.copytree(exports["sd1"], tmp_path / "onnx")
+    out = build_engines(src, tmp_path / "engines", backend="onnxruntime")
+    first = read_manifest(out, ENGINE_KIND)
+    new_sha = _replace_component(src, "vae_decoder", seed=99)
+    events: list = []
+    build_engines(src, out, backend="onnxruntime", components=["unet"], progress=events.append)
+    assert [(e.component, e.stage) for e in events] == [("unet", "reused"), ("vae_decoder", "start"),
+                                                        ("vae_decoder", "done")]
+    assert "vae_decoder: the previous engine is outdated (onnx_sha256 differs)" in caplog.text
+    m = read_manifest(out, ENGINE_KIND)
+    assert m["components"]["vae_decoder"]["key"]["onnx_sha256"] == new_sha
+    assert m["components"]["text_encoder"] == first["components"]["text_encoder"]
+    engine, source = session(out / "vae_decoder" / "model.onnx"), session(src / "vae_decoder" / "model.onnx")
+    feed = dummy_inputs(io_from_json(m["components"]["vae_decoder"]["io"]), {}, seed=0)
+    got, want = engine.run(None, feed)[0], source.run(None, feed)[0]
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    shutil.rmtree(out / "text_encoder")  # a kept engine whose files went missing is rebuilt, not dropped
+    events.clear()
+    build_engines(src, out, backend="onnxruntime", components=["unet"], progress=events.append)
+    assert [(e.component, e.stage) for e in events if e.stage != "reused"] == [("text_encoder", "start"),
+                                                                               ("text_encoder", "done")]
+    assert list(read_manifest(out, ENGINE_KIND)["components"]) == list(first["components"])
+
+
+def test_kept_tensorrt_engines_of_another_tensorrt_or_gpu_are_outdated(exports: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    from latentrt.engines.build import BuildOptions, _outdated_kept, _trt_version
+
+    export = read_onnx_export(exports["sd1"])
+    opts = BuildOptions("tensorrt", "fp16")
+    gpu = {"compute_capability": "8.9"}
+    here = {"trt_version": _trt_version(opts), "compute_capability": "8.9"}
+    components = {}
+    for c, why in [("text_encoder", {}), ("vae_encoder", {"trt_version": "0.1"}),
+                   ("vae_decoder", {"compute_capability": "7.5"})]:
+        (tmp_path / c).mkdir()
+        (tmp_path / c / "engine.plan").write_bytes(c.encode())
+        key = {"onnx_sha256": export.manifest["components"][c]["sha256"], **here, **why}
+        components[c] = {"key": key, "sha256": sha256_tree(tmp_path / c)}
+    previous = {"backend": "tensorrt", "components": components}
+    assert _outdated_kept(previous, export, opts, gpu, ["unet"], tmp_path) == ["vae_encoder", "vae_decoder"]
+    assert _outdated_kept({**previous, "backend": "onnxruntime"}, export, opts, gpu, ["unet"], tmp_path) == []
+
+
+def test_engine_folders_get_public_modes_whatever_the_umask(exports: dict[str, Path], tmp_path: Path) -> None:
+    old = os.umask(0o002)
+    try:
+        out = build_engines(exports["sd1"], tmp_path / "engines", backend="onnxruntime", components=["text_encoder"])
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["."] == modes["text_encoder"] == 0o755
+    assert modes[MANIFEST] == modes["text_encoder/model.onnx"] == modes["scheduler/scheduler_config.json"] == 0o644
+
+
+def test_precision_policy_asks_the_family_spec() -> None:
+    sd1 = get_family("sd1")
+    assert component_precision(replace(sd1, fp32_attention=True), "unet", "fp16").fp32_layers is attention_core
+    assert component_precision(replace(sd1, fp16_vae_overflows=True), "vae_encoder", "fp16").precision == "fp32"
+    for spec in FAMILIES.values():
+        assert (component_precision(spec, "vae_decoder", "fp16").precision == "fp32") is spec.fp16_vae_overflows
+        assert (component_precision(spec, "unet", "fp16").fp32_layers is attention_core) is spec.fp32_attention

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,9 @@ from test_engines_fakes import make_fake_export
 
 from latentrt.cli import main
 from latentrt.engines.tensorrt import tensorrt_available
+from latentrt.errors import StaleArtifact
 from latentrt.families import FamilyId, get_family
-from latentrt.manifest import MANIFEST
+from latentrt.manifest import MANIFEST, read_manifest
 
 NO_TRT = not tensorrt_available()[0]
 
@@ -90,3 +92,25 @@ def test_missing_output_and_missing_export(tmp_path: Path, exports: dict[str, Pa
     assert "-o ENGINE_DIR is required" in capsys.readouterr().err
     assert main(["build", str(tmp_path), "-o", str(tmp_path / "e"), "--backend", "onnxruntime"]) != 0
     assert "not an ONNX export" in capsys.readouterr().err
+
+
+def test_info_on_broken_manifests_is_one_clear_error(exports: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "onnx"
+    shutil.copytree(exports["sd1"], folder)
+    text = (folder / MANIFEST).read_text()
+    assert main(["info", str(folder)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith("ONNX export of fake:sd1 (sd1), opset 18, hand-built")
+    (folder / MANIFEST).write_text(text[: len(text) // 2])  # truncated
+    assert main(["info", str(folder)]) == 2
+    assert "manifest.json is unreadable" in capsys.readouterr().err
+    incomplete = json.loads(text)
+    del incomplete["opset"]
+    (folder / MANIFEST).write_text(json.dumps(incomplete))
+    assert main(["info", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is incomplete or malformed (KeyError: 'opset'); re-run `latentrt export`" in err
+    assert "Traceback" not in err
+    (folder / MANIFEST).write_text("[1, 2]")
+    with pytest.raises(StaleArtifact, match="should hold a JSON object, found list"):
+        read_manifest(folder)

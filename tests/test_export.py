@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -403,3 +405,22 @@ def test_info_describes_checkpoints_and_exports(onnx_export_dir: Callable[[str],
     assert "family sd2-inpaint" in capsys.readouterr().out
     code, line = _cli(["info", str(tmp_path)], capsys)
     assert code == 2 and "holds no diffusers checkpoint" in line
+
+
+def test_published_export_files_get_public_modes(tmp_path: Path) -> None:
+    from latentrt.export.onnx import _publish
+
+    stage = tmp_path / "stage"
+    (stage / "tokenizer").mkdir(parents=True)
+    (stage / "tokenizer" / "vocab.json").write_text("{}")
+    (stage / "tokenizer" / "vocab.json").chmod(0o600)  # copytree keeps a private source file private
+    (stage / "tokenizer").chmod(0o700)
+    _publish(stage, tmp_path / "out", ["tokenizer"], {"kind": "test"})
+    assert stat.S_IMODE((tmp_path / "out" / "tokenizer").stat().st_mode) == 0o755 & ~_umask()
+    assert stat.S_IMODE((tmp_path / "out" / "tokenizer" / "vocab.json").stat().st_mode) == 0o644 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

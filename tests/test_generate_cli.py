@@ -75,6 +75,10 @@ def test_generate_errors_leave_no_file(onnx_export_dir: Callable[[str], Path], t
     assert "nearest valid: 64x64, 64x128" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "-p", "a", "-o", str(out)]) == 2
     assert "has no manifest.json" in capsys.readouterr().err
+    assert main(["generate", folder, "-p", "a", "--denoising-end", "0.5", "-o", str(out)]) == 2
+    assert "--denoising-end sets where the base hands over to --refiner" in capsys.readouterr().err
+    assert main(["generate", folder, "-p", "a", "--device", "gpu", "-o", str(out)]) == 2
+    assert "device must be cpu or cuda[:N]" in capsys.readouterr().err
     assert not out.exists() and os.listdir(tmp_path) == []
 
 

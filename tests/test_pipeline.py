@@ -278,3 +278,19 @@ def test_continue_from_latents_equals_refiner_handoff(onnx_export_dir: Callable[
     assert torch.equal(joint.latents, rest.latents)
     with pytest.raises(InvalidRequest, match="give denoising_start"):
         refiner.generate(GenerationRequest("a castle", latents=half.latents))
+
+
+def test_refiner_runs_its_own_scheduler(onnx_export_dir: Callable[[str], Path]) -> None:
+    """No sampler given: the refiner plans from its own scheduler config (as diffusers' refiner does), not the base's."""
+    base = our_pipeline(str(onnx_export_dir("sdxl")), "onnxruntime")
+    refiner = our_pipeline(str(onnx_export_dir("sdxl-refiner")), "onnxruntime")
+    refiner.engines.scheduler_config = dict(refiner.engines.scheduler_config, _class_name="DDIMScheduler",
+                                            clip_sample=False)
+    request = dict(prompt="a castle", steps=5, width=64, height=64, guidance=5.0)
+    joint = base.generate(GenerationRequest(**request, seed=8), refiner=refiner)  # type: ignore[arg-type]
+    assert joint.settings["sampler"] != "ddim" and joint.settings["refiner_sampler"] == "ddim"
+    half = base.generate(GenerationRequest(**request, seed=8, denoising_end=0.8, output_type="latent"))  # type: ignore[arg-type]
+    rest = refiner.generate(GenerationRequest(**request, seed=8, latents=half.latents, denoising_start=0.8))  # type: ignore[arg-type]
+    assert rest.settings["sampler"] == "ddim" and torch.equal(joint.latents, rest.latents)
+    explicit = base.generate(GenerationRequest(**request, seed=8, sampler="euler"), refiner=refiner)  # type: ignore[arg-type]
+    assert explicit.settings["sampler"] == explicit.settings["refiner_sampler"] == "euler"

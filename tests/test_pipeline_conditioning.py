@@ -158,3 +158,56 @@ def test_default_time_ids() -> None:
     assert pos.tolist() == neg.tolist() == [[768, 1344, 0, 0, 768, 1344]]
     pos, neg = time_ids(TimeIds.SIZE_CROP_AESTHETIC, (1024, 1024), SizeConditioning(crops_coords_top_left=(8, 8)))
     assert pos.tolist() == [[1024, 1024, 8, 8, 6.0]] and neg.tolist() == [[1024, 1024, 0, 0, 2.5]]
+
+
+def diffusers_time_ids(pipe: Any, mode: str, sizes: dict[str, Any]) -> torch.Tensor:
+    """The `time_ids` a diffusers SDXL pipeline passes its UNet ([negative, positive]) for these size fields."""
+    from PIL import Image
+
+    seen: list[torch.Tensor] = []
+
+    def grab(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:
+        seen.append(kwargs["added_cond_kwargs"]["time_ids"].clone())
+
+    hook = pipe.unet.register_forward_pre_hook(grab, with_kwargs=True)
+    kw: dict[str, Any] = dict(prompt="a cat", num_inference_steps=2, guidance_scale=5.0, output_type="latent",
+                              generator=torch.Generator().manual_seed(0), **sizes)
+    if mode == "txt2img":
+        kw.update(height=64, width=64)
+    else:
+        kw.update(image=Image.new("RGB", (64, 64), (90, 40, 200)), strength=0.5)
+    try:
+        pipe(**kw)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+PARTIAL_SIZES = [
+    {},
+    {"negative_original_size": (256, 256)},
+    {"negative_target_size": (32, 64)},
+    {"negative_crops_coords_top_left": (0, 8)},
+    {"negative_original_size": (256, 256), "negative_crops_coords_top_left": (0, 8)},
+    {"negative_original_size": (256, 256), "negative_target_size": (32, 64)},
+    {"negative_original_size": (256, 256), "negative_target_size": (32, 64), "negative_crops_coords_top_left": (4, 8)},
+]
+
+
+@pytest.mark.parametrize("sizes", PARTIAL_SIZES, ids=lambda d: "+".join(k.split("_")[1] for k in d) or "none")
+@pytest.mark.parametrize(("family", "mode"), [("sdxl", "txt2img"), ("sdxl", "img2img"), ("sdxl-refiner", "img2img")])
+def test_partial_negative_time_ids_match_diffusers(family: str, mode: str, sizes: dict[str, Any],
+                                                   tiny_checkpoint: Callable[[str], Path]) -> None:
+    """Only some negative size fields set: each diffusers pipeline's own defaulting rule (base txt2img, img2img)."""
+    import diffusers
+
+    pipe = reference(str(tiny_checkpoint(family)))
+    if mode == "img2img" and family == "sdxl":
+        pipe = diffusers.StableDiffusionXLImg2ImgPipeline(**pipe.components)
+    common = dict(original_size=(512, 768), crops_coords_top_left=(16, 32), target_size=(64, 128))
+    if family == "sdxl-refiner":
+        common = dict(common, aesthetic_score=7.0, negative_aesthetic_score=2.0)
+    expected = diffusers_time_ids(pipe, mode, {**common, **sizes})
+    kind = TimeIds.SIZE_CROP_AESTHETIC if family == "sdxl-refiner" else TimeIds.SIZE_CROP_TARGET
+    pos, neg = time_ids(kind, (64, 64), SizeConditioning(**common, **sizes), img2img=mode != "txt2img")
+    assert torch.equal(torch.cat([neg, pos]), expected)

@@ -7,11 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from latentrt.errors import InvalidRequest, MissingComponent, StaleArtifact, UnsupportedShape
 from latentrt.families import get_family
-from latentrt.runtime.engine_set import load_engines
+from latentrt.runtime.engine_set import load_engines, parse_device
 from latentrt.runtime.pipeline import GenerationRequest, Pipeline, load_pipeline
 
 
@@ -117,6 +118,27 @@ def test_component_from_another_model_is_stale(onnx_export_dir: Callable[[str], 
     shutil.copytree(onnx_export_dir("sd2") / "unet", folder / "unet")
     with pytest.raises(StaleArtifact, match="unet: .*does not match the hash"):
         load_engines(folder)
+
+
+def test_component_overwritten_in_place_is_stale_on_reload(onnx_export_dir: Callable[[str], Path],
+                                                           tmp_path: Path) -> None:
+    """Replacing a file inside a component folder (folder mtime unchanged) is caught by the next load."""
+    folder = shutil.copytree(onnx_export_dir("sd1"), tmp_path / "sd1")
+    load_engines(folder).close()  # hashes every component (and caches the digests)
+    shutil.copyfile(onnx_export_dir("sd2") / "unet" / "model.onnx", folder / "unet" / "model.onnx")
+    with pytest.raises(StaleArtifact, match="unet: .*does not match the hash"):
+        load_engines(folder)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "meta", ""])
+def test_bad_device_is_invalid_request(onnx_export_dir: Callable[[str], Path], device: str) -> None:
+    with pytest.raises(InvalidRequest, match=r"device must be cpu or cuda\[:N\]"):
+        load_engines(onnx_export_dir("sd1"), device=device)
+
+
+def test_parse_device() -> None:
+    assert parse_device("cpu") == torch.device("cpu") and parse_device(" cuda:1") == torch.device("cuda", 1)
+    assert parse_device(torch.device("cuda")) == torch.device("cuda")
 
 
 def test_tokenizer_changed_is_stale(onnx_export_dir: Callable[[str], Path], tmp_path: Path) -> None:

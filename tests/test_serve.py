@@ -76,11 +76,42 @@ def test_generate_png(server: GenerationServer) -> None:
     (dict(REQUEST, colour="red"), "unknown field"),
     (dict(REQUEST, image="not base64!"), "base64"),
     (b"{not json", "not valid JSON"),
+    (dict(REQUEST, steps="abc"), "'steps' must be an integer"),
+    (dict(REQUEST, steps=2.5), "'steps' must be an integer"),
+    (dict(REQUEST, num_images_per_prompt="2"), "'num_images_per_prompt' must be an integer"),
+    (dict(REQUEST, guidance="x"), "'guidance' must be a number"),
+    (dict(REQUEST, guidance=True), "'guidance' must be a number"),
+    (dict(REQUEST, seed=False), "'seed' must be an integer"),
+    (dict(REQUEST, prompt=["a", 3]), "'prompt' must be a string or a list of strings"),
+    (dict(REQUEST, prompt=None), "needs a 'prompt'"),
+    (dict(REQUEST, aspect=[16, 9]), "'aspect' must be a string or a number"),
+    (dict(REQUEST, sampler=1), "'sampler' must be a string"),
 ])
 def test_bad_requests_get_400_with_a_message(server: GenerationServer, body: object, needle: str) -> None:
     status, raw, _ = _post(server.url + "/generate", body)
     assert status == 400
     assert needle in json.loads(raw)["error"]
+
+
+def test_null_fields_take_the_defaults(server: GenerationServer) -> None:
+    status, raw, _ = _post(server.url + "/generate", dict(REQUEST, num_images_per_prompt=None, sampler=None))
+    assert status == 200 and len(json.loads(raw)["images"]) == 1
+
+
+def test_non_numeric_content_length_is_400(server: GenerationServer) -> None:
+    import http.client
+
+    host, port = server.server_address[:2]
+    conn = http.client.HTTPConnection(str(host), int(port), timeout=60)
+    try:
+        conn.putrequest("POST", "/generate")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "lots")
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 400 and "Content-Length must be a number" in json.loads(response.read())["error"]
+    finally:
+        conn.close()
 
 
 def test_unknown_route_is_404(server: GenerationServer) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from latentrt.buckets import SDXL_BUCKETS
-from latentrt.families import FAMILIES, FamilyId, FamilySpec
+from latentrt.families import FAMILIES, FamilyId, FamilySpec, TextTower
 from latentrt.tensors import (
     ComponentIO,
     Dim,
@@ -118,3 +120,56 @@ def test_buckets() -> None:
     assert len(SDXL_BUCKETS) == 40
     assert (704, 1344) in SDXL_BUCKETS and (1344, 704) not in SDXL_BUCKETS
     assert (1024, 1024) in SDXL_BUCKETS
+
+
+def test_family_facts_are_data() -> None:
+    towers = {f: tuple(te.tower for te in s.text_encoders) for f, s in FAMILIES.items()}
+    assert towers[FamilyId.SD1] == towers[FamilyId.SD1_INPAINT] == (TextTower.CLIP_L,)
+    assert towers[FamilyId.SD2] == towers[FamilyId.SD_TURBO] == (TextTower.OPENCLIP_H,)
+    assert towers[FamilyId.SDXL] == towers[FamilyId.SDXL_TURBO] == (TextTower.CLIP_L, TextTower.OPENCLIP_BIGG)
+    assert towers[FamilyId.SDXL_REFINER] == (TextTower.OPENCLIP_BIGG,)
+    assert {f for f, s in FAMILIES.items() if s.fp16_vae_overflows} == {
+        FamilyId.SDXL, FamilyId.SDXL_REFINER, FamilyId.SDXL_TURBO}
+    assert {f for f, s in FAMILIES.items() if s.fp32_attention} == {
+        FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO}
+    repos = [s.reference_repo for s in FAMILIES.values()]
+    assert all(r and r.count("/") == 1 for r in repos) and len(set(repos)) == len(repos)
+
+
+def test_tiny_recipes_follow_the_spec_towers() -> None:
+    from latentrt.export.tiny import CLIP_L, OPENCLIP, text_recipes, unet_config
+
+    sd1 = FAMILIES[FamilyId.SD1]
+    assert text_recipes(sd1) == [CLIP_L] and not unet_config(sd1, 32, 0)["use_linear_projection"]
+    openclip_sd1 = replace(sd1, text_encoders=(replace(sd1.text_encoders[0], tower=TextTower.OPENCLIP_H),))
+    assert text_recipes(openclip_sd1) == [OPENCLIP] and unet_config(openclip_sd1, 48, 0)["use_linear_projection"]
+    assert text_recipes(FAMILIES[FamilyId.SDXL]) == [CLIP_L, OPENCLIP]
+
+
+def test_single_file_configs_come_from_the_spec(tmp_path: Path) -> None:
+    from latentrt.errors import CheckpointError
+    from latentrt.export.single_file import config_folder
+
+    with pytest.raises(CheckpointError, match="sd1 names no reference checkpoint.*--config"):
+        config_folder(None, replace(FAMILIES[FamilyId.SD1], reference_repo=None))
+
+
+def test_tree_hash_filters_and_checkpoint_hash(tmp_path: Path) -> None:
+    from latentrt.export.models import checkpoint_sha256
+    from latentrt.manifest import sha256_tree
+
+    for rel, text in [("model_index.json", "{}"), ("unet/config.json", "{}"), ("unet/w.safetensors", "w"),
+                      ("README.md", "hi"), ("safety_checker/w.bin", "s")]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    other = tmp_path.parent / f"{tmp_path.name}-kept"
+    for rel in ("model_index.json", "unet/config.json"):
+        (other / rel).parent.mkdir(parents=True, exist_ok=True)
+        (other / rel).write_text("{}")
+    assert sha256_tree(tmp_path, include=lambda rel: rel.suffix == ".json") == sha256_tree(other)
+    before = checkpoint_sha256(tmp_path)
+    (tmp_path / "README.md").write_text("changed")
+    (tmp_path / "safety_checker" / "w.bin").write_text("changed")
+    assert checkpoint_sha256(tmp_path) == before
+    (tmp_path / "unet" / "w.safetensors").write_text("changed")
+    assert checkpoint_sha256(tmp_path) != before

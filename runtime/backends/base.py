@@ -14,6 +14,8 @@ import torch
 
 from latentrt.tensors import ComponentIO, Sizes, infer_sizes
 
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+
 
 class Engine(ABC):
     """Runs one component on named tensors. Subclasses set `backend`, `io`, `device`."""
@@ -31,6 +33,11 @@ class Engine(ABC):
 
     def prepare(self, sizes: Sizes) -> None:  # noqa: B027 (optional hook: backends without profiles skip it)
         """Select a profile / allocate buffers for concrete dim sizes (batch, latent_height, ...)."""
+
+    def covers(self, sizes: Sizes) -> bool:
+        """Whether this engine accepts these dim sizes (dims it does not have are ignored): the IO spec's ranges."""
+        dims = self.io.dims
+        return all(dims[k].min <= v <= dims[k].max for k, v in sizes.items() if k in dims)
 
     def check(self, feed: Mapping[str, torch.Tensor]) -> dict[str, int]:
         """Validate a feed against the IO spec (names, ranks, consistent dims in range)."""

@@ -17,14 +17,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from latentrt.errors import BackendUnavailable, MissingComponent
+from latentrt.errors import MissingComponent, StaleArtifact
 from latentrt.tensors import DTYPES, ComponentIO, shape_of
 
-from .base import Engine
+from .base import TORCH_DTYPES, Engine
 
 log = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 ProviderSpec = str | tuple[str, dict[str, Any]]
 
@@ -72,12 +71,13 @@ class OrtEngine(Engine):
         self._check_names()
 
     def _check_names(self) -> None:
-        """The session's inputs must be the ones the IO spec names (catches a stale or foreign file)."""
-        names = {i.name for i in self.session.get_inputs()}
-        missing = [n for n in self.io.input_names if n not in names]
-        if missing:
-            raise BackendUnavailable(f"{self.component}: {self.path} has inputs {sorted(names)}, "
-                                     f"expected {self.io.input_names}; re-export the model")
+        """The session's inputs and outputs must be the ones the IO spec names (catches a stale or foreign file)."""
+        for what, found, expected in (("inputs", self.session.get_inputs(), self.io.input_names),
+                                      ("outputs", self.session.get_outputs(), self.io.output_names)):
+            names = {t.name for t in found}
+            if names != set(expected):
+                raise StaleArtifact(f"{self.component}: {self.path} has {what} {sorted(names)}, its IO spec names "
+                                    f"{sorted(expected)} (a stale or foreign file); re-export the model")
 
     def _device_args(self) -> tuple[str, int]:
         return ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)

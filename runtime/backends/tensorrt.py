@@ -26,17 +26,14 @@ from latentrt.manifest import ENGINE_KIND, read_manifest, sha256_tree
 from latentrt.tensors import ComponentIO, Sizes, io_from_json, shape_of
 
 from ...engines.cache import check_engine
-from ...engines.profiles import select_profile
+from ...engines.profiles import covers, select_profile
 from ...engines.tensorrt import LogTail, gpu_info, make_logger, require_tensorrt, trt_version
-from .base import Engine
+from .base import TORCH_DTYPES, Engine
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 log = logging.getLogger(__name__)
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
-
 
 class SharedDeviceMemory:
     """One activation buffer shared by engines that run one at a time (TensorRT user-managed memory).
@@ -209,6 +206,13 @@ class TensorRTEngine(Engine):
 
     # ------------------------------------------------------------------ running
 
+    def covers(self, sizes: Sizes) -> bool:
+        """Whether some optimization profile of the plan covers these dim sizes."""
+        if not self.profiles or not all("bounds" in p for p in self.profiles):
+            return super().covers(sizes)
+        return any(covers({k: (int(v[0]), int(v[1]), int(v[2])) for k, v in p["bounds"].items()}, sizes)
+                   for p in self.profiles)
+
     def prepare(self, sizes: Sizes) -> None:
         """Route to a profile and set the input shapes for these dim sizes."""
         import tensorrt as trt
@@ -323,11 +327,11 @@ class TensorRTEngine(Engine):
 
 
 def load_engines(engine_dir: str | os.PathLike[str], components: Sequence[str] | None = None, *,
-                 device: torch.device | str = "cuda", cuda_graphs: bool = False,
-                 verify_hash: bool = False) -> dict[str, TensorRTEngine]:
-    """Load a TensorRT engine folder's components sharing one device-memory pool."""
-    manifest = read_manifest(engine_dir, ENGINE_KIND)
-    names = list(components) if components is not None else list(manifest.get("components", {}))
+                 device: torch.device | str = "cuda", cuda_graphs: bool = False, verify_hash: bool = False,
+                 manifest: Mapping[str, Any] | None = None) -> dict[str, TensorRTEngine]:
+    """Load a TensorRT engine folder's components sharing one device-memory pool (`manifest`: already read)."""
+    m = manifest if manifest is not None else read_manifest(engine_dir, ENGINE_KIND)
+    names = list(components) if components is not None else list(m.get("components", {}))
     memory = SharedDeviceMemory(device if torch.device(device).index is not None else "cuda")
-    return {c: TensorRTEngine.from_manifest(engine_dir, c, manifest, device=device, memory=memory,
+    return {c: TensorRTEngine.from_manifest(engine_dir, c, m, device=device, memory=memory,
                                             cuda_graphs=cuda_graphs, verify_hash=verify_hash) for c in names}

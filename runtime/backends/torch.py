@@ -10,9 +10,7 @@ import torch
 
 from latentrt.tensors import ComponentIO
 
-from .base import Engine
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32}
+from .base import TORCH_DTYPES, Engine
 
 
 class TorchEngine(Engine):
