@@ -71,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def environment() -> dict[str, Any]:
     from latentrt.engines.tensorrt import gpu_info
-
     from latentrt.manifest import tool_versions
 
     return {"gpu": gpu_info(), "tools": tool_versions()}
@@ -110,9 +109,9 @@ def check_model(model: str, family: str, work: Path, sizes: list[tuple[int, int]
 def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int]], batch: int,
                        repeats: int) -> list[dict[str, Any]]:
     import torch
+
     from latentrt.export.wrappers import wrap
     from latentrt.runtime.backends.tensorrt import load_engines
-
     from latentrt.tensors import dummy_inputs
 
     engines = load_engines(engine_dir)
@@ -192,10 +191,10 @@ def make_full_checkpoint(family: str, folder: Path) -> Path:
         return folder
     import diffusers
     import torch
-    from latentrt.export.tiny import TinyText, make_scheduler, make_text_encoder
-    from latentrt.export.tokenizers import EOS, save_clip_tokenizer
     from transformers import CLIPTokenizer
 
+    from latentrt.export.tiny import TinyText, make_scheduler, make_text_encoder
+    from latentrt.export.tokenizers import EOS, save_clip_tokenizer
     from latentrt.families import get_family
 
     spec = get_family(family)
