@@ -26,7 +26,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from latentrt.engines.quantize import RECIPES, compare_outputs, quantize_engine_dir, source_unet
+
+from latentrt.engines.quantize import (
+    RECIPES,
+    compare_outputs,
+    fuse_attention,
+    quantize_engine_dir,
+    source_unet,
+)
+from latentrt.manifest import atomic_write_bytes, atomic_write_json, read_manifest
 from latentrt.runtime.bench import (
     CALIBRATION_PROMPTS,
     BenchCase,
@@ -39,8 +47,6 @@ from latentrt.runtime.bench import (
     prepare_targets,
     rotated,
 )
-
-from latentrt.manifest import atomic_write_bytes, atomic_write_json, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +122,16 @@ def run(model: str, out: Path, case: BenchCase, guidance: float, runs: int, reci
         }
     fp32.close()
     record["unet_latency_ms"] = time_sessions(sessions, held_out[len(held_out) // 2], runs)
+    fp32_session = sessions["fp32"]
+    sessions.clear()  # free the int8 sessions before loading seven fp32 ones
     base = record["unet_latency_ms"]["fp32"]["p50"]
     for name in recipes:
         record["recipes"][name]["unet_speedup"] = round(base / record["unet_latency_ms"][name]["p50"], 3)
+    fused = out / "fp32-fused-attention.onnx"
+    record["fp32_fused_attention"] = fuse_attention(export_unet, fused)
     record["fp32_session_settings_ms"] = time_sessions(
-        {"engine graph, ENABLE_ALL, default threads": sessions["fp32"],
+        {"engine graph, ENABLE_ALL, default threads": fp32_session,
+         "export + fused attention (MultiHeadAttention), ENABLE_ALL": ort_session(fused),
          "raw export, ENABLE_ALL": ort_session(export_unet),
          "raw export, ENABLE_EXTENDED": ort_session(export_unet, level="extended"),
          "raw export, ENABLE_BASIC": ort_session(export_unet, level="basic"),
@@ -152,14 +163,15 @@ def format_markdown(record: Mapping[str, Any]) -> str:
              f"{record['calibration_feeds']} calibration feeds (4 prompts), held-out prompt/seed for every error figure. "
              f"Machine: {record['machine']['cpu']} ({record['machine']['cores']} cores), load average "
              f"{record['machine'].get('loadavg_start')}.", "",
-             "| recipe | method | ops | per-channel | fp32 edges | UNet p50 ms | UNet speedup | UNet max rel. err | "
-             "image PSNR vs fp32 | image max diff | size MB |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
-             f"| fp32 | – | – | – | – | {lat['fp32']['p50']:.1f} | 1.00 | 0 | ∞ | 0 | – |"]
+             "| recipe | method | ops | per-channel | fp32 edges | fp32 skip convs | fused attention | UNet p50 ms | "
+             "UNet speedup | UNet rel. L2 err | UNet max err / max | image PSNR vs fp32 | image max diff | size MB |",
+             "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+             f"| fp32 | – | – | – | – | – | – | {lat['fp32']['p50']:.1f} | 1.00 | 0 | 0 | ∞ | 0 | – |"]
     for name, r in record["recipes"].items():
         rc = r["recipe"]
         lines.append(f"| {name} | {rc['method']} | {'+'.join(rc['op_types'])} | {rc['per_channel']} | {rc['fp32_edges']} | "
-                     f"{lat[name]['p50']:.1f} | {r['unet_speedup']:.2f} | {r['unet_output_vs_fp32']['relative']:.4f} | "
+                     f"{rc['fp32_skip_convs']} | {rc['fuse_attention']} | {lat[name]['p50']:.1f} | {r['unet_speedup']:.2f} | "
+                     f"{r['unet_output_vs_fp32']['rel_l2_mean']:.4f} | {r['unet_output_vs_fp32']['relative']:.4f} | "
                      f"{r['image_vs_fp32']['psnr_db']:.1f} dB | {r['image_vs_fp32']['max_abs_diff']:.3f} | "
                      f"{r['quantize']['size_mb']['int8']:.0f} |")
     lines += ["", "fp32 UNet under ONNX Runtime session settings (p50 ms per call):", ""]

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from latentrt.export.tiny import TinyText, make_scheduler, make_text_encoder
 from latentrt.export.tokenizers import EOS, save_clip_tokenizer
-
 from latentrt.families import get_family
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,15 @@ Two methods:
   units (VNNI / AMX where present). Calibration feeds should be real UNet inputs drawn from fp32
   sampling runs (latents along the trajectory, real text embeddings), not random tensors.
 
-Attention score products (MatMul of two activations) and the first/last convolution stay fp32 by
-default: quantizing them costs accuracy and (for the attention products) speed.
+Kept fp32 by default, because quantizing them costs accuracy (measured, benchmarks/README.md):
+the attention score products (MatMul of two activations; also slower in int8), the first and last
+convolution, and the convolutions fed straight by a Concat -- the up blocks' skip-connection
+shortcuts, whose inputs join two differently scaled feature maps (the "shortcut splitting" problem
+of Q-Diffusion, Li et al. 2023, arXiv:2302.04304): keeping these 12 1x1 convs fp32 cut the
+mid-size UNet's int8 error about 3x (relative L2 0.055 -> 0.017; final image 28.7 -> 37.0 dB PSNR).
+
+Optionally the exported attention subgraphs are first fused into ONNX Runtime's
+`com.microsoft.MultiHeadAttention` (`fuse_attention`), which is exact and faster on the CPU.
 """
 
 from __future__ import annotations
@@ -48,19 +55,24 @@ class Int8Recipe:
     op_types: tuple[str, ...]  # op types quantized ("MatMul", "Conv")
     per_channel: bool = True  # one weight scale per output channel (vs one per tensor)
     fp32_edges: bool = True  # keep conv_in / conv_out (first and last Conv) in fp32
-    calibration: str = "minmax"  # static only: "minmax" | "percentile" | "entropy"
+    fp32_skip_convs: bool = True  # keep Convs fed by a Concat (up-block skip shortcuts) in fp32
+    fuse_attention: bool = False  # fuse attention into com.microsoft.MultiHeadAttention first
+    calibration: str = "minmax"  # static only: "minmax" | "percentile" | "entropy" (the last two hold
+    # every calibration activation in memory: tens of GB for a mid-size UNet and 40 feeds)
 
 
-# The variants the benchmark compares; "static-qdq" is the recommended one (see benchmarks/README.md).
+# The variants the benchmark compares; DEFAULT_RECIPE is the recommended one (see benchmarks/README.md).
 RECIPES: dict[str, Int8Recipe] = {
     "dynamic-matmul": Int8Recipe("dynamic", ("MatMul",), per_channel=False),
     "dynamic-matmul-pc": Int8Recipe("dynamic", ("MatMul",), per_channel=True),
     "dynamic-conv-matmul-pc": Int8Recipe("dynamic", ("Conv", "MatMul"), per_channel=True),
     "static-qdq-conv": Int8Recipe("static", ("Conv",)),
     "static-qdq": Int8Recipe("static", ("Conv", "MatMul")),
-    "static-qdq-all-convs": Int8Recipe("static", ("Conv", "MatMul"), fp32_edges=False),
+    "static-qdq-int8-skips": Int8Recipe("static", ("Conv", "MatMul"), fp32_skip_convs=False),
+    "static-qdq-mha": Int8Recipe("static", ("Conv", "MatMul"), fuse_attention=True),
+    "static-qdq-all-convs": Int8Recipe("static", ("Conv", "MatMul"), fp32_edges=False, fp32_skip_convs=False),
 }
-DEFAULT_RECIPE = "static-qdq"
+DEFAULT_RECIPE = "static-qdq-mha"
 
 
 class FeedReader(CalibrationDataReader):
@@ -118,33 +130,44 @@ def model_bytes(path: Path) -> int:
     return total + sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
 
 
+def skip_convs(model: Any) -> list[str]:
+    """Conv nodes whose input is a Concat output (the up blocks' skip-connection shortcuts)."""
+    concat = {o for n in model.graph.node if n.op_type == "Concat" for o in n.output}
+    return [n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] in concat]
+
+
 def _excluded(model: Any, recipe: Int8Recipe, extra: Sequence[str]) -> list[str]:
-    names = activation_matmuls(model) + (edge_convs(model) if recipe.fp32_edges else []) + list(extra)
+    names = activation_matmuls(model) + (edge_convs(model) if recipe.fp32_edges else []) + \
+        (skip_convs(model) if recipe.fp32_skip_convs else []) + list(extra)
     return list(dict.fromkeys(names))
 
 
-def _node_names(src: Path, dest: Path) -> Any:
-    """The source model with every node named (the quantizer's exclusions are by node name)."""
+def _prepared_source(src: Path, dest: Path, fuse: bool) -> tuple[Path, Any, int]:
+    """(file to quantize, its graph without weights, attentions fused): nodes named, attention optionally fused.
+
+    The quantizer's exclusions are by node name, so unnamed nodes get names; a copy is written only
+    when something changed.
+    """
     import onnx
 
     model = onnx.load(str(src), load_external_data=False)
-    unnamed = [n for n in model.graph.node if not n.name]
-    for i, n in enumerate(unnamed):
+    unnamed = any(not n.name for n in model.graph.node)
+    if not unnamed and not fuse:
+        return src, model, 0
+    model = onnx.load(str(src))
+    for i, n in enumerate(x for x in model.graph.node if not x.name):
         n.name = f"{n.op_type}_{i}_unnamed"
-    if not unnamed:
-        return src, model
-    full = onnx.load(str(src))
-    for i, n in enumerate(x for x in full.graph.node if not x.name):
-        n.name = f"{n.op_type}_{i}_unnamed"
-    onnx.save_model(full, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=dest.name + ".data")
-    return dest, model
+    fused = fuse_attention_model(model) if fuse else 0
+    onnx.save_model(model, str(dest), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dest.name + ".data", size_threshold=1024)
+    return dest, onnx.load(str(dest), load_external_data=False), fused
 
 
 def quantize_unet_int8(onnx_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *,
                        method: str = "static", calibration_feeds: Sequence[Feed] | None = None,
                        op_types: Sequence[str] | None = None, per_channel: bool = True, fp32_edges: bool = True,
-                       calibration: str = "minmax", nodes_to_exclude: Sequence[str] = ()) -> dict[str, Any]:
+                       fp32_skip_convs: bool = True, fuse_attention: bool = False, calibration: str = "minmax",
+                       nodes_to_exclude: Sequence[str] = ()) -> dict[str, Any]:
     """Write an int8 version of an fp32 UNet ONNX file and return what was done (for the manifest).
 
     Args:
@@ -155,6 +178,8 @@ def quantize_unet_int8(onnx_path: str | os.PathLike[str], out_path: str | os.Pat
         op_types: op types to quantize; default ("MatMul",) for dynamic, ("Conv", "MatMul") for static.
         per_channel: per-output-channel weight scales (more accurate, same speed on the CPU EP).
         fp32_edges: keep the first and last Conv (conv_in, conv_out) in fp32.
+        fp32_skip_convs: keep Convs fed by a Concat (the up blocks' skip shortcuts) in fp32.
+        fuse_attention: first fuse attention subgraphs into com.microsoft.MultiHeadAttention (exact).
         calibration: static range estimator: "minmax", "percentile" or "entropy".
         nodes_to_exclude: more node names to keep in fp32 (attention score MatMuls always are).
     """
@@ -174,7 +199,7 @@ def quantize_unet_int8(onnx_path: str | os.PathLike[str], out_path: str | os.Pat
         raise BuildError("static int8 needs calibration feeds (UNet inputs from fp32 sampling runs); "
                          "pass calibration_feeds or use method='dynamic'")
     ops = tuple(op_types or (("MatMul",) if method == "dynamic" else ("Conv", "MatMul")))
-    recipe = Int8Recipe(method, ops, per_channel, fp32_edges, calibration)
+    recipe = Int8Recipe(method, ops, per_channel, fp32_edges, fp32_skip_convs, fuse_attention, calibration)
     src, out = Path(onnx_path), Path(out_path)
     if not src.is_file():
         raise BuildError(f"{src} does not exist: quantization needs the fp32 UNet ONNX file")
@@ -182,7 +207,7 @@ def quantize_unet_int8(onnx_path: str | os.PathLike[str], out_path: str | os.Pat
     external = model_bytes(src) > EXTERNAL_DATA_BYTES
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="latentrt-int8-", dir=out.parent) as tmp:
-        named, graph = _node_names(src, Path(tmp) / "named.onnx")
+        named, graph, fused = _prepared_source(src, Path(tmp) / "source.onnx", fuse_attention)
         excluded = _excluded(graph, recipe, nodes_to_exclude)
         common: dict[str, Any] = dict(op_types_to_quantize=list(ops), per_channel=per_channel,
                                       weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
@@ -207,6 +232,7 @@ def quantize_unet_int8(onnx_path: str | os.PathLike[str], out_path: str | os.Pat
         "recipe": asdict(recipe),
         "calibration_feeds": len(calibration_feeds or ()),
         "fp32_nodes": len(excluded),
+        "fused_attention": fused,
         "int8_nodes": {op: n for op, n in counts.items()
                        if op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DequantizeLinear",
                                  "DynamicQuantizeLinear", "QuantizeLinear")},
@@ -225,14 +251,15 @@ def quantize_recipe(onnx_path: str | os.PathLike[str], out_path: str | os.PathLi
     else:
         name, r = "custom", recipe
     info = quantize_unet_int8(onnx_path, out_path, method=r.method, op_types=r.op_types, per_channel=r.per_channel,
-                              fp32_edges=r.fp32_edges, calibration=r.calibration,
+                              fp32_edges=r.fp32_edges, fp32_skip_convs=r.fp32_skip_convs,
+                              fuse_attention=r.fuse_attention, calibration=r.calibration,
                               calibration_feeds=calibration_feeds if r.method == "static" else None)
     return {"recipe_name": name, **info}
 
 
 def compare_outputs(fp32_path: str | os.PathLike[str], int8_path: str | os.PathLike[str], feeds: Sequence[Feed],
                     threads: int | None = None) -> dict[str, float]:
-    """Max |diff| and max |diff| / max |fp32| between the two UNets on the same feeds (first output)."""
+    """Max |diff|, max |diff| / max |fp32| and mean relative L2 error of two UNets on the same feeds (first output)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -241,7 +268,7 @@ def compare_outputs(fp32_path: str | os.PathLike[str], int8_path: str | os.PathL
         so.intra_op_num_threads = threads
     a = ort.InferenceSession(str(fp32_path), so, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(int8_path), so, providers=["CPUExecutionProvider"])
-    worst, scale = 0.0, 0.0
+    worst, scale, l2 = 0.0, 0.0, []
     for feed in feeds:
         ya = np.asarray(a.run(None, dict(feed))[0], dtype=np.float64)
         yb = np.asarray(b.run(None, dict(feed))[0], dtype=np.float64)
@@ -249,7 +276,8 @@ def compare_outputs(fp32_path: str | os.PathLike[str], int8_path: str | os.PathL
             raise BuildError(f"{int8_path} produced non-finite outputs")
         worst = max(worst, float(np.max(np.abs(ya - yb))))
         scale = max(scale, float(np.max(np.abs(ya))))
-    return {"max_abs_diff": worst, "relative": worst / max(scale, 1e-12)}
+        l2.append(float(np.linalg.norm(ya - yb) / max(float(np.linalg.norm(ya)), 1e-12)))
+    return {"max_abs_diff": worst, "relative": worst / max(scale, 1e-12), "rel_l2_mean": float(np.mean(l2))}
 
 
 # ---------------------------------------------------------------------------- engine folders

@@ -400,8 +400,8 @@ class ReferenceRunner:
 
     def __init__(self, checkpoint: str, device: torch.device, family: str | None = None):
         from diffusers import DiffusionPipeline
-        from latentrt.export.models import detect_family, quiet_progress, resolve
 
+        from latentrt.export.models import detect_family, quiet_progress, resolve
         from latentrt.families import get_family
 
         folder, _ = resolve(checkpoint)
@@ -517,10 +517,10 @@ def prepare_targets(model_or_dir: str | os.PathLike[str], labels: Sequence[str],
                     say: Callable[[str], None]) -> Targets:
     """Export / build whatever the requested backends need and is not given (timed); int8 comes later."""
     t = read_targets(model_or_dir)
-    needs_onnx = [b for b in ("onnxruntime", INT8, "tensorrt") if b in labels and b not in t.folders]
-    if "onnxruntime" in t.folders or "tensorrt" in t.folders:
-        needs_onnx = [b for b in needs_onnx if b != INT8 or "onnxruntime" not in t.folders]
-    if needs_onnx and t.onnx_dir is None:
+    missing = [b for b in ("onnxruntime", "tensorrt") if b in labels and b not in t.folders]
+    if "tensorrt" in missing and device.type != "cuda":
+        raise BackendUnavailable("the tensorrt backend needs a CUDA GPU; bench on --device cuda or drop it")
+    if missing and t.onnx_dir is None:
         if t.checkpoint is None:
             raise InvalidRequest(f"{model_or_dir} names no source checkpoint or ONNX export to build from")
         from latentrt.export.onnx import export_model
@@ -528,16 +528,11 @@ def prepare_targets(model_or_dir: str | os.PathLike[str], labels: Sequence[str],
         say(f"exporting {t.checkpoint} to ONNX")
         t.onnx_dir, t.build["export_s"] = _timed(lambda: export_model(t.checkpoint or "", out_dir / "onnx",
                                                                        family=t.family, overwrite=True))
-    for backend in ("onnxruntime", "tensorrt"):
-        if backend in t.folders or not (backend in labels or (backend == "onnxruntime" and INT8 in labels)):
-            continue
-        if backend == "tensorrt" and device.type != "cuda":
-            raise BackendUnavailable("the tensorrt backend needs a CUDA GPU; bench on --device cuda or drop it")
+    for backend in missing:
         from latentrt.engines.build import build_engines
 
         say(f"building {backend} engines")
-        dest = out_dir / f"engines-{backend}"
-        build_device = "cuda" if device.type == "cuda" else "cpu"
+        dest, build_device = out_dir / f"engines-{backend}", "cuda" if device.type == "cuda" else "cpu"
         t.folders[backend], t.build[f"build_{backend}_s"] = _timed(
             lambda b=backend, d=dest, bd=build_device: build_engines(t.onnx_dir or "", d, backend=b, device=bd,
                                                                      overwrite=True))
@@ -566,6 +561,19 @@ def collect_unet_feeds(runner: PipelineRunner, case: BenchCase, guidance: float,
         keep = np.linspace(0, len(feeds) - 1, limit).round().astype(int)
         feeds = [feeds[i] for i in dict.fromkeys(keep.tolist())]
     return feeds
+
+
+def calibration_feeds(folder: str | os.PathLike[str], *, height: int, width: int, steps: int,
+                      guidance: float | None = None, prompts: Sequence[str] = CALIBRATION_PROMPTS,
+                      limit: int = 32) -> list[dict[str, np.ndarray]]:
+    """Static-int8 calibration data for `quantize_unet_int8`: UNet inputs recorded while the fp32 engines
+    (or ONNX export) in `folder` sample `prompts` (one seed each) at the given size and steps."""
+    runner = PipelineRunner("onnxruntime", folder, "onnxruntime", torch.device("cpu"))
+    try:
+        scale = runner.pipe.spec.sampling.guidance if guidance is None else float(guidance)
+        return collect_unet_feeds(runner, BenchCase(height, width, 1, steps), scale, prompts, limit=limit)
+    finally:
+        runner.close()
 
 
 def prepare_int8(t: Targets, fp32: PipelineRunner, case: BenchCase, guidance: float, recipe: str, out_dir: Path,
@@ -638,7 +646,7 @@ def ratios(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, float
 
 
 def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: float | None,
-                latent: tuple[int, int], unet_batch: int) -> dict[str, Any]:
+                latent: tuple[int, int], unet_batch: int, peak_gflops: float | None = None) -> dict[str, Any]:
     """Per-backend figures of one case, with ratios to the reference and image differences."""
     results = {label: summarize(s, case) for label, s in samples.items()}
     out: dict[str, Any] = {"name": case.name, "case": case.__dict__, "latent": list(latent), "unet_batch": unet_batch,
@@ -652,26 +660,29 @@ def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: flo
         out["int8_vs_fp32"] = {"speedup": ratios(results["onnxruntime"], results[INT8]),
                                "image": image_diff(samples[INT8][-1].image, samples["onnxruntime"][-1].image)}
     if flops:
-        out["flops"] = _flop_rates(flops, results)
+        out["flops"] = _flop_rates(flops, results, peak_gflops)
     return out
 
 
-def _flop_rates(gflop: float, results: Mapping[str, Any]) -> dict[str, Any]:
+def _flop_rates(gflop: float, results: Mapping[str, Any], peak_gflops: float | None) -> dict[str, Any]:
     rates = {}
     for label, r in results.items():
         ms = _p50(r, "unet", "per_call")
         if ms:
             rates[label] = round(gflop / (ms / 1e3), 2)
-    return {"unet_gflop_per_call": round(gflop, 3), "unet_gflops": rates,
-            "note": "int8 rates count the same (fp32-equivalent) operations"}
+    out: dict[str, Any] = {"unet_gflop_per_call": round(gflop, 3), "unet_gflops": rates,
+                           "note": "int8 rates count the same (fp32-equivalent) operations"}
+    if peak_gflops:
+        out["fraction_of_fp32_gemm_peak"] = {k: round(v / peak_gflops, 4) for k, v in rates.items()}
+    return out
 
 
 def unet_gflop(checkpoint: str, family: str | None, case: BenchCase, cfg: bool) -> float:
     """FLOPs of one UNet call at the case's shape (torch.utils.flop_counter on the PyTorch model), in GFLOP."""
-    from latentrt.export.models import load_checkpoint
-    from latentrt.export.wrappers import wrap
     from torch.utils.flop_counter import FlopCounterMode
 
+    from latentrt.export.models import load_checkpoint
+    from latentrt.export.wrappers import wrap
     from latentrt.tensors import dummy_inputs
 
     loaded = _LOADED.get(checkpoint) or _LOADED.setdefault(checkpoint, load_checkpoint(checkpoint, family))
@@ -703,7 +714,8 @@ def parse_size(text: str) -> Size:
 
 
 def sweep_cases(main: BenchCase, sweep: Mapping[str, Sequence[Any]]) -> dict[str, list[BenchCase]]:
-    """The cases of each sweep: the main case with one setting varied."""
+    """The cases of each sweep: the main case with one setting varied (the main case's own value included),
+    in increasing order (size: by latent pixels)."""
     out: dict[str, list[BenchCase]] = {}
     for key, values in sweep.items():
         if key not in SWEEPS:
@@ -712,11 +724,13 @@ def sweep_cases(main: BenchCase, sweep: Mapping[str, Sequence[Any]]) -> dict[str
             raise InvalidRequest(f"sweep {key} has no values")
         if key == "size":
             sizes = [parse_size(v) if isinstance(v, str) else (int(v[0]), int(v[1])) for v in values]
-            out[key] = [replace(main, height=h, width=w) for h, w in sizes]
+            cases = [replace(main, height=h, width=w) for h, w in sizes]
         else:
             if any(int(v) < 1 for v in values):
                 raise InvalidRequest(f"sweep {key} values must be >= 1, got {list(values)}")
-            out[key] = [replace(main, **{key: int(v)}) for v in values]
+            cases = [replace(main, **{key: int(v)}) for v in values]
+        unique = {c.name: c for c in [*cases, main]}.values()
+        out[key] = sorted(unique, key=lambda c: (c.height * c.width, c.batch, c.steps))
     return out
 
 
@@ -756,7 +770,6 @@ def _linear_fit(x: Sequence[float], y: Sequence[float | None]) -> dict[str, floa
 
 def _spec_of(t: Targets) -> Any:
     from latentrt.export.models import detect_family, resolve
-
     from latentrt.families import get_family
 
     if t.family:
@@ -788,7 +801,8 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
               batch: int = 1, warmup: int = 1, runs: int = 5, sweep: Mapping[str, Sequence[Any]] | None = None,
               out_dir: str | os.PathLike[str] = "bench-out", progress: Progress | None = None,
               precision: str = "fp32", int8_recipe: str | None = None, device: str = "cpu", seed: int = 0,
-              prompt: str = PROMPT, flops: bool = True, plots: bool = True) -> BenchRecord:
+              prompt: str = PROMPT, flops: bool = True, plots: bool = True,
+              build_dir: str | os.PathLike[str] | None = None) -> BenchRecord:
     """Benchmark backends side by side on one model; writes bench.json, bench.md and PNG plots to `out_dir`.
 
     Args:
@@ -799,7 +813,7 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
         batch: images per prompt.
         warmup / runs: unrecorded rounds per case, then measured rounds (interleaved across backends).
         sweep: {"steps": [1, 2, 4]}, {"size": ["256x256", "512x512"]} and/or {"batch": [1, 2]}.
-        out_dir: where built engines and the reports go.
+        out_dir: where the reports go (and built engines, unless `build_dir` is given).
         progress: called with a BenchEvent after each generation and at each phase.
         precision: "int8" also benchmarks an int8-UNet copy of the ONNX Runtime engines ("onnxruntime-int8").
         int8_recipe: the quantization recipe (`latentrt.engines.quantize.RECIPES`; default its DEFAULT_RECIPE).
@@ -807,6 +821,7 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
         seed / prompt: the request every run repeats.
         flops: count UNet FLOPs (PyTorch flop counter) and report achieved GFLOP/s.
         plots: write PNG plots (matplotlib, Agg).
+        build_dir: where the ONNX export and engines built for the benchmark go (default: `out_dir`).
     """
     from latentrt.engines.quantize import DEFAULT_RECIPE, RECIPES
 
@@ -820,6 +835,7 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
     if recipe not in RECIPES:
         raise InvalidRequest(f"unknown int8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     out = check_writable(Path(out_dir))
+    builds = check_writable(Path(build_dir)) if build_dir is not None else out
     dev = torch.device(device)
     machine = machine_info(dev, peaks=flops)
     state = {"done": 0, "total": 0}
@@ -834,7 +850,7 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
         if progress:
             progress(BenchEvent(state["done"], state["total"]))
 
-    t = prepare_targets(model_or_dir, labels, out, dev, say)
+    t = prepare_targets(model_or_dir, labels, builds, dev, say)
     spec = _spec_of(t)
     main = BenchCase(*(list(sizes)[0] if sizes else spec.native_size), batch=batch,
                      steps=steps if steps is not None else spec.sampling.steps)
@@ -853,7 +869,7 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
             if label == INT8:
                 fp32 = runners["onnxruntime"]
                 assert isinstance(fp32, PipelineRunner)
-                prepare_int8(t, fp32, main, scale, recipe, out, say, tick)
+                prepare_int8(t, fp32, main, scale, recipe, builds, say, tick)
             say(f"loading {label}")
             runners[label] = make_runner(label, t, dev)
         info = {label: {"describe": r.describe, "load_s": round(r.load_s, 3), "rss_load_mb": round(r.rss_load_mb, 1),
@@ -872,7 +888,8 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
             cfg = needs_cfg(scale)
             gflop = unet_gflop(t.checkpoint, t.family, case, cfg) if flops and t.checkpoint else None
             results[case.name] = case_result(case, samples, gflop, (case.height // f, case.width // f),
-                                             case.batch * (2 if cfg else 1))
+                                             case.batch * (2 if cfg else 1),
+                                             machine.get("peak", {}).get("fp32_gemm_gflops"))
     finally:
         for r in runners.values():
             r.close()
@@ -927,7 +944,9 @@ def case_table(case: Mapping[str, Any]) -> list[str]:
                       f"max |diff| {q['image']['max_abs_diff']:.3g} (pixel values in [0, 1])."]
     if "flops" in case:
         fl = case["flops"]
-        rates = ", ".join(f"{k} {v:,.0f}" for k, v in fl["unet_gflops"].items())
+        share = fl.get("fraction_of_fp32_gemm_peak", {})
+        rates = ", ".join(f"{k} {v:,.0f}" + (f" ({100 * share[k]:.0f}% of fp32 GEMM peak)" if k in share else "")
+                          for k, v in fl["unet_gflops"].items())
         lines += ["", f"UNet: {fl['unet_gflop_per_call']:.2f} GFLOP per call; achieved GFLOP/s: {rates}."]
     return lines + [""]
 
@@ -951,10 +970,11 @@ def format_markdown(record: BenchRecord) -> str:
     if record.build:
         lines += ["Build: " + ", ".join(f"{k} {v} s" if k.endswith("_s") else f"{k} {v}" for k, v in
                                         record.build.items() if k != "int8"), ""]
-    lines += ["| backend | load s | cold end-to-end ms | RSS added at load MB | runs on |", "|---|---:|---:|---:|---|"]
+    lines += ["| backend | load s | cold end-to-end ms | RSS added at load MB | UNet runs on |", "|---|---:|---:|---:|---|"]
     for label, b in record.backends.items():
+        unet = next((d for d in b["describe"] if "unet" in d), b["describe"][0] if b["describe"] else "")
         lines.append(f"| {label} | {b['load_s']:.2f} | {_fmt(b.get('cold', {}).get('end_to_end_ms'))} | "
-                     f"{b['rss_load_mb']:.0f} | {'; '.join(b['describe'][:1])} |")
+                     f"{b['rss_load_mb']:.0f} | {unet} |")
     lines.append("")
     for case in record.cases:
         lines += case_table(case)

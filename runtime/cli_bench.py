@@ -14,6 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint (diffusers folder, tiny:<family>) exported and built here, an ONNX export, "
                              "or an engine folder")
     parser.add_argument("-o", "--output", required=True, help="folder for bench.json, bench.md, plots and built engines")
+    parser.add_argument("--build-dir", help="where the ONNX export and built engines go (default: the -o folder)")
     parser.add_argument("--backends", default="reference,onnxruntime",
                         help=f"comma-separated, among {', '.join(BACKENDS)} (reference = the diffusers pipeline)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
                            sizes=[parse_size(s) for s in args.size] if args.size else None, batch=args.batch,
                            warmup=args.warmup, runs=args.runs, sweep=parse_sweeps(args.sweep), out_dir=args.output,
                            progress=bar, precision=args.precision, int8_recipe=args.int8_recipe, device=args.device,
-                           seed=args.seed, prompt=args.prompt or PROMPT, flops=args.flops, plots=args.plots)
+                           seed=args.seed, prompt=args.prompt or PROMPT, flops=args.flops, plots=args.plots,
+                           build_dir=args.build_dir)
     finally:
         bar.close()
     print(format_markdown(record))
