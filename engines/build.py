@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,6 +47,9 @@ log = logging.getLogger(__name__)
 BACKENDS = ("onnxruntime", "tensorrt")
 ENGINE_FILES = {"onnxruntime": "model.onnx", "tensorrt": "engine.plan"}
 VAE_COMPONENTS = ("vae_encoder", "vae_decoder")
+PRECISIONS = ("fp16", "fp32", "int8")
+INT8_CALIBRATION_STEPS = 4
+INT8_CALIBRATION_MAX_SIDE = 256  # default calibration size: the family's native size scaled down to this
 
 
 @dataclass(frozen=True)
@@ -142,6 +146,47 @@ def default_precision(backend: str, device: str) -> str:
     return "fp16" if backend == "tensorrt" or device == "cuda" else "fp32"
 
 
+@dataclass(frozen=True)
+class Int8Options:
+    """How an int8 UNet is made: an `engines.quantize.RECIPES` name and, for static recipes, the calibration run."""
+
+    recipe: str
+    calibration_size: Size | None  # (height, width) px of the fp32 sampling runs; None: no calibration (dynamic)
+    calibration_steps: int | None = INT8_CALIBRATION_STEPS
+
+    def as_json(self) -> dict[str, Any]:
+        size = self.calibration_size
+        return {"recipe": self.recipe, "calibration_size": f"{size[0]}x{size[1]}" if size else None,
+                "calibration_steps": self.calibration_steps}
+
+
+def default_calibration_size(spec: FamilySpec) -> Size:
+    """The family's native size, scaled so its long side is at most 256 px (multiples of 64)."""
+    h, w = spec.native_size
+    scale = min(1.0, INT8_CALIBRATION_MAX_SIDE / max(h, w))
+    return max(64, int(h * scale) // 64 * 64), max(64, int(w * scale) // 64 * 64)
+
+
+def int8_options(spec: FamilySpec, backend: str, device: str, recipe: str | None, calibration_size: Size | None,
+                 calibration_steps: int) -> Int8Options:
+    """Check that an int8 build is possible here and fill in its defaults (BuildError otherwise)."""
+    from .quantize import DEFAULT_RECIPE, RECIPES
+
+    if backend != "onnxruntime" or device != "cpu":
+        raise BuildError(f"--precision int8 is for --backend onnxruntime on the CPU (got backend {backend}, device "
+                         f"{device}); TensorRT and the CUDA EP build fp16 or fp32 engines")
+    name = recipe or DEFAULT_RECIPE
+    if name not in RECIPES:
+        raise BuildError(f"unknown int8 recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    size = calibration_size or default_calibration_size(spec)
+    if min(size) < 8 or any(s % 8 for s in size) or calibration_steps < 1:
+        raise BuildError(f"int8 calibration at {size[0]}x{size[1]} px with {calibration_steps} step(s) is not "
+                         "possible: sizes must be multiples of 8 and steps at least 1")
+    if RECIPES[name].method != "static":
+        return Int8Options(name, None, None)
+    return Int8Options(name, size, calibration_steps)
+
+
 # ---------------------------------------------------------------------------- the build
 
 
@@ -172,7 +217,9 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
                   threads: int | None = None, graph_optimization_level: str = "extended",
                   fp16_fixed_vae: bool = False, optimization_level: int = 3, refittable: bool = False,
                   strongly_typed: bool = False, workspace_mb: int | None = None,
-                  timing_cache: str | os.PathLike[str] | None = None, verify: bool = True) -> Path:
+                  timing_cache: str | os.PathLike[str] | None = None, verify: bool = True,
+                  int8_recipe: str | None = None, calibration_size: Size | None = None,
+                  calibration_steps: int = INT8_CALIBRATION_STEPS) -> Path:
     """Build engines for an ONNX export into `out_dir` and return it.
 
     Args:
@@ -184,7 +231,8 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         strategy / groups: profile strategy ("dynamic", "per-bucket", "grouped") and group count.
         cfg: plan the UNet batch for classifier-free guidance (default: the family's default).
         opt_batch: per-prompt batch the TensorRT kernels are tuned for.
-        precision: "fp16" or "fp32" (default: fp16 for TensorRT and the CUDA EP, fp32 on the CPU).
+        precision: "fp16", "fp32" or "int8" (default: fp16 for TensorRT and the CUDA EP, fp32 on the CPU).
+            "int8" (ONNX Runtime on the CPU only): fp32 engines with an int8 UNet quantized from the export.
         plan_only: plan and log the profiles, write nothing.
         components: build only these (others are kept from a previous build of the same export).
         progress: called with a BuildEvent when each component starts and ends.
@@ -194,22 +242,35 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         fp16_fixed_vae: the SDXL VAE is an fp16-fixed one: build it in fp16.
         optimization_level / refittable / strongly_typed / workspace_mb / timing_cache: TensorRT settings.
         verify: run each ONNX Runtime engine once against its source graph.
+        int8_recipe: with precision "int8", a name from `engines.quantize.RECIPES` (default "static-qdq-mha").
+        calibration_size / calibration_steps: static int8 recipes record UNet inputs by sampling with the fp32
+            engines at this (height, width) (default: the native size capped to 256 px) and step count (4).
     """
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise BuildError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision != "int8" and int8_recipe is not None:
+        raise BuildError("an int8 recipe needs --precision int8")
     export = read_onnx_export(onnx_dir)
+    int8 = None if precision != "int8" else int8_options(export.spec, backend, device, int8_recipe,
+                                                           calibration_size, calibration_steps)
     plan = plan_for_export(export, sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg,
                            opt_batch=opt_batch, components=components)
     if plan_only:
         log.info("%s", format_plan(plan))
         return Path(out_dir)
-    opts = BuildOptions(backend, precision or default_precision(backend, device), device, threads,
+    base = "fp32" if int8 is not None else precision or default_precision(backend, device)
+    opts = BuildOptions(backend, base, device, threads,
                         graph_optimization_level, fp16_fixed_vae, optimization_level, refittable, strongly_typed,
                         workspace_mb, timing_cache, verify)
     gpu = _check_backend(opts)
     out = Path(out_dir)
     previous = _previous_build(export, out, overwrite)
     outdated = _outdated_kept(previous, export, opts, gpu, plan.components, out)
+    if int8 is not None and "unet" in export.ios and "unet" not in plan.components \
+            and not _same_int8(previous, int8):
+        outdated.append("unet")  # the kept UNet is not the int8 UNet asked for
     if outdated:
         plan = plan_for_export(export, sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg,
                                opt_batch=opt_batch, components=[*plan.components, *outdated])
@@ -217,16 +278,74 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     with staging_dir(out) as tmp:
         entries = _kept_entries(previous, opts.backend, plan.components, list(export.ios), out, tmp)
         reusable = None if overwrite else previous
+        quantize = int8 is not None and "unet" in plan.components
+        total = len(plan.components) + quantize
         for i, c in enumerate(plan.components):
-            entries[c] = _build_component(export, plan, c, tmp, opts, gpu, reusable, out, (i, len(plan.components)),
-                                          progress)
+            entries[c] = _build_component(export, plan, c, tmp, opts, gpu, reusable, out, (i, total), progress)
         files = _copy_files(export, tmp)
         ordered = {c: entries[c] for c in export.ios if c in entries}
-        atomic_write_json(tmp / MANIFEST, engine_manifest(export, plan, opts, gpu, ordered, files))
+        manifest = engine_manifest(export, plan, opts, gpu, ordered, files)
+        if int8 is not None:
+            manifest = _int8_manifest(export, manifest, tmp, int8, quantize, previous, (total - 1, total), progress)
+        atomic_write_json(tmp / MANIFEST, manifest)
         publish_modes(tmp)
         move_into_place(tmp, out)
     log.info("wrote %s engines for %s to %s", backend, export.spec.id.value, out)
     return out
+
+
+def _same_int8(manifest: Mapping[str, Any] | None, int8: Int8Options) -> bool:
+    """Whether an engine manifest's UNet is int8 made with these settings."""
+    unet = ((manifest or {}).get("components") or {}).get("unet") or {}
+    made = unet.get("int8_build") if unet.get("precision") == "int8" else None
+    return isinstance(made, Mapping) and all(made.get(k) == v for k, v in int8.as_json().items())
+
+
+def _int8_manifest(export: OnnxExport, manifest: dict[str, Any], tmp: Path, int8: Int8Options, quantize: bool,
+                   previous: Mapping[str, Any] | None, position: tuple[int, int],
+                   progress: Progress | None) -> dict[str, Any]:
+    """The manifest of an int8 build: the fp32 UNet in `tmp` replaced by an int8 one (or the kept int8 UNet)."""
+    if "unet" not in manifest["components"]:
+        raise BuildError(f"{export.folder} has no unet: --precision int8 quantizes the UNet")
+    unet = manifest["components"]["unet"]
+    if quantize:
+        unet = _quantize_unet(export, manifest, tmp, int8, position, progress)
+    info = (previous or {}).get("int8") if not quantize else None
+    return dict(manifest, precision="int8", components={**manifest["components"], "unet": unet},
+                int8=info or {"component": "unet", "recipe": int8.recipe, **unet["int8_build"],
+                              "fp32_unet": str(export.model_path("unet").resolve())})
+
+
+def _quantize_unet(export: OnnxExport, manifest: dict[str, Any], tmp: Path, int8: Int8Options,
+                   position: tuple[int, int], progress: Progress | None) -> dict[str, Any]:
+    """Calibrate with the fp32 engines in `tmp` (static recipes), then replace `tmp/unet` by the int8 UNet."""
+    from .quantize import quantize_recipe
+
+    calibration = int8.as_json()
+    event = BuildEvent("unet", position[0], position[1], "start", "onnxruntime", "int8")
+    _emit(progress, event, "start", {"recipe": int8.recipe, "calibration": calibration})
+    start = time.perf_counter()
+    feeds: list[Any] = []
+    if int8.calibration_size is not None and int8.calibration_steps is not None:
+        h, w = int8.calibration_size
+        # Lazy import: runtime.bench pulls in torch and the pipeline, which only int8 builds need here.
+        from latentrt.runtime.bench import calibration_feeds  # pyright: ignore[reportMissingImports]
+
+        atomic_write_json(tmp / MANIFEST, manifest)  # the staged fp32 engines sample the calibration inputs
+        feeds = calibration_feeds(tmp, height=h, width=w, steps=int8.calibration_steps)
+        (tmp / MANIFEST).unlink()
+    calibrate_s = time.perf_counter() - start
+    dest = tmp / "unet"
+    shutil.rmtree(dest)  # unlink the fp32 files (they may be hard links into the previous build), never overwrite
+    info = quantize_recipe(export.model_path("unet"), dest / "model.onnx", int8.recipe, feeds)
+    entry = dict(manifest["components"]["unet"], path="unet/model.onnx", precision="int8", fp32_islands="",
+                 sha256=sha256_tree(dest), size_mb=round(_tree_bytes(dest) / 2**20, 3),
+                 size_bytes=(dest / "model.onnx").stat().st_size, build_s=round(time.perf_counter() - start, 3),
+                 cache_key=f"int8:{info['recipe_name']}", int8=info,
+                 int8_build={**calibration, "calibration_s": round(calibrate_s, 3), "calibration_feeds": len(feeds)},
+                 ort={"device": "cpu", "graph_optimization_level": "none (optimized at session start)"})
+    _emit(progress, event, "done", entry)
+    return entry
 
 
 def verify_export(export: OnnxExport, components: Sequence[str]) -> None:

@@ -1,4 +1,7 @@
-"""`latentrt build ONNX_DIR -o ENGINE_DIR --backend tensorrt|onnxruntime`: ONNX export -> engines."""
+"""`latentrt build ONNX_DIR -o ENGINE_DIR --backend tensorrt|onnxruntime`: ONNX export -> engines.
+
+`--backend onnxruntime --precision int8 [--int8-recipe NAME]` builds fp32 CPU engines with an int8 UNet.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,9 @@ from typing import Any
 
 BACKENDS = ("tensorrt", "onnxruntime")
 STRATEGIES = ("dynamic", "per-bucket", "grouped")
+# Mirrors engines.quantize.RECIPES (which imports onnxruntime, too heavy for building the parser).
+INT8_RECIPES = ("dynamic-matmul", "dynamic-matmul-pc", "dynamic-conv-matmul-pc", "static-qdq-conv", "static-qdq",
+                "static-qdq-int8-skips", "static-qdq-mha", "static-qdq-all-convs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="plan the UNet batch for classifier-free guidance (default: the family's default)")
     cfg.add_argument("--no-cfg", dest="cfg", action="store_false", help="plan the UNet batch without guidance")
     parser.add_argument("--plan", action="store_true", help="print the optimization-profile plan and exit")
-    parser.add_argument("--precision", choices=("fp16", "fp32"),
-                        help="default: fp16 for TensorRT and the CUDA EP, fp32 on the CPU")
+    parser.add_argument("--precision", choices=("fp16", "fp32", "int8"),
+                        help="default: fp16 for TensorRT and the CUDA EP, fp32 on the CPU; int8 (--backend "
+                             "onnxruntime, CPU only): fp32 engines with an int8 UNet, see --int8-recipe")
     parser.add_argument("--components", metavar="NAME,...", help="build only these components, e.g. unet,vae_decoder")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild even unchanged engines, and replace an output folder that holds something else")
@@ -41,6 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     trt.add_argument("--strongly-typed", action="store_true", help="take tensor types from the ONNX graph")
     trt.add_argument("--fp16-fixed-vae", action="store_true",
                      help="the SDXL VAE is an fp16-fixed one: build it in fp16 (default: fp32)")
+    int8 = parser.add_argument_group("int8 UNet (--backend onnxruntime --precision int8)")
+    int8.add_argument("--int8-recipe", choices=INT8_RECIPES, metavar="NAME",
+                      help="quantization recipe: " + ", ".join(INT8_RECIPES) + " (default static-qdq-mha: static "
+                           "QDQ calibrated by fp32 sampling runs; dynamic-* need no calibration)")
+    int8.add_argument("--calibration-size", metavar="HxW",
+                      help="pixel size of the fp32 calibration runs (default: the family's native size capped to "
+                           "256 px)")
+    int8.add_argument("--calibration-steps", type=int, default=4, metavar="N",
+                      help="sampling steps of each calibration run (default 4)")
     ort = parser.add_argument_group("ONNX Runtime")
     ort.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="execution provider to prepare for")
     ort.add_argument("--threads", type=int, metavar="N", help="intra-op threads recorded for sessions")
@@ -61,6 +77,17 @@ def parse_batch(text: str) -> tuple[int, int]:
     return a, b
 
 
+def _one_size(text: str) -> tuple[int, int]:
+    """'256x256' -> (256, 256)."""
+    from latentrt.buckets import parse_sizes
+    from latentrt.errors import UnsupportedShape
+
+    sizes = parse_sizes(text)
+    if len(sizes) != 1:
+        raise UnsupportedShape(f"--calibration-size takes one HxW size, e.g. 256x256 (got {text!r})")
+    return sizes[0]
+
+
 def run(args: argparse.Namespace) -> int:
     from latentrt.buckets import parse_sizes
     from latentrt.errors import InvalidRequest
@@ -69,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from .profiles import format_plan
 
     sizes = parse_sizes(args.sizes) if args.sizes else None
+    calibration = _one_size(args.calibration_size) if args.calibration_size else None
     batch = parse_batch(args.batch)
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     if args.plan:
@@ -89,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
                         graph_optimization_level=args.graph_opt, fp16_fixed_vae=args.fp16_fixed_vae,
                         optimization_level=args.opt_level, refittable=args.refittable,
                         strongly_typed=args.strongly_typed, workspace_mb=args.workspace_mb,
-                        timing_cache=args.timing_cache)
+                        timing_cache=args.timing_cache, int8_recipe=args.int8_recipe,
+                        calibration_size=calibration, calibration_steps=args.calibration_steps)
     print(_summary(rows, out, args.backend, time.perf_counter() - start))
     return 0
 
@@ -97,6 +126,13 @@ def run(args: argparse.Namespace) -> int:
 def _printer(rows: list[dict[str, Any]]) -> Any:
     def show(event: Any) -> None:
         head = f"[{event.index + 1}/{event.total}] {event.component}"
+        if event.stage == "start" and event.precision == "int8":
+            cal = event.detail["calibration"]
+            how = (f"calibrating with fp32 sampling at {cal['calibration_size']}, {cal['calibration_steps']} step(s)"
+                   if cal["calibration_size"] else "no calibration")
+            print(f"[{event.index + 1}/{event.total}] unet: quantizing to int8 ({event.detail['recipe']}, {how}) ...",
+                  file=sys.stderr, flush=True)
+            return
         if event.stage == "start":
             note = f" ({event.detail['note']})" if event.detail.get("note") else ""
             print(f"{head}: building {event.backend} {event.precision}, {event.detail['profiles']} profile(s)"
