@@ -13,12 +13,8 @@ Pipeline overhead is end-to-end time minus the engines' own compute time (the su
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import platform
-import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -29,23 +25,43 @@ import numpy as np
 import torch
 
 from latentrt.errors import BackendUnavailable, InvalidRequest
-from latentrt.manifest import (
-    ENGINE_KIND,
-    MANIFEST,
-    ONNX_KIND,
-    atomic_write_bytes,
-    atomic_write_json,
-    check_writable,
-    read_manifest,
-    tool_versions,
-)
+from latentrt.manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, check_writable, read_manifest
 
 from .backends.base import Engine
+
+# Statistics and report writers live in bench_stats / bench_report; the names below stay importable from here.
+from .bench_report import STAGE_COLORS as STAGE_COLORS
+from .bench_report import case_table as case_table
+from .bench_report import format_markdown as format_markdown
+from .bench_report import plot_stages as plot_stages
+from .bench_report import plot_sweep as plot_sweep
+from .bench_report import write_reports
+from .bench_stats import (
+    INT8,
+    _loadavg,
+    case_result,
+    machine_info,
+    peak_rss_mb,
+    rss_mb,
+    sweep_summary,
+    unet_gflop,
+)
+from .bench_stats import PERCENTILES as PERCENTILES
+from .bench_stats import _linear_fit as _linear_fit
+from .bench_stats import cpu_flags as cpu_flags
+from .bench_stats import cpu_model as cpu_model
+from .bench_stats import image_diff as image_diff
+from .bench_stats import measure_peak_gflops as measure_peak_gflops
+from .bench_stats import overhead as overhead
+from .bench_stats import percentile_stats as percentile_stats
+from .bench_stats import psnr_db as psnr_db
+from .bench_stats import ratios as ratios
+from .bench_stats import stage_stats as stage_stats
+from .bench_stats import summarize as summarize
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("reference", "torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
-INT8 = "onnxruntime-int8"
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 CALIBRATION_PROMPTS = (
     "a photograph of an astronaut riding a horse on the moon",
@@ -54,7 +70,6 @@ CALIBRATION_PROMPTS = (
     "a watercolor map of an imaginary city",
 )
 SWEEPS = ("steps", "size", "batch")
-PERCENTILES = (50, 90, 99)
 Size = tuple[int, int]
 
 
@@ -117,159 +132,6 @@ class BenchRecord:
         return {"kind": "latentrt.bench", "schema": 1, "machine": self.machine, "settings": self.settings,
                 "build": self.build, "backends": self.backends, "cases": self.cases, "sweeps": self.sweeps,
                 "files": self.files}
-
-
-# ---------------------------------------------------------------------------- statistics
-
-
-def percentile_stats(values: Sequence[float]) -> dict[str, float]:
-    """mean, min, max, p50, p90, p99 (linear interpolation) of a list of milliseconds."""
-    a = np.asarray(values, dtype=np.float64)
-    out = {"n": int(a.size), "mean": float(a.mean()), "min": float(a.min()), "max": float(a.max())}
-    out.update({f"p{q}": float(np.percentile(a, q)) for q in PERCENTILES})
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
-
-
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two images in [0, 1] (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
-def image_diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """max |diff| (in [0, 1] units) and PSNR (dB) between two image batches."""
-    return {"max_abs_diff": round(float(np.max(np.abs(a - b))), 6), "psnr_db": round(psnr_db(a, b), 3)}
-
-
-def stage_stats(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
-    """Per stage: statistics of the per-run sum and of single calls (unet: per step)."""
-    names = list(dict.fromkeys(s for sample in samples for s in sample.stages))
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        per_run = [sum(x.stages.get(name, [])) for x in samples]
-        calls = [v for x in samples for v in x.stages.get(name, [])]
-        out[name] = {"calls_per_run": len(calls) / len(samples), "per_run": percentile_stats(per_run),
-                     "per_call": percentile_stats(calls) if calls else None}
-    return out
-
-
-def overhead(samples: Sequence[Sample]) -> dict[str, Any]:
-    """End-to-end minus timed stages, and end-to-end minus the engines' own compute (ms and % of total)."""
-    totals = np.array([x.total_ms for x in samples])
-    staged = np.array([sum(sum(v) for k, v in x.stages.items() if k != "total") for x in samples])
-    out: dict[str, Any] = {"untimed_ms": round(float(np.mean(totals - staged)), 4),
-                           "untimed_pct": round(float(100 * np.mean((totals - staged) / totals)), 4)}
-    if all(x.engine_ms is not None for x in samples):
-        engine = np.array([x.engine_ms or 0.0 for x in samples])
-        out.update({"engine_ms": round(float(np.mean(engine)), 4),
-                    "pipeline_ms": round(float(np.mean(totals - engine)), 4),
-                    "pipeline_pct": round(float(100 * np.mean((totals - engine) / totals)), 4)})
-    return out
-
-
-def summarize(samples: Sequence[Sample], case: BenchCase) -> dict[str, Any]:
-    """The figures of one backend on one case."""
-    stats = stage_stats(samples)
-    e2e = stats["total"]["per_run"]
-    peaks = [x.gpu_peak_mb for x in samples if x.gpu_peak_mb is not None]
-    return {
-        "end_to_end_ms": e2e,
-        "images_per_s": round(case.batch * len(samples) / (sum(x.total_ms for x in samples) / 1e3), 5),
-        "stages": stats,
-        "overhead": overhead(samples),
-        "gpu_peak_mb": round(max(peaks), 2) if peaks else None,
-        "runs_ms": [round(x.total_ms, 3) for x in samples],
-    }
-
-
-# ---------------------------------------------------------------------------- machine
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> list[str]:
-    """The SIMD / matrix extensions that decide CPU speed (AVX2, AVX-512, VNNI, AMX)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16",
-                                    "amx_int8") if f in have]
-    return []
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process (Linux /proc; 0 elsewhere)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (getrusage; KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if platform.system() == "Darwin" else peak / 1024
-
-
-def measure_peak_gflops(n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Measured dense GEMM throughput: fp32 (torch.mm) and int8 (ONNX Runtime MatMulInteger) on this CPU."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = {"fp32_gemm_gflops": round(2 * n**3 / _best_of(lambda: a @ b, repeats) / 1e9, 1)}
-    with contextlib.suppress(Exception):  # the int8 figure is informative only
-        out["int8_gemm_gops"] = round(2 * n**3 / _int8_gemm_seconds(n, repeats) / 1e9, 1)
-    return out
-
-
-def _best_of(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _int8_gemm_seconds(n: int, repeats: int) -> float:
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.integers(-127, 127, (n, n)).astype(np.int8), "W")
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["X", "W"], ["Y"])], "int8_gemm",
-                              [helper.make_tensor_value_info("X", TensorProto.UINT8, [n, n])],
-                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9  # ONNX Runtime 1.32 reads IR <= 13 (FIELD-NOTES)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = rng.integers(0, 255, (n, n)).astype(np.uint8)
-    return _best_of(lambda: session.run(None, {"X": x}), repeats)
-
-
-def machine_info(device: torch.device, peaks: bool = True) -> dict[str, Any]:
-    """What the numbers were measured on."""
-    info: dict[str, Any] = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
-                            "torch_threads": torch.get_num_threads(), "device": str(device),
-                            "tools": tool_versions(), "loadavg_start": _loadavg()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    elif peaks:
-        info["peak"] = measure_peak_gflops()
-    return info
-
-
-def _loadavg() -> list[float] | None:
-    with contextlib.suppress(OSError, AttributeError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
 
 
 # ---------------------------------------------------------------------------- event timing
@@ -629,76 +491,6 @@ def measure_case(runners: Mapping[str, Runner], case: BenchCase, *, warmup: int,
     return samples
 
 
-def _p50(summary: Mapping[str, Any], stage: str, per: str = "per_run") -> float | None:
-    entry = summary["stages"].get(stage)
-    return None if entry is None or entry.get(per) is None else float(entry[per]["p50"])
-
-
-def ratios(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, float]:
-    """base p50 / other p50 for end to end and each shared stage (unet: per step)."""
-    out: dict[str, float] = {}
-    for stage in base["stages"]:
-        per = "per_call" if stage == "unet" else "per_run"
-        a, b = _p50(base, stage, per), _p50(other, stage, per)
-        if a is not None and b:
-            out["end_to_end" if stage == "total" else ("unet_per_step" if stage == "unet" else stage)] = round(a / b, 4)
-    return out
-
-
-def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: float | None,
-                latent: tuple[int, int], unet_batch: int, peak_gflops: float | None = None) -> dict[str, Any]:
-    """Per-backend figures of one case, with ratios to the reference and image differences."""
-    results = {label: summarize(s, case) for label, s in samples.items()}
-    out: dict[str, Any] = {"name": case.name, "case": case.__dict__, "latent": list(latent), "unet_batch": unet_batch,
-                           "results": results}
-    if "reference" in results:
-        ref_image = samples["reference"][-1].image
-        out["vs_reference"] = {k: ratios(results["reference"], v) for k, v in results.items() if k != "reference"}
-        out["image_vs_reference"] = {k: image_diff(s[-1].image, ref_image) for k, s in samples.items()
-                                     if k != "reference"}
-    if INT8 in results and "onnxruntime" in results:
-        out["int8_vs_fp32"] = {"speedup": ratios(results["onnxruntime"], results[INT8]),
-                               "image": image_diff(samples[INT8][-1].image, samples["onnxruntime"][-1].image)}
-    if flops:
-        out["flops"] = _flop_rates(flops, results, peak_gflops)
-    return out
-
-
-def _flop_rates(gflop: float, results: Mapping[str, Any], peak_gflops: float | None) -> dict[str, Any]:
-    rates = {}
-    for label, r in results.items():
-        ms = _p50(r, "unet", "per_call")
-        if ms:
-            rates[label] = round(gflop / (ms / 1e3), 2)
-    out: dict[str, Any] = {"unet_gflop_per_call": round(gflop, 3), "unet_gflops": rates,
-                           "note": "int8 rates count the same (fp32-equivalent) operations"}
-    if peak_gflops:
-        out["fraction_of_fp32_gemm_peak"] = {k: round(v / peak_gflops, 4) for k, v in rates.items()}
-    return out
-
-
-def unet_gflop(checkpoint: str, family: str | None, case: BenchCase, cfg: bool) -> float:
-    """FLOPs of one UNet call at the case's shape (torch.utils.flop_counter on the PyTorch model), in GFLOP."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from latentrt.export.models import load_checkpoint
-    from latentrt.export.wrappers import wrap
-    from latentrt.tensors import dummy_inputs
-
-    loaded = _LOADED.get(checkpoint) or _LOADED.setdefault(checkpoint, load_checkpoint(checkpoint, family))
-    io = loaded.ios()["unet"]
-    f = loaded.dims.vae_scale_factor
-    sizes = {"unet_batch": case.batch * (2 if cfg else 1), "latent_height": case.height // f,
-             "latent_width": case.width // f, "sequence": loaded.dims.max_tokens}
-    feed = [torch.from_numpy(v) for v in dummy_inputs(io, sizes).values()]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        wrap("unet", loaded)(*feed)
-    return counter.get_total_flops() / 1e9
-
-
-_LOADED: dict[str, Any] = {}
-
-
 # ---------------------------------------------------------------------------- sweeps
 
 
@@ -732,37 +524,6 @@ def sweep_cases(main: BenchCase, sweep: Mapping[str, Sequence[Any]]) -> dict[str
         unique = {c.name: c for c in [*cases, main]}.values()
         out[key] = sorted(unique, key=lambda c: (c.height * c.width, c.batch, c.steps))
     return out
-
-
-def sweep_summary(key: str, cases: Sequence[BenchCase], by_name: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Series per backend along a sweep, with a linear fit (steps: fixed + per-step cost)."""
-    first = by_name[cases[0].name]
-    f = cases[0].height // first["latent"][0]
-    x = {"steps": [c.steps for c in cases], "batch": [c.batch for c in cases],
-         "size": [(c.height // f) * (c.width // f) for c in cases]}[key]
-    series: dict[str, dict[str, list[float | None]]] = {}
-    for label in first["results"]:
-        rows = [by_name[c.name]["results"][label] for c in cases]
-        series[label] = {"end_to_end_p50_ms": [r["end_to_end_ms"]["p50"] for r in rows],
-                         "unet_per_step_p50_ms": [_p50(r, "unet", "per_call") for r in rows],
-                         "images_per_s": [r["images_per_s"] for r in rows]}
-    out: dict[str, Any] = {"x": x, "x_label": {"steps": "steps", "batch": "images per prompt",
-                                               "size": "latent pixels (h/8 x w/8)"}[key],
-                           "cases": [c.name for c in cases], "series": series}
-    if len(set(x)) >= 2:
-        y_key = "unet_per_step_p50_ms" if key == "size" else "end_to_end_p50_ms"
-        out["fit"] = {label: _linear_fit(x, s[y_key]) for label, s in series.items()}
-        out["fit_of"] = y_key
-    return out
-
-
-def _linear_fit(x: Sequence[float], y: Sequence[float | None]) -> dict[str, float] | None:
-    """Least-squares y = fixed + slope * x (steps sweep: fixed cost and cost per step)."""
-    pts = [(a, b) for a, b in zip(x, y) if b is not None]
-    if len({a for a, _ in pts}) < 2:
-        return None
-    slope, fixed = np.polyfit([a for a, _ in pts], [b for _, b in pts], 1)
-    return {"fixed_ms": round(float(fixed), 3), "slope_ms": round(float(slope), 4)}
 
 
 # ---------------------------------------------------------------------------- the benchmark
@@ -905,177 +666,3 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
                          {k: sweep_summary(k, v, results) for k, v in sweeps.items()})
     write_reports(record, out, plots=plots)
     return record
-
-
-# ---------------------------------------------------------------------------- reports
-
-
-def _fmt(v: float | None, digits: int = 1) -> str:
-    return "–" if v is None else f"{v:,.{digits}f}"
-
-
-def _stage_cell(r: Mapping[str, Any], stages: Sequence[str], per: str = "per_run") -> str:
-    values = [_p50(r, s, per) for s in stages if s in r["stages"]]
-    return _fmt(sum(v for v in values if v is not None)) if values else "–"
-
-
-def case_table(case: Mapping[str, Any]) -> list[str]:
-    """Markdown rows of one case: one row per backend."""
-    lines = [f"### {case['name']} (latent {case['latent'][0]}x{case['latent'][1]}, UNet batch {case['unet_batch']})",
-             "",
-             "| backend | end-to-end p50 ms | p90 | p99 | images/s | speedup vs reference | text encoder(s) ms | "
-             "UNet ms/step p50 | UNet total ms | VAE decode ms | pipeline overhead | image vs reference |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for label, r in case["results"].items():
-        e2e = r["end_to_end_ms"]
-        speed = case.get("vs_reference", {}).get(label, {}).get("end_to_end")
-        ov = r["overhead"]
-        overhead = f"{ov['pipeline_pct']:.2f}%" if "pipeline_pct" in ov else f"{ov['untimed_pct']:.2f}% untimed"
-        img = case.get("image_vs_reference", {}).get(label)
-        img_cell = f"PSNR {img['psnr_db']:.1f} dB, max {img['max_abs_diff']:.3g}" if img else "–"
-        lines.append(f"| {label} | {_fmt(e2e['p50'])} | {_fmt(e2e['p90'])} | {_fmt(e2e['p99'])} | "
-                     f"{r['images_per_s']:.3f} | {'1 (baseline)' if label == 'reference' else _fmt(speed, 2) + 'x'} | "
-                     f"{_stage_cell(r, ('text_encoder', 'text_encoder_2'))} | {_fmt(_p50(r, 'unet', 'per_call'))} | "
-                     f"{_fmt(_p50(r, 'unet'))} | {_stage_cell(r, ('vae_decoder',))} | {overhead} | {img_cell} |")
-    if "int8_vs_fp32" in case:
-        q = case["int8_vs_fp32"]
-        lines += ["", f"int8 vs fp32 ONNX Runtime: end-to-end {_fmt(q['speedup'].get('end_to_end'), 2)}x, UNet/step "
-                      f"{_fmt(q['speedup'].get('unet_per_step'), 2)}x; final image PSNR {q['image']['psnr_db']:.1f} dB, "
-                      f"max |diff| {q['image']['max_abs_diff']:.3g} (pixel values in [0, 1])."]
-    if "flops" in case:
-        fl = case["flops"]
-        share = fl.get("fraction_of_fp32_gemm_peak", {})
-        rates = ", ".join(f"{k} {v:,.0f}" + (f" ({100 * share[k]:.0f}% of fp32 GEMM peak)" if k in share else "")
-                          for k, v in fl["unet_gflops"].items())
-        lines += ["", f"UNet: {fl['unet_gflop_per_call']:.2f} GFLOP per call; achieved GFLOP/s: {rates}."]
-    return lines + [""]
-
-
-def format_markdown(record: BenchRecord) -> str:
-    """The human-readable report (bench.md)."""
-    m, s = record.machine, record.settings
-    tools = m.get("tools", {})
-    peak = m.get("peak", {})
-    lines = [f"# LatentRT bench: {s['model']} ({s['family']})", "",
-             f"- Machine: {m.get('gpu') or m['cpu']}; {m['cores']} cores; flags {', '.join(m.get('cpu_flags', []))}; "
-             f"load average {m.get('loadavg_start')} -> {m.get('loadavg_end')}",
-             f"- Measured GEMM peak: fp32 {_fmt(peak.get('fp32_gemm_gflops'), 0)} GFLOP/s, int8 "
-             f"{_fmt(peak.get('int8_gemm_gops'), 0)} GOP/s" if peak else "- GEMM peak: not measured",
-             f"- Versions: torch {tools.get('torch')}, diffusers {tools.get('diffusers')}, onnxruntime "
-             f"{tools.get('onnxruntime') or tools.get('onnxruntime-gpu')}, latentrt {tools.get('latentrt')}",
-             f"- Settings: {s['steps']} steps, guidance {s['guidance']}, {s['warmup']} warm-up + {s['runs']} measured "
-             f"runs per backend (interleaved), seed {s['seed']}, device {s['device']}, peak RSS {m.get('peak_rss_mb')} MB",
-             f"- Speedup = {s['ratio_definition']}. Pipeline overhead = end-to-end minus the engines' own compute.",
-             ""]
-    if record.build:
-        lines += ["Build: " + ", ".join(f"{k} {v} s" if k.endswith("_s") else f"{k} {v}" for k, v in
-                                        record.build.items() if k != "int8"), ""]
-    lines += ["| backend | load s | cold end-to-end ms | RSS added at load MB | UNet runs on |", "|---|---:|---:|---:|---|"]
-    for label, b in record.backends.items():
-        unet = next((d for d in b["describe"] if "unet" in d), b["describe"][0] if b["describe"] else "")
-        lines.append(f"| {label} | {b['load_s']:.2f} | {_fmt(b.get('cold', {}).get('end_to_end_ms'))} | "
-                     f"{b['rss_load_mb']:.0f} | {unet} |")
-    lines.append("")
-    for case in record.cases:
-        lines += case_table(case)
-    for key, sw in record.sweeps.items():
-        lines += [f"### sweep: {key}", "", "| backend | " + " | ".join(str(x) for x in sw["x"]) + " | fit |",
-                  "|---|" + "---:|" * len(sw["x"]) + "---|"]
-        for label, series in sw["series"].items():
-            ys = series["unet_per_step_p50_ms" if key == "size" else "end_to_end_p50_ms"]
-            fit = (sw.get("fit") or {}).get(label)
-            fit_text = f"fixed {fit['fixed_ms']:.1f} ms + {fit['slope_ms']:.2f} ms per {sw['x_label']}" if fit else "–"
-            lines.append(f"| {label} | " + " | ".join(_fmt(y) for y in ys) + f" | {fit_text} |")
-        lines += ["", f"(values: {'UNet ms/step p50' if key == 'size' else 'end-to-end ms p50'} vs {sw['x_label']})",
-                  ""]
-    lines += [f"![{name}]({path})" for name, path in record.files.items() if path.endswith(".png")]
-    return "\n".join(lines) + "\n"
-
-
-STAGE_COLORS = {"text_encoder": "#8da0cb", "text_encoder_2": "#a6d854", "vae_encoder": "#e78ac3",
-                "unet": "#fc8d62", "vae_decoder": "#66c2a5", "other": "#b3b3b3"}
-
-
-def plot_stages(case: Mapping[str, Any], path: Path) -> None:
-    """Horizontal stacked bars: mean time per stage for each backend (other = untimed pipeline work)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(case["results"])
-    fig, ax = plt.subplots(figsize=(8, 0.7 * len(labels) + 1.6))
-    left = np.zeros(len(labels))
-    for stage, color in STAGE_COLORS.items():
-        if stage == "other":
-            vals = np.array([case["results"][b]["overhead"]["untimed_ms"] for b in labels])
-        else:
-            vals = np.array([case["results"][b]["stages"].get(stage, {}).get("per_run", {}).get("mean", 0.0)
-                             for b in labels])
-        if np.any(vals > 0):
-            ax.barh(labels, vals, left=left, color=color, label=stage)
-            left += np.maximum(vals, 0)
-    ax.set_xlabel("milliseconds per image batch (mean)")
-    ax.set_title(f"per-stage time, {case['name']}")
-    ax.invert_yaxis()
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_sweep(key: str, sweep: Mapping[str, Any], path: Path) -> None:
-    """Sweep lines per backend (size: UNet ms/step vs latent pixels; steps / batch: end-to-end and images/s)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = np.asarray(sweep["x"], dtype=float)
-    panels = 2 if key == "batch" else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), squeeze=False)
-    y_key = "unet_per_step_p50_ms" if key == "size" else "end_to_end_p50_ms"
-    for label, series in sweep["series"].items():
-        y = np.array([np.nan if v is None else v for v in series[y_key]], dtype=float)
-        line, = axes[0][0].plot(x, y, "o-", label=label)
-        fit = (sweep.get("fit") or {}).get(label)
-        if fit:
-            axes[0][0].plot(x, fit["fixed_ms"] + fit["slope_ms"] * x, ":", color=line.get_color())
-        if panels == 2:
-            axes[0][1].plot(x, series["images_per_s"], "o-", label=label)
-    axes[0][0].set_xlabel(sweep["x_label"])
-    axes[0][0].set_ylabel("UNet ms per step (p50)" if key == "size" else "end-to-end ms (p50)")
-    axes[0][0].set_title({"steps": "end-to-end vs steps (dotted: fixed + per-step fit)",
-                          "size": "UNet time per step vs latent size", "batch": "end-to-end vs batch"}[key])
-    axes[0][0].legend(fontsize=8)
-    if panels == 2:
-        axes[0][1].set_xlabel(sweep["x_label"])
-        axes[0][1].set_ylabel("images / s")
-        axes[0][1].set_title("throughput vs batch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_reports(record: BenchRecord, out: Path, plots: bool = True) -> None:
-    """bench.json, bench.md and the PNG plots into `out` (record.files lists them, relative to `out`)."""
-    if plots and record.cases:
-        plot_stages(record.cases[0], out / "stages.png")
-        record.files["stages"] = "stages.png"
-        for key, sw in record.sweeps.items():
-            plot_sweep(key, sw, out / f"sweep-{key}.png")
-            record.files[f"sweep-{key}"] = f"sweep-{key}.png"
-    record.files.update({"json": "bench.json", "markdown": "bench.md"})
-    atomic_write_bytes(out / "bench.md", format_markdown(record).encode())
-    atomic_write_json(out / "bench.json", _finite(record.to_json()))
-
-
-def _finite(obj: Any) -> Any:
-    """JSON has no inf/nan: write them as strings ("inf" PSNR means identical images)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
