@@ -583,7 +583,8 @@ def engine_manifest(export: OnnxExport, plan: ProfilePlan, opts: BuildOptions, g
         "model": export.manifest.get("model"),
         "tools": tools,
         "gpu": dict(gpu) if gpu else None,
-        "precision": opts.precision,
+        # a partial fp32 rebuild keeps an int8 UNet: the folder is then still an int8 engine set
+        "precision": "int8" if any(c.get("precision") == "int8" for c in components.values()) else opts.precision,
         "plan": plan_info,
         "components": dict(components),
         "files": dict(files),

@@ -92,6 +92,12 @@ def test_dynamic_int8_build_needs_no_calibration_and_keeps_its_unet(sd1: Path, f
     again = read_manifest(out)
     assert again["components"]["unet"]["sha256"] == unet["sha256"] == sha256_tree(out / "unet")
     assert again["precision"] == "int8" and again["int8"]["recipe"] == "dynamic-matmul-pc"
+    # ... and so does an fp32 rebuild of another component: the folder still says int8.
+    assert main(["build", str(sd1), "-o", str(out), "--backend", "onnxruntime", "--precision", "fp32",
+                 "--components", "vae_decoder", "--overwrite"]) == 0
+    kept = read_manifest(out)
+    assert kept["components"]["unet"]["sha256"] == unet["sha256"]
+    assert kept["components"]["unet"]["precision"] == "int8" and kept["precision"] == "int8"
 
 
 def test_int8_on_tensorrt_or_without_int8_is_a_clear_error(sd1: Path, tmp_path: Path,
