@@ -112,7 +112,7 @@ def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int
 
     from latentrt.export.wrappers import wrap
     from latentrt.runtime.backends.tensorrt import load_engines
-    from latentrt.tensors import dummy_inputs
+    from latentrt.tensors import dummy_inputs, prompt_like
 
     engines = load_engines(engine_dir)
     factor = loaded.dims.vae_scale_factor
@@ -123,7 +123,7 @@ def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int
             dims = {"batch": batch, "unet_batch": batch * 2 if loaded.spec.uses_cfg else batch,
                     "latent_height": h // factor, "latent_width": w // factor, "tokens": 77, "sequence": 77}
             feed_np = prompt_like(dummy_inputs(engine.io, {k: v for k, v in dims.items() if k in engine.io.dims},
-                                               seed=h + w))
+                                               seed=h + w), words=11)
             feed = {k: torch.from_numpy(v).cuda() for k, v in feed_np.items()}
             with torch.no_grad():
                 reference = module(*(feed[n] for n in engine.io.input_names))
@@ -138,14 +138,6 @@ def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int
     return rows
 
 
-def prompt_like(feed: dict[str, Any]) -> dict[str, Any]:
-    """Token ids shaped like a real prompt (BOS, words, EOS padding) so CLIP pools at a real EOS."""
-    if "input_ids" in feed:
-        ids = feed["input_ids"] % 49000
-        ids[:, 0] = 49406
-        ids[:, 12:] = 49407
-        feed["input_ids"] = ids
-    return feed
 
 
 def compare(component: str, size: tuple[int, int], names: list[str], got: dict[str, Any],

@@ -170,6 +170,17 @@ def dummy_inputs(io: ComponentIO, sizes: Sizes | None = None, seed: int = 0) -> 
 
 
 INT_INPUT_HIGH = {INPUT_IDS: 49407}
+CLIP_BOS, CLIP_EOS = 49406, 49407  # <|startoftext|>, <|endoftext|> (the highest id: CLIP pools at argmax)
+
+
+def prompt_like(feed: dict[str, np.ndarray], words: int = 8) -> dict[str, np.ndarray]:
+    """Make a dummy feed's token ids look like a real prompt: BOS, `words` ids, then EOS padding."""
+    if INPUT_IDS in feed:
+        ids = feed[INPUT_IDS] % 49000
+        ids[:, 0] = CLIP_BOS
+        ids[:, words + 1:] = CLIP_EOS
+        feed[INPUT_IDS] = ids
+    return feed
 
 
 def profile(io: ComponentIO) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:

@@ -15,7 +15,7 @@ from latentrt.engines.build import build_engines
 from latentrt.engines.profiles import route
 from latentrt.families import FamilyId, get_family
 from latentrt.manifest import ENGINE_KIND, MANIFEST, read_manifest
-from latentrt.tensors import dummy_inputs, io_from_json
+from latentrt.tensors import dummy_inputs, io_from_json, prompt_like
 
 # shapes that differ from the export's own parity checks (batch 3, 24x16 latents)
 CHECK_SIZES = {"batch": 3, "unet_batch": 3, "latent_height": 24, "latent_width": 16, "tokens": 77, "sequence": 77}
@@ -29,14 +29,6 @@ def pytorch_outputs(loaded, component: str, feed: dict[str, np.ndarray]) -> list
         return [y.numpy() for y in module(*(torch.from_numpy(v) for v in feed.values()))]
 
 
-def token_ids(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Prompt-like ids: BOS, words, EOS, then EOS padding (CLIP pools at the highest id)."""
-    if "input_ids" in feed:
-        ids = feed["input_ids"] % 49000
-        ids[:, 0] = 49406
-        ids[:, 9:] = 49407
-        feed["input_ids"] = ids
-    return feed
 
 
 @pytest.mark.parametrize("family", [f.value for f in FamilyId])
@@ -52,7 +44,7 @@ def test_engines_from_a_real_export_match_pytorch(onnx_export_dir: Callable[[str
     options.intra_op_num_threads = 1
     for c, entry in manifest["components"].items():
         io = io_from_json(entry["io"])
-        feed = token_ids(dummy_inputs(io, {k: v for k, v in CHECK_SIZES.items() if k in io.dims}, seed=7))
+        feed = prompt_like(dummy_inputs(io, {k: v for k, v in CHECK_SIZES.items() if k in io.dims}, seed=7))
         session = ort.InferenceSession(str(out / entry["path"]), options, providers=["CPUExecutionProvider"])
         got = [np.asarray(y) for y in session.run(io.output_names, feed)]
         for name, g, r in zip(io.output_names, got, pytorch_outputs(loaded, c, feed)):
