@@ -3,7 +3,11 @@
 Everything is built into a hidden staging folder beside the destination and moved into place
 only when every component succeeded, so a failed or interrupted build never leaves a manifest
 (or half an engine) behind. Components whose cache key is unchanged are reused from the previous
-build of the same export instead of being rebuilt.
+build of the same export instead of being rebuilt. One run at a time writes a folder
+(`latentrt.outputs.output_lock`), and only a folder LatentRT wrote is replaced, with or without
+--overwrite (`latentrt.outputs.check_replaceable`). The export is untrusted input: its manifest
+is checked on read, and its ONNX graphs must have the inputs and outputs the manifest describes,
+with external weights inside their component folder.
 """
 
 from __future__ import annotations
@@ -36,9 +40,13 @@ from latentrt.manifest import (
     tool_versions,
     verify_files,
 )
+from latentrt.manifest_checks import sealed
+from latentrt.outputs import check_replaceable, link_tree, output_lock, written_files
+from latentrt.paths import inside
 from latentrt.tensors import ComponentIO, io_from_json, io_to_json
 
 from .cache import digest, key_fields
+from .onnx_checks import check_onnx_files
 from .profiles import ProfilePlan, format_plan, plan_profiles
 from .tensorrt import LayerFilter, attention_core
 
@@ -265,16 +273,30 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
                         graph_optimization_level, fp16_fixed_vae, optimization_level, refittable, strongly_typed,
                         workspace_mb, timing_cache, verify)
     gpu = _check_backend(opts)
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." has no name to stage or lock beside
+    if out.resolve() == export.folder.resolve():
+        raise OutputConflict(f"the engine folder {out} is the ONNX folder; choose another -o")
+    check_writable(out.parent)
+    with output_lock(out):
+        _build_locked(export, out, plan, opts, gpu, int8, overwrite, progress,
+                      dict(sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg, opt_batch=opt_batch))
+    log.info("wrote %s engines for %s to %s", backend, export.spec.id.value, out)
+    return out
+
+
+def _build_locked(export: OnnxExport, out: Path, plan: ProfilePlan, opts: BuildOptions, gpu: dict[str, str] | None,
+                  int8: Int8Options | None, overwrite: bool, progress: Progress | None,
+                  planning: dict[str, Any]) -> None:
+    """The build proper, run while holding the output folder's lock."""
     previous = _previous_build(export, out, overwrite)
     outdated = _outdated_kept(previous, export, opts, gpu, plan.components, out)
     if int8 is not None and "unet" in export.ios and "unet" not in plan.components \
             and not _same_int8(previous, int8):
         outdated.append("unet")  # the kept UNet is not the int8 UNet asked for
     if outdated:
-        plan = plan_for_export(export, sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg,
-                               opt_batch=opt_batch, components=[*plan.components, *outdated])
+        plan = plan_for_export(export, **planning, components=[*plan.components, *outdated])
     verify_export(export, plan.components)
+    check_onnx_files(export, plan.components)
     with staging_dir(out) as tmp:
         entries = _kept_entries(previous, opts.backend, plan.components, list(export.ios), out, tmp)
         reusable = None if overwrite else previous
@@ -287,11 +309,9 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         manifest = engine_manifest(export, plan, opts, gpu, ordered, files)
         if int8 is not None:
             manifest = _int8_manifest(export, manifest, tmp, int8, quantize, previous, (total - 1, total), progress)
-        atomic_write_json(tmp / MANIFEST, manifest)
+        atomic_write_json(tmp / MANIFEST, sealed({**manifest, "written": written_files(tmp)}))
         publish_modes(tmp)
         move_into_place(tmp, out)
-    log.info("wrote %s engines for %s to %s", backend, export.spec.id.value, out)
-    return out
 
 
 def _same_int8(manifest: Mapping[str, Any] | None, int8: Int8Options) -> bool:
@@ -371,20 +391,18 @@ def _check_backend(opts: BuildOptions) -> dict[str, str] | None:
 def _previous_build(export: OnnxExport, out: Path, overwrite: bool) -> Mapping[str, Any] | None:
     """The output folder's engine manifest when it holds a build of the same model, else None.
 
-    A folder holding anything else is an OutputConflict unless `overwrite`.
+    A folder holding anything LatentRT did not write is an OutputConflict, with or without `overwrite`; one
+    holding another model's engines (or an unusable engine folder) is an OutputConflict unless `overwrite`.
     """
-    if out.resolve() == export.folder.resolve():
-        raise OutputConflict(f"the engine folder {out} is the ONNX folder; choose another -o")
-    check_writable(out.parent)
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if check_replaceable(out, "engines") is None:
         return None
     try:
         old = read_manifest(out, ENGINE_KIND)
-    except (MissingComponent, StaleArtifact):
+    except (MissingComponent, StaleArtifact) as e:
         if overwrite:
             return None
-        raise OutputConflict(f"{out} exists and does not hold LatentRT engines; pass --overwrite to replace it "
-                             "or choose another folder") from None
+        raise OutputConflict(f"{out} exists and does not hold usable LatentRT engines ({e}); pass --overwrite to "
+                             "replace it or choose another folder") from None
     if old.get("source", {}).get("model") != export.manifest.get("source"):
         if overwrite:
             return None
@@ -431,7 +449,7 @@ def _kept_entries(previous: Mapping[str, Any] | None, backend: str, building: Se
     kept = {}
     for c, entry in previous.get("components", {}).items():
         if c in known and c not in building:
-            _link_tree(out / c, tmp / c)
+            link_tree(out / c, tmp / c)
             kept[c] = entry
     return kept
 
@@ -502,7 +520,7 @@ def _reuse(previous: Mapping[str, Any] | None, c: str, key: str, out: Path, tmp:
     if sha256_tree(out / c) != entry.get("sha256"):
         log.warning("%s: the previous engine's files changed since they were built; rebuilding", c)
         return None
-    _link_tree(out / c, tmp / c)
+    link_tree(out / c, tmp / c)
     return dict(entry)
 
 
@@ -534,27 +552,13 @@ def _copy_files(export: OnnxExport, tmp: Path) -> dict[str, str]:
     """Copy the export's non-engine files (tokenizers, scheduler) and return their hashes."""
     files = dict(export.manifest.get("files", {}))
     for rel in files:
-        src, dst = export.folder / rel, tmp / rel
+        src, dst = inside(export.folder, rel, "export file"), inside(tmp, rel, "engine file")
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst)
         else:
             shutil.copy2(src, dst)
     return files
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy, across filesystems) a folder's files into `dst`."""
-    for p in src.rglob("*"):
-        target = dst / p.relative_to(src)
-        if p.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(p, target)
-        except OSError:
-            shutil.copy2(p, target)
 
 
 def _tree_bytes(folder: Path) -> int:

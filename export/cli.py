@@ -26,9 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
+    from latentrt.export.models import check_opset
     from latentrt.export.onnx import export_model
     from latentrt.manifest import read_manifest
 
+    check_opset(max(args.opset, 18) if args.dynamo else args.opset, args.dynamo)
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     start = time.perf_counter()
     with warnings.catch_warnings():

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from latentrt.errors import CheckpointError, UnknownFamily
+from latentrt.errors import CheckpointError, InvalidRequest, UnknownFamily
 from latentrt.families import FamilyId, FamilySpec, Prediction, Spacing, TimeIds, get_family
 from latentrt.manifest import sha256_tree
 from latentrt.tensors import ComponentIO, ModelDims, component_ios
@@ -97,7 +97,7 @@ def detect_family(folder: str | Path) -> FamilySpec:
     index = model_index(folder)
     unet = part_config(folder, "unet")
     sched = part_config(folder, "scheduler")
-    in_ch = unet.get("in_channels")
+    in_ch = config_int(unet, "in_channels", str(folder / "unet" / "config.json"))
     trailing = sched.get("timestep_spacing") == Spacing.TRAILING.value
     v_pred = sched.get("prediction_type") == Prediction.V.value
     has_te1, has_te2 = _present(index, folder, "text_encoder"), _present(index, folder, "text_encoder_2")
@@ -124,18 +124,77 @@ def detect_family(folder: str | Path) -> FamilySpec:
     return get_family(family)
 
 
+def config_int(config: dict[str, Any], key: str, where: str, default: int | None = None, minimum: int = 1) -> int:
+    """An integer config value >= `minimum`; CheckpointError naming the file and key otherwise."""
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CheckpointError(f"{where}: '{key}' must be an integer >= {minimum}, got {json.dumps(value)}")
+    return value
+
+
+def config_ints(config: dict[str, Any], key: str, where: str, default: list[int] | None = None) -> list[int]:
+    """A non-empty list of positive integers from a config; CheckpointError otherwise."""
+    value = config.get(key, default)
+    if not isinstance(value, (list, tuple)) or not value or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise CheckpointError(f"{where}: '{key}' must be a non-empty list of positive integers, got "
+                              f"{json.dumps(value)}")
+    return list(value)
+
+
+def check_scheduler_config(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The scheduler settings LatentRT reads, checked for type and range; CheckpointError naming the first bad one."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{where}: '{key}' must be {what}, got {json.dumps(config.get(key))[:80]}")
+
+    config_int(config, "num_train_timesteps", where, 1000)
+    config_int(config, "steps_offset", where, 0, minimum=0)
+    for key in ("beta_start", "beta_end"):
+        value = config.get(key, 0.001)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise bad(key, "a number in [0, 1)")
+    for key in ("beta_schedule", "prediction_type", "timestep_spacing", "_class_name"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            raise bad(key, "a string")
+    for key in ("use_karras_sigmas", "set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise bad(key, "true or false")
+    return config
+
+
+def unet_attention(unet: dict[str, Any]) -> list[int] | None:
+    """[latent downsampling, heads] of the first UNet block with attention (for memory estimates), if readable."""
+    blocks = unet.get("down_block_types")
+    heads = unet.get("num_attention_heads") or unet.get("attention_head_dim")  # diffusers' legacy naming
+    if not isinstance(blocks, (list, tuple)):
+        return None
+    for i, block in enumerate(blocks):
+        if isinstance(block, str) and "Attn" in block:
+            h = heads[i] if isinstance(heads, (list, tuple)) and i < len(heads) else heads
+            return [2 ** i, h] if isinstance(h, int) and not isinstance(h, bool) and h > 0 else None
+    return None
+
+
 def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
-    """The widths of this checkpoint, checked against the family's structure."""
+    """The widths of this checkpoint, checked against the family's structure (and for sane config values)."""
     tes = [part_config(folder, te.component) for te in spec.text_encoders]
     unet, vae = part_config(folder, "unet"), part_config(folder, "vae")
-    pooled = next((c.get("projection_dim", 0) for te, c in zip(spec.text_encoders, tes) if te.pooled), 0)
+    te_where = [str(folder / te.component / "config.json") for te in spec.text_encoders]
+    unet_where, vae_where = str(folder / "unet" / "config.json"), str(folder / "vae" / "config.json")
+    pooled = next((config_int(c, "projection_dim", w, 0, minimum=0)
+                   for te, c, w in zip(spec.text_encoders, tes, te_where) if te.pooled), 0)
+    vae_blocks = config_ints(vae, "block_out_channels", vae_where, [0])
+    unet_blocks = config_ints(unet, "block_out_channels", unet_where, [320])
     dims = ModelDims(
-        text_hidden=tuple(int(c["hidden_size"]) for c in tes), pooled_dim=int(pooled),
-        context_dim=int(unet["cross_attention_dim"]), unet_in_channels=int(unet["in_channels"]),
-        latent_channels=int(vae.get("latent_channels", 4)),
-        vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0])) - 1),
-        max_tokens=int(tes[0].get("max_position_embeddings", 77)) if tes else 77, time_ids=spec.time_ids.width,
-        extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim")},
+        text_hidden=tuple(config_int(c, "hidden_size", w) for c, w in zip(tes, te_where)), pooled_dim=int(pooled),
+        context_dim=config_int(unet, "cross_attention_dim", unet_where),
+        unet_in_channels=config_int(unet, "in_channels", unet_where),
+        latent_channels=config_int(vae, "latent_channels", vae_where, 4),
+        vae_scale_factor=2 ** (len(vae_blocks) - 1),
+        max_tokens=config_int(tes[0], "max_position_embeddings", te_where[0], 77) if tes else 77,
+        time_ids=spec.time_ids.width,
+        extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim"),
+               "unet_attention": unet_attention(unet), "unet_channels": unet_blocks[0], "vae_channels": vae_blocks[0]},
     )
     problems = []
     if dims.unet_in_channels != spec.unet_in_channels:
@@ -177,6 +236,18 @@ def pipeline_class_name(spec: FamilySpec) -> str:
 
 # ---------------------------------------------------------------------------- loading
 
+MIN_OPSET = 14  # scaled_dot_product_attention and the SD graphs need opset >= 14
+
+
+def check_opset(opset: int, dynamo: bool = False) -> None:
+    """InvalidRequest naming the supported range when the exporter cannot emit `opset`."""
+    from torch.onnx import _constants
+
+    high = _constants.ONNX_MAX_OPSET if dynamo else _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= high:
+        raise InvalidRequest(f"opset {opset!r} is not supported by the {'dynamo' if dynamo else 'TorchScript'} "
+                             f"exporter here; choose {MIN_OPSET}-{high} (default 17)")
+
 
 @contextlib.contextmanager
 def quiet_progress() -> Iterator[None]:
@@ -209,8 +280,10 @@ def load_part(folder: Path, index: dict[str, Any], part: str) -> Any:
         if part.startswith("tokenizer"):
             return cls.from_pretrained(str(folder / part))
         obj = cls.from_pretrained(str(folder / part), torch_dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{folder}: cannot load '{part}' ({class_name}): {e}") from None
+    except Exception as e:  # noqa: BLE001 - damaged weights or configs surface as many types (SafetensorError, ...)
+        detail = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"{folder}: cannot load '{part}' ({class_name}): {detail[:300]}; the file may be "
+                              "damaged or incomplete") from None
     return obj.to("cpu").float().eval()
 
 
@@ -300,7 +373,7 @@ def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None
     ref = model if isinstance(model, CheckpointRef) else locate_checkpoint(model, family, config)
     folder, spec = ref.folder, ref.spec
     index = model_index(folder)
-    sched = part_config(folder, "scheduler")
+    sched = check_scheduler_config(part_config(folder, "scheduler"), str(folder / "scheduler" / "scheduler_config.json"))
     wanted = [p for p in MODEL_PARTS if p in ("unet", "vae") or any(te.component == p for te in spec.text_encoders)]
     with quiet_progress():
         modules = {p: load_part(folder, index, p) for p in wanted}

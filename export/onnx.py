@@ -4,8 +4,11 @@ Layout of an export folder (everything the runtime needs, nothing from the check
     OUT/manifest.json                       (latentrt.onnx, schema 1; written last)
     OUT/<component>/model.onnx [+ model.onnx.data when the model is over ~2 GB]
     OUT/tokenizer/, OUT/tokenizer_2/, OUT/scheduler/   (copied from the checkpoint)
-All files are written into a staging folder beside OUT and moved into place when complete; an
-interrupted export leaves no manifest, so it is never mistaken for a finished one.
+The whole folder is written into a staging folder beside OUT (components kept from a previous
+export of the same model are hard-linked in) and swapped into place when complete; an interrupted
+export leaves OUT as it was. One run at a time writes OUT (`latentrt.outputs.output_lock`), and it
+replaces only a folder LatentRT wrote (`latentrt.outputs.check_replaceable`). The checkpoint folder
+is read only when it holds no symlink out of it (`latentrt.paths.check_checkpoint`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentrt.errors import CheckpointError, ExportMismatch, OutputConflict, StaleArtifact
+from latentrt.errors import CheckpointError, ExportMismatch, MissingComponent, OutputConflict, StaleArtifact
 from latentrt.manifest import (
     MANIFEST,
     ONNX_KIND,
@@ -36,6 +39,9 @@ from latentrt.manifest import (
     staging_dir,
     tool_versions,
 )
+from latentrt.manifest_checks import sealed
+from latentrt.outputs import check_replaceable, link_tree, output_lock, written_files
+from latentrt.paths import check_checkpoint
 from latentrt.tensors import (
     ComponentIO,
     Sizes,
@@ -204,20 +210,19 @@ def describe_sizes(sizes: Sizes) -> str:
 
 
 def check_output(out: Path, ref: CheckpointRef, overwrite: bool) -> dict[str, Any] | None:
-    """Refuse to mix models in one folder; returns the previous manifest of the same model, if any."""
-    if out.exists() and not out.is_dir():
-        raise OutputConflict(f"output {out} exists and is not a folder")
-    if not (out / MANIFEST).is_file():
-        if not overwrite and out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
-            raise OutputConflict(f"output {out} is not empty and holds no LatentRT export; choose an empty "
-                                 "folder or pass --overwrite")
+    """Refuse to mix models in one folder or to replace what LatentRT did not write.
+
+    Returns the previous manifest when `out` holds an export of the same model (its components are kept).
+    """
+    if check_replaceable(out, "export") is None:
         return None
     try:
         old = read_manifest(out, ONNX_KIND)
-    except StaleArtifact:
+    except (StaleArtifact, MissingComponent) as e:
         if overwrite:
             return None
-        raise OutputConflict(f"{out} holds another kind of artifact; choose another folder or pass --overwrite") from None
+        raise OutputConflict(f"{out} holds another kind of artifact or an unusable export ({e}); choose another "
+                             "folder or pass --overwrite") from None
     same = old.get("source", {}).get("sha256") == ref.sha256 and old.get("family") == ref.spec.id.value
     if not same and not overwrite:
         raise OutputConflict(f"{out} already holds the export of {old.get('source', {}).get('model')!r} "
@@ -248,26 +253,28 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
             same family whose configs describe it (see `latentrt.export.single_file`).
     """
     say = progress or (lambda _msg: None)
-    out = Path(out_dir).expanduser()
-    check_writable(out.parent if not out.exists() else out)
+    out = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." has no name to stage or lock beside
+    check_writable(out.parent)  # the export is staged beside `out` and swapped in: `out` is created only then
+    check_checkpoint(model)
     ref = locate_checkpoint(model, family, config)
+    check_checkpoint(ref.folder)
     wanted = _select(ref, components)
-    previous = check_output(out, ref, overwrite)
-    check_writable(out)
-    say(f"loading {ref.source} ({ref.folder})")
-    loaded = load_checkpoint(ref)
-    if dynamo and opset < DYNAMO_MIN_OPSET:
-        log.info("dynamo exporter: raising opset %d to %d", opset, DYNAMO_MIN_OPSET)
-        opset = DYNAMO_MIN_OPSET
-    say(f"family {loaded.spec.id.value} ({loaded.spec.title}); exporting {', '.join(wanted)}")
-    with staging_dir(out) as stage:
-        entries = {}
-        for i, name in enumerate(wanted, 1):
-            entries[name] = _export_one(loaded, name, stage, opset=opset, dynamo=dynamo, verify=verify,
-                                        external_data_mb=external_data_mb, say=say, step=f"[{i}/{len(wanted)}]")
-        files = _copy_support_files(loaded, stage)
-        manifest = _manifest(loaded, opset, dynamo, entries, files, previous, out)
-        _publish(stage, out, [*entries, *files], manifest)
+    with output_lock(out):
+        previous = check_output(out, ref, overwrite)
+        say(f"loading {ref.source} ({ref.folder})")
+        loaded = load_checkpoint(ref)
+        if dynamo and opset < DYNAMO_MIN_OPSET:
+            log.info("dynamo exporter: raising opset %d to %d", opset, DYNAMO_MIN_OPSET)
+            opset = DYNAMO_MIN_OPSET
+        say(f"family {loaded.spec.id.value} ({loaded.spec.title}); exporting {', '.join(wanted)}")
+        with staging_dir(out) as stage:
+            entries = {}
+            for i, name in enumerate(wanted, 1):
+                entries[name] = _export_one(loaded, name, stage, opset=opset, dynamo=dynamo, verify=verify,
+                                            external_data_mb=external_data_mb, say=say, step=f"[{i}/{len(wanted)}]")
+            entries.update(_keep_previous(previous, entries, out, stage))
+            files = _copy_support_files(loaded, stage)
+            _publish(stage, out, _manifest(loaded, opset, dynamo, entries, files, stage))
     say(f"wrote {out}")
     return out
 
@@ -311,30 +318,31 @@ def _copy_support_files(loaded: LoadedModel, stage: Path) -> dict[str, str]:
     return out
 
 
+def _keep_previous(previous: Mapping[str, Any] | None, entries: Mapping[str, Any], out: Path,
+                   stage: Path) -> dict[str, Any]:
+    """A partial re-export of the same model keeps the components it did not redo (hard-linked into `stage`)."""
+    kept = {}
+    for name, entry in (previous or {}).get("components", {}).items():
+        if name not in entries and (out / entry["path"]).is_file():
+            link_tree(out / name, stage / name)
+            kept[name] = entry
+    return kept
+
+
 def _manifest(loaded: LoadedModel, opset: int, dynamo: bool, entries: Mapping[str, Any], files: dict[str, str],
-              previous: dict[str, Any] | None, out: Path) -> dict[str, Any]:
-    components = dict(entries)
-    if previous:  # a partial re-export of the same model keeps the components it did not redo
-        for name, entry in previous.get("components", {}).items():
-            if name not in components and (out / entry["path"]).is_file():
-                components[name] = entry
-    order = [c for c in loaded.spec.components if c in components]
-    return {
+              stage: Path) -> dict[str, Any]:
+    order = [c for c in loaded.spec.components if c in entries]
+    return sealed({
         "kind": ONNX_KIND, "schema": SCHEMA, "family": loaded.spec.id.value,
         "source": {"model": loaded.source, "sha256": loaded.source_sha256},
         "model": {"dims": dataclasses.asdict(loaded.dims), **loaded.info},
         "opset": opset, "exporter": "dynamo" if dynamo else "torchscript", "tools": tool_versions(),
-        "components": {c: components[c] for c in order}, "files": files,
-    }
+        "components": {c: entries[c] for c in order}, "files": files, "written": written_files(stage),
+    })
 
 
-def _publish(stage: Path, out: Path, names: Sequence[str], manifest: dict[str, Any]) -> None:
-    """Move finished folders into `out`, the manifest last (an old manifest is removed first)."""
-    out.mkdir(parents=True, exist_ok=True)
-    old = out / MANIFEST
-    if old.exists():
-        os.unlink(old)
-    for name in names:
-        publish_modes(stage / name)  # copied tokenizer/scheduler files keep their source's (maybe private) modes
-        move_into_place(stage / name, out / name)
-    atomic_write_json(out / MANIFEST, manifest)
+def _publish(stage: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Write the manifest into the finished `stage` and swap it in for `out` (renames only)."""
+    atomic_write_json(stage / MANIFEST, manifest)
+    publish_modes(stage)  # copied tokenizer/scheduler files keep their source's (maybe private) modes
+    move_into_place(stage, out)

@@ -29,6 +29,7 @@ import torch
 from latentrt.errors import CheckpointError, UnknownFamily
 from latentrt.families import FAMILIES, FamilyId, FamilySpec, TextTower, get_family
 from latentrt.manifest import atomic_write_json, sha256_file, sha256_tree, staging_dir
+from latentrt.paths import check_checkpoint
 
 from .models import (
     CheckpointRef,
@@ -281,7 +282,7 @@ def previous_conversion(sha256: str, pipeline: str) -> Path | None:
             meta = json.loads(marker.read_text())
         except (OSError, ValueError):
             continue
-        if meta.get("sha256") == sha256 and meta.get("pipeline_class") == pipeline:
+        if isinstance(meta, dict) and meta.get("sha256") == sha256 and meta.get("pipeline_class") == pipeline:
             found.append((marker.stat().st_mtime, marker.parent))
     return max(found)[1] if found else None
 
@@ -300,6 +301,8 @@ def convert_single_file(path: str | Path, *, config: str | Path | None = None,
     """Convert an original-layout file into a cached diffusers folder (or find the cached one)."""
     sf = read_single_file(path)
     local = Path(str(config)).expanduser() if config is not None else None
+    if local is not None:
+        check_checkpoint(local)  # its configs and tokenizers are read: no symlink out of it
     choice = choose_family(sf, local if local is not None and local.is_dir() else None, family)
     check_parts(sf, choice.spec)
     pipeline = pipeline_class_name(choice.spec)

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from .errors import UnsupportedShape
 
 Size = tuple[int, int]  # (height, width) in pixels
+SideRanges = tuple[tuple[int, int], tuple[int, int]]  # ((min_h, max_h), (min_w, max_w)) in pixels
 
 # SDXL multi-aspect buckets as commonly reproduced from the SDXL paper, appendix I (H x W, ~1024^2 px,
 # multiples of 64). Not symmetric: 704x1344 is in it, 1344x704 is not.
@@ -50,21 +51,34 @@ def is_valid_size(size: Size, multiple: int = 64) -> bool:
     return size[0] > 0 and size[1] > 0 and size[0] % multiple == 0 and size[1] % multiple == 0
 
 
-def nearest_valid(size: Size, multiple: int = 64) -> list[Size]:
-    """The valid sizes around an invalid one (rounded down and up per side)."""
-    def options(v: int) -> list[int]:
-        lo = max(multiple, (v // multiple) * multiple)
-        return sorted({lo, lo + multiple} if v % multiple else {v})
+def nearest_valid(size: Size, multiple: int = 64, ranges: SideRanges | None = None) -> list[Size]:
+    """The valid sizes around an invalid one (rounded down and up per side), each a positive multiple of
+    `multiple` and, given `ranges` ((min_h, max_h), (min_w, max_w) pixels), inside them."""
+    def options(v: int, lo: int, hi: int) -> list[int]:
+        down = (v // multiple) * multiple
+        near = {v} if v % multiple == 0 else {down, down + multiple}
+        return sorted({min(max(o, lo), hi) for o in near})
 
-    return [(h, w) for h in options(size[0]) for w in options(size[1])]
+    (h_lo, h_hi), (w_lo, w_hi) = _grid(ranges or ((multiple, 1 << 30), (multiple, 1 << 30)), multiple)
+    return [(h, w) for h in options(size[0], h_lo, h_hi) for w in options(size[1], w_lo, w_hi)]
 
 
-def check_multiple(size: Size, multiple: int = 64) -> None:
-    """Raise UnsupportedShape naming the nearest valid sizes when a side is not a multiple."""
+def _grid(ranges: SideRanges, multiple: int) -> SideRanges:
+    """Side ranges shrunk to multiples of `multiple` (at least one multiple each)."""
+    def side(lo: int, hi: int) -> tuple[int, int]:
+        lo = max(multiple, -(-lo // multiple) * multiple)
+        return lo, max(lo, (hi // multiple) * multiple)
+
+    return side(*ranges[0]), side(*ranges[1])
+
+
+def check_multiple(size: Size, multiple: int = 64, ranges: SideRanges | None = None) -> None:
+    """Raise UnsupportedShape naming the nearest valid sizes when a side is not a positive multiple."""
     if not is_valid_size(size, multiple):
-        near = ", ".join(f"{h}x{w}" for h, w in nearest_valid(size, multiple))
+        near = ", ".join(f"{h}x{w}" for h, w in nearest_valid(size, multiple, ranges))
         raise UnsupportedShape(
-            f"size {size[0]}x{size[1]} (HxW) is not a multiple of {multiple} on each side; nearest valid: {near}"
+            f"size {size[0]}x{size[1]} (HxW) is not a positive multiple of {multiple} on each side; nearest valid: "
+            f"{near}"
         )
 
 

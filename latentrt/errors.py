@@ -24,6 +24,10 @@ class OutputConflict(LatentRTError):
     """The output folder already holds artifacts of a different model, or cannot be written."""
 
 
+class UnsafePath(LatentRTError):
+    """A path read from a manifest or a checkpoint escapes its folder (absolute, `..`, or a symlink outside)."""
+
+
 class ExportMismatch(LatentRTError):
     """ONNX output differs from the PyTorch reference beyond tolerance."""
 
@@ -60,3 +64,7 @@ class BackendUnavailable(LatentRTError):
 
 class BuildError(LatentRTError):
     """An engine build failed; the message carries the tail of the builder log."""
+
+
+class TooLarge(InvalidRequest):
+    """A request needs more than a limit allows (memory, pixels, bytes, prompt length); says what would fit."""

@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import LatentRTError, MissingComponent, StaleArtifact
 from .manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, read_manifest
+from .paths import check_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,7 @@ def describe(folder: Path) -> list[str]:
 def _checkpoint_lines(folder: Path) -> list[str]:
     from latentrt.export.models import detect_family, model_index
 
+    check_checkpoint(folder)
     index = model_index(folder)
     try:
         spec = detect_family(folder)

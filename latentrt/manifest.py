@@ -3,6 +3,9 @@
 A stage writes its outputs into a hidden staging folder next to the destination and moves each
 file into place with ``os.replace`` only when it is complete; the manifest is written last, so a
 folder without a manifest (or with a manifest whose hashes do not match) is never taken as done.
+Staging folders carry the writer's pid (``.NAME.<pid>.<random>.partial``): the next run removes
+those whose process is gone. Manifests are untrusted input when read: `read_manifest` checks their
+JSON types, family, components, IO descriptions and paths (see `latentrt.manifest_checks`).
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -20,6 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MissingComponent, OutputConflict, StaleArtifact
+from .paths import check_tree
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 SCHEMA = 1
@@ -88,12 +96,43 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def staging_pattern(name: str) -> re.Pattern[str]:
+    """Names of the staging folders of a destination called `name`; group 1 is the writer's pid."""
+    return re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[a-z0-9_]{{8}}\.partial$")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(dest: Path) -> list[Path]:
+    """Remove the staging folders of `dest` whose writer process is gone (a killed run); returns them."""
+    pattern, removed = staging_pattern(dest.name), []
+    with contextlib.suppress(FileNotFoundError):
+        for p in dest.parent.iterdir():
+            m = pattern.match(p.name)
+            if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) \
+                    and p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    for p in removed:
+        log.info("removed %s, left by a killed run", p)
+    return removed
+
+
 @contextlib.contextmanager
 def staging_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary folder beside `dest` (same filesystem) that is removed unless moved away."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    remove_stale_staging(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.{os.getpid()}.", suffix=".partial", dir=dest.parent))
     tmp.chmod(0o755 & ~_umask())
     try:
         yield tmp
@@ -104,15 +143,22 @@ def staging_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
 def move_into_place(src: Path, dest: Path) -> None:
     """Replace `dest` (file or folder) by `src` with renames only."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
+    if os.path.lexists(dest):
         old = dest.with_name(f".{dest.name}.old")
-        if old.exists():
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        _remove(old)
         os.replace(dest, old)
         os.replace(src, dest)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
+        _remove(old)
     else:
         os.replace(src, dest)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a symlink (never its target) or a folder tree, if present."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        path.unlink()
 
 
 def check_writable(folder: str | os.PathLike[str]) -> Path:
@@ -128,7 +174,7 @@ def check_writable(folder: str | os.PathLike[str]) -> Path:
 
 
 def read_manifest(folder: str | os.PathLike[str], kind: str | None = None) -> dict[str, Any]:
-    """Read and sanity-check a stage manifest."""
+    """Read a stage manifest and check it (types, family, components, IO, paths inside `folder`, no symlink out)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
         what = {ONNX_KIND: "an ONNX export (run `latentrt export`)",
@@ -145,6 +191,11 @@ def read_manifest(folder: str | os.PathLike[str], kind: str | None = None) -> di
         raise StaleArtifact(f"{path} describes {data.get('kind')!r}, expected {kind!r}")
     if data.get("schema") != SCHEMA:
         raise StaleArtifact(f"{path} has schema {data.get('schema')}, this LatentRT reads schema {SCHEMA}; re-run the stage")
+    if data.get("kind") in (ONNX_KIND, ENGINE_KIND):
+        from .manifest_checks import check_manifest
+
+        check_tree(Path(folder))
+        check_manifest(Path(folder), data)
     return data
 
 

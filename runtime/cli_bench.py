@@ -37,17 +37,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
+SWEEP_KEYS = ("steps", "size", "batch")
+
+
 def parse_sweeps(items: list[str] | None) -> dict[str, list[str]]:
-    """['steps=1,2,4', 'size=256x256,512x512'] -> {'steps': ['1', '2', '4'], 'size': [...]}."""
+    """['steps=1,2,4', 'size=256x256,512x512'] -> {'steps': ['1', '2', '4'], 'size': [...]}, every value checked
+    before the benchmark starts (sizes: positive multiples of 64; steps and batch: whole numbers >= 1)."""
     from latentrt.errors import InvalidRequest
 
     out: dict[str, list[str]] = {}
     for item in items or []:
         key, sep, values = item.partition("=")
-        if not sep or not values:
+        key = key.strip()
+        if not sep or not values.strip():
             raise InvalidRequest(f"cannot read --sweep {item!r}; write KEY=V1,V2 (steps=1,2,4)")
-        out[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+        if key not in SWEEP_KEYS:
+            raise InvalidRequest(f"cannot sweep {key!r}; choose one of {', '.join(SWEEP_KEYS)}")
+        parts = [v.strip() for v in values.split(",")]
+        if not all(parts):
+            raise InvalidRequest(f"--sweep {item!r} has an empty value; write KEY=V1,V2 (steps=1,2,4)")
+        for value in parts:
+            if key == "size":
+                check_size(value, "--sweep size")
+            elif not value.isdigit() or int(value) < 1:
+                raise InvalidRequest(f"--sweep {key} values must be whole numbers >= 1, got {value!r}")
+        out[key] = parts
     return out
+
+
+def check_size(text: str, what: str = "--size") -> tuple[int, int]:
+    """A HEIGHTxWIDTH size whose sides are positive multiples of 64 (with the nearest valid sizes if not)."""
+    from latentrt.buckets import check_multiple
+    from latentrt.errors import InvalidRequest
+
+    h, sep, w = text.lower().replace("*", "x").partition("x")
+    if not sep or not h.strip().isdigit() or not w.strip().isdigit():
+        raise InvalidRequest(f"cannot read {what} {text!r}; write HEIGHTxWIDTH, e.g. 512x512")
+    size = (int(h), int(w))
+    check_multiple(size)
+    return size
 
 
 class Bar:
@@ -78,14 +106,16 @@ class Bar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from latentrt.runtime.bench import PROMPT, format_markdown, parse_size, run_bench
+    from latentrt.runtime.bench import PROMPT, format_markdown, run_bench
 
+    sweep = parse_sweeps(args.sweep)  # every value checked before anything is built or measured
+    sizes = [check_size(s) for s in args.size] if args.size else None
     bar = Bar(args.progress)
     try:
         record = run_bench(args.model, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
                            steps=args.steps, guidance=args.guidance,
-                           sizes=[parse_size(s) for s in args.size] if args.size else None, batch=args.batch,
-                           warmup=args.warmup, runs=args.runs, sweep=parse_sweeps(args.sweep), out_dir=args.output,
+                           sizes=sizes, batch=args.batch,
+                           warmup=args.warmup, runs=args.runs, sweep=sweep, out_dir=args.output,
                            progress=bar, precision=args.precision, int8_recipe=args.int8_recipe, device=args.device,
                            seed=args.seed, prompt=args.prompt or PROMPT, flops=args.flops, plots=args.plots,
                            build_dir=args.build_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def output_paths(output: str | Path, count: int) -> list[Path]:
     """out.png for one image; out-0.png, out-1.png, ... for several."""
     out = Path(output)
-    if out.suffix.lower() != ".png":
+    if out.suffix.lower() != ".png" and out.name:
         out = out.with_name(out.name + ".png")
     if count == 1:
         return [out]
@@ -73,6 +74,22 @@ class StepBar:
             self.bar = None
 
 
+def checked_output_paths(output: str, count: int) -> list[Path]:
+    """The PNG paths for `count` images, each checked writable before any work (nothing is created)."""
+    from latentrt.errors import InvalidRequest
+    from latentrt.runtime.images import check_output_file
+
+    given = Path(output)
+    if not output.strip() or not given.name:
+        raise InvalidRequest(f"-o {output!r} names no file; give e.g. -o out.png")
+    if given.suffix and given.suffix.lower() != ".png":
+        raise InvalidRequest(f"-o {output!r}: LatentRT writes PNG files; name it {given.stem}.png")
+    if os.path.lexists(given) and not given.is_file():
+        raise InvalidRequest(f"-o {output!r} is {'a folder' if given.is_dir() else 'not a regular file'}; name a "
+                             f".png file (e.g. {given / 'out.png' if given.is_dir() else 'out.png'})")
+    return [check_output_file(p) for p in output_paths(output, count)]
+
+
 def request_from_args(args: argparse.Namespace) -> Any:
     from latentrt.errors import InvalidRequest
     from latentrt.runtime.pipeline import GenerationRequest
@@ -98,9 +115,11 @@ def run(args: argparse.Namespace) -> int:
     from latentrt.runtime.timing import format_table
 
     request = request_from_args(args)
+    checked_output_paths(args.output, args.batch * args.num_images)  # before the work, not after it
     pipe = load_pipeline(args.folder, backend=args.backend, device=args.device, refiner=args.refiner)
     bar = StepBar(args.progress)
     try:
+        pipe.check(request)  # bad settings and sizes beyond memory are refused before anything runs
         for line in pipe.engines.describe():
             print(f"engine: {line}")
         result = pipe.generate(request, callback=bar)

@@ -4,7 +4,9 @@ Accepted folders: built engines (`latentrt.engines` manifest: TensorRT plans or 
 an ONNX export (`latentrt.onnx` manifest, run directly on ONNX Runtime), or, for the PyTorch
 reference backend, a checkpoint (diffusers folder or `tiny:<family>`). Every component file is
 checked against the hash in its manifest before it is used: a changed or foreign file is
-`StaleArtifact`, an absent one `MissingComponent`.
+`StaleArtifact`, an absent one `MissingComponent`. Manifests are untrusted: `read_manifest` checks
+their types, family, components and IO, and every path they name must stay inside the folder
+(`UnsafePath` otherwise, symlinks out of the folder included).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from latentrt.manifest import (
     sha256_tree,
     verify_files,
 )
+from latentrt.paths import check_checkpoint, inside
 from latentrt.tensors import ComponentIO, ModelDims, io_from_json
 
 from .backends.base import Engine
@@ -219,7 +222,7 @@ def component_file(path: Path, name: str, entry: dict[str, Any], verify: bool) -
     rel = entry.get("path")
     if not rel:
         raise StaleArtifact(f"{path / MANIFEST}: component '{name}' has no path")
-    file = path / rel
+    file = inside(path, rel, f"{path / MANIFEST} component {name!r}")
     if not file.is_file():
         raise MissingComponent(f"{name}: {file} is missing (listed in {path / MANIFEST}); re-run the export/build")
     digest = entry.get("sha256")
@@ -344,7 +347,12 @@ def load_tokenizers(path: Path, spec: FamilySpec) -> dict[str, Any]:
         folder = path / te.tokenizer
         if not folder.is_dir():
             raise MissingComponent(f"{folder} is missing (the {te.component} tokenizer); re-run the export/build")
-        out[te.tokenizer] = CLIPTokenizer.from_pretrained(str(folder))
+        try:
+            out[te.tokenizer] = CLIPTokenizer.from_pretrained(str(folder))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # malformed vocab / merges / config
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
+            raise StaleArtifact(f"{folder} is not a readable CLIP tokenizer ({type(e).__name__}: {detail}); re-run "
+                                "the export/build") from None
     return out
 
 
@@ -354,7 +362,14 @@ def load_scheduler_config(path: Path) -> dict[str, Any]:
     file = path / "scheduler" / "scheduler_config.json"
     if not file.is_file():
         raise MissingComponent(f"{file} is missing (the scheduler config); re-run the export/build")
-    return dict(json.loads(file.read_text()))
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StaleArtifact(f"{file} is unreadable ({e}); re-run the export/build") from None
+    if not isinstance(config, dict):
+        raise StaleArtifact(f"{file} should hold a JSON object, found {type(config).__name__}; re-run the "
+                            "export/build")
+    return config
 
 
 def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[str, Any],
@@ -369,6 +384,7 @@ def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[
     from .backends.torch import TorchEngine
 
     family = manifest.get("family")
+    check_checkpoint(model)
     loaded = load_checkpoint(model, family=family)
     ios = loaded.ios()
     engines: dict[str, Engine] = {c: TorchEngine.from_loaded(c, loaded, ios[c], device) for c in ios}

@@ -26,9 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentrt.buckets import check_multiple, format_size, nearest_bucket, nearest_valid
+from latentrt.buckets import SideRanges, check_multiple, format_size, nearest_bucket, nearest_valid
 from latentrt.errors import InvalidRequest, UnsupportedShape
+from latentrt.export.models import check_scheduler_config
 from latentrt.families import SamplerId
+from latentrt.memory import architecture, available_bytes, check_fits, estimate_bytes
 from latentrt.tensors import (
     ENCODER_HIDDEN_STATES,
     IMAGES,
@@ -152,11 +154,16 @@ class Pipeline:
         self.spec = engines.spec
         self.device = engines.device
         self.refiner = refiner
+        check_scheduler_config(engines.scheduler_config, f"{engines.folder}/scheduler/scheduler_config.json")
         if refiner is not None:
             check_refiner(engines, refiner.engines)
 
     def __call__(self, request: GenerationRequest | None = None, **kwargs: Any) -> GenerationResult:
-        return self.generate(request if request is not None else GenerationRequest(**kwargs))
+        if request is None:
+            request = request_from_kwargs(kwargs)
+        elif kwargs:
+            raise InvalidRequest("give either a GenerationRequest or keyword settings, not both")
+        return self.generate(request)
 
     def close(self) -> None:
         self.engines.close()
@@ -168,6 +175,7 @@ class Pipeline:
     def resolve(self, request: GenerationRequest) -> tuple[ResolvedRequest, list[str]]:
         """Validate a request and fill in defaults; returns the settings and notes for the user."""
         spec, notes = self.spec, []
+        check_request(request)
         prompts = as_list(request.prompt)
         guidance = spec.sampling.guidance if request.guidance is None else float(request.guidance)
         if not math.isfinite(guidance) or guidance < 0:
@@ -198,7 +206,7 @@ class Pipeline:
             raise InvalidRequest(f"seed must be in [0, 2^64), got {seed}")
         negative = request.negative_prompt
         settings = ResolvedRequest(prompts, negative, steps, guidance, sampler, height, width, seed,
-                                   request.num_images_per_prompt, mode, strength, request.denoising_start,
+                                   int(request.num_images_per_prompt), mode, strength, request.denoising_start,
                                    request.denoising_end, request.sizes, image, mask, request.latents)
         self._check_batch(settings)
         return settings, notes
@@ -255,7 +263,7 @@ class Pipeline:
             if request.aspect is not None:
                 raise InvalidRequest("give either width and height or an aspect ratio, not both")
             size = (int(request.height), int(request.width))
-            check_multiple(size, PIXEL_MULTIPLE)
+            check_multiple(size, PIXEL_MULTIPLE, self.pixel_ranges())
             return self._covered(size, notes)
         if request.aspect is not None:
             bucket = nearest_bucket((1000, round(1000 * parse_aspect(request.aspect))), self._buckets())
@@ -264,12 +272,18 @@ class Pipeline:
         if image is not None:
             size = (image.size[1], image.size[0])
             if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
-                valid = nearest_valid(size, PIXEL_MULTIPLE)[0]
+                valid = nearest_valid(size, PIXEL_MULTIPLE, self.pixel_ranges())[0]
                 notes.append(f"resized the {format_size(size)} init image to {format_size(valid)} (HxW; sides must "
                              f"be multiples of {PIXEL_MULTIPLE})")
                 size = valid
             return self._covered(size, notes)
         return self._covered(self.spec.native_size, notes)
+
+    def pixel_ranges(self) -> SideRanges:
+        """((min, max) height, (min, max) width) in pixels that every engine takes."""
+        (lo_h, hi_h), (lo_w, hi_w) = self.engines.latent_range()
+        f = self.engines.vae_scale_factor
+        return (lo_h * f, hi_h * f), (lo_w * f, hi_w * f)
 
     def _buckets(self) -> list[tuple[int, int]]:
         """The family's buckets the engines cover."""
@@ -300,17 +314,75 @@ class Pipeline:
             raise InvalidRequest(f"{s.batch} images{' with guidance' if rows > s.batch else ''} need a UNet batch of "
                                  f"{rows}; the engines take at most {unet.max}: generate fewer images per call")
 
+    # ------------------------------------------------------------------ memory
+
+    def memory_needed(self, batch: int, height: int, width: int, cfg: bool, decode: bool = True) -> dict[str, int]:
+        """Estimated peak activation bytes per stage of a request (`latentrt.memory`); {} when not estimated.
+
+        TensorRT allocates its activations when the engines load, so there is nothing left to check.
+        """
+        es = self.engines
+        if es.backend == "tensorrt":
+            return {}
+        f = es.vae_scale_factor
+        decoder = es.engines.get("vae_decoder")
+        chunk = min(batch, decoder.io.dims["batch"].max) if decoder and "batch" in decoder.io.dims else batch
+        need = estimate_bytes(architecture(self.spec.id.value, es.dims.extra if es.dims else None),
+                              unet_rows=batch * (2 if cfg else 1), decode_batch=chunk if decode else 0,
+                              latent_height=height // f, latent_width=width // f,
+                              fused_attention=es.backend == "torch")
+        return need if decode else {"unet": need["unet"]}
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raise what `generate` would raise for a bad request or one beyond memory, without doing any work."""
+        settings, _ = self.resolve(request)
+        self.check_memory(settings, request.refiner or self.refiner, decode=request.output_type != "latent")
+
+    def check_memory(self, s: ResolvedRequest, refiner: Pipeline | None = None, decode: bool = True) -> None:
+        """TooLarge before any work when the request needs more memory than is available, with the estimate
+        and the largest size of the same aspect that fits."""
+        cfg = needs_cfg(s.guidance)
+        pipes = [self] if refiner is None else [self, refiner]
+
+        def need(h: int, w: int) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for i, p in enumerate(pipes):
+                last = i == len(pipes) - 1
+                for k, v in p.memory_needed(s.batch, h, w, cfg, decode and last).items():
+                    out[("refiner_" if i else "") + k] = v
+            return out
+
+        available = available_bytes(str(self.device))
+        check_fits(need(s.height, s.width), available,
+                   f"{s.batch} image(s) of {s.height}x{s.width} (HxW){' with guidance' if cfg else ''}",
+                   lambda: self._largest_fitting(s.height, s.width, need, available))
+
+    def _largest_fitting(self, height: int, width: int, need: Callable[[int, int], dict[str, int]],
+                         available: int | None) -> str | None:
+        """The largest engine-covered size of about this aspect (sides multiples of 64) within `available`."""
+        (lo_h, _), (lo_w, _) = self.pixel_ranges()
+        longer = max(height, width)
+        for side in range(longer - longer % PIXEL_MULTIPLE, PIXEL_MULTIPLE - 1, -PIXEL_MULTIPLE):
+            other = max(PIXEL_MULTIPLE, round(min(height, width) * side / longer / PIXEL_MULTIPLE) * PIXEL_MULTIPLE)
+            h, w = (side, other) if height >= width else (other, side)
+            if h >= lo_h and w >= lo_w and self._covers((h, w)) and \
+                    available is not None and max(need(h, w).values(), default=0) <= available:
+                return f"{h}x{w} (HxW) or fewer images per call"
+        return None
+
     # ------------------------------------------------------------------ generation
 
     def generate(self, request: GenerationRequest, refiner: Pipeline | None = None,
                  callback: ProgressCallback | None = None) -> GenerationResult:
         """Generate images for a request (with `refiner`, or the request's / pipeline's refiner, for SDXL)."""
+        check_request(request)
         refiner = refiner or request.refiner or self.refiner
         if refiner is not None and refiner is not self.refiner:
             check_refiner(self.engines, refiner.engines)
         settings, notes = self.resolve(request)
         if refiner is not None and settings.denoising_end is None:
             settings.denoising_end = DEFAULT_REFINER_SWITCH
+        self.check_memory(settings, refiner, decode=request.output_type != "latent")
         noise = SeededNoise(settings.seed, self.device)
         timer = StageTimer(self.device)
         with timer.stage("total"):
@@ -459,6 +531,42 @@ def _step_callback(callback: ProgressCallback | None, plan: Any) -> Callable[[in
     return on_step
 
 
+INT_FIELDS = ("steps", "width", "height", "seed", "num_images_per_prompt")
+NUMBER_FIELDS = ("guidance", "strength", "denoising_start", "denoising_end")
+
+
+def request_from_kwargs(kwargs: dict[str, Any]) -> GenerationRequest:
+    """A GenerationRequest from keyword settings; InvalidRequest naming unknown or missing ones."""
+    unknown = set(kwargs) - set(GenerationRequest.__dataclass_fields__)
+    if unknown:
+        raise InvalidRequest(f"unknown generation setting(s) {', '.join(sorted(unknown))}")
+    if kwargs.get("prompt") is None:
+        raise InvalidRequest("a generation request needs a prompt: a string or a list of strings")
+    return GenerationRequest(**kwargs)
+
+
+def check_request(request: Any) -> None:
+    """InvalidRequest unless `request` is a GenerationRequest whose settings have the right types."""
+    if not isinstance(request, GenerationRequest):
+        raise InvalidRequest(f"expected a GenerationRequest (or prompt=... keywords), got {type(request).__name__}")
+    if request.prompt is None or not isinstance(request.prompt, (str, list, tuple)):
+        raise InvalidRequest("prompt must be a string or a non-empty list of strings, got "
+                             f"{type(request.prompt).__name__}")
+    for name in INT_FIELDS:
+        value = getattr(request, name)
+        whole = isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
+        if value is not None and (isinstance(value, bool) or not whole):
+            raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
+    for name in NUMBER_FIELDS:  # ranges (and NaN) are checked where each setting is resolved
+        value = getattr(request, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):
+            raise InvalidRequest(f"{name} must be a number, got {value!r}")
+    if request.aspect is not None and not isinstance(request.aspect, (str, int, float)):
+        raise InvalidRequest(f"aspect must be a ratio like '16:9' or a number, got {request.aspect!r}")
+    if request.num_images_per_prompt is None:
+        raise InvalidRequest("num_images_per_prompt must be a whole number >= 1, got None")
+
+
 def parse_aspect(aspect: str | float) -> float:
     """Width / height from '16:9', '16/9', '1.78' or a number."""
     if isinstance(aspect, (int, float)):
@@ -482,6 +590,10 @@ def load_pipeline(folder: str | os.PathLike[str], backend: str | None = None, de
                   refiner: str | os.PathLike[str] | Pipeline | None = None,
                   providers: Sequence[Any] | None = None) -> Pipeline:
     """A pipeline over the engines in `folder` (engine folder, ONNX export, or checkpoint with backend "torch")."""
+    if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
+        raise InvalidRequest(f"give the folder of an engine set or ONNX export (a path), got {folder!r}")
+    if refiner is not None and not isinstance(refiner, (str, os.PathLike, Pipeline)):
+        raise InvalidRequest(f"refiner must be a folder path or a Pipeline, got {type(refiner).__name__}")
     engines = load_engines(folder, backend=backend, device=device, providers=providers)
     ref = refiner if isinstance(refiner, Pipeline) or refiner is None else \
         Pipeline(load_engines(refiner, backend=backend, device=device, providers=providers))
@@ -494,11 +606,10 @@ LOAD_KEYS = ("backend", "device", "refiner", "providers")
 def generate(folder: str | os.PathLike[str], prompt: str | list[str], **kwargs: Any) -> GenerationResult:
     """One-call generation: `generate("engines/", "a red fox", steps=20, seed=1, backend="onnxruntime")`."""
     load = {k: kwargs.pop(k) for k in LOAD_KEYS if k in kwargs}
-    unknown = set(kwargs) - set(GenerationRequest.__dataclass_fields__)
-    if unknown:
-        raise InvalidRequest(f"unknown generation setting(s) {', '.join(sorted(unknown))}")
+    request = request_from_kwargs({"prompt": prompt, **kwargs})
+    check_request(request)
     pipe = load_pipeline(folder, **load)
     try:
-        return pipe.generate(GenerationRequest(prompt=prompt, **kwargs))
+        return pipe.generate(request)
     finally:
         pipe.close()

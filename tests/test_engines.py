@@ -157,9 +157,11 @@ def test_output_folder_conflicts(exports: dict[str, Path], tmp_path: Path) -> No
     (other / MANIFEST).write_text(json.dumps(other_manifest))
     with pytest.raises(OutputConflict, match="another model"):
         build_engines(exports["sd1"], other, backend="onnxruntime")
-    build_engines(exports["sd1"], foreign, backend="onnxruntime", overwrite=True)
-    assert not (foreign / "cat.jpg").exists()
-    assert read_manifest(foreign, ENGINE_KIND)["family"] == "sd1"
+    with pytest.raises(OutputConflict, match="cat.jpg"):  # issue 10: --overwrite never deletes a foreign file
+        build_engines(exports["sd1"], foreign, backend="onnxruntime", overwrite=True)
+    assert (foreign / "cat.jpg").exists()
+    build_engines(exports["sd1"], other, backend="onnxruntime", overwrite=True)  # another model's engines: replaced
+    assert read_manifest(other, ENGINE_KIND)["family"] == "sd1"
     with pytest.raises(OutputConflict, match="is the ONNX folder"):
         build_engines(exports["sd1"], exports["sd1"], backend="onnxruntime")
 

@@ -23,7 +23,8 @@ from latentrt.manifest import MANIFEST, ONNX_KIND, read_manifest, sha256_tree, v
 from latentrt.tensors import ModelDims, component_ios, io_from_json
 
 FAMILY_IDS = [f.value for f in FamilyId]
-MANIFEST_KEYS = {"kind", "schema", "family", "source", "model", "opset", "exporter", "tools", "components", "files"}
+MANIFEST_KEYS = {"kind", "schema", "family", "source", "model", "opset", "exporter", "tools", "components", "files",
+                 "written", "seal"}  # issue 10: the files LatentRT wrote (--overwrite rule), the edit seal
 COMPONENT_KEYS = {"path", "io", "sha256", "size_mb", "export_s", "parity"}
 
 
@@ -415,7 +416,7 @@ def test_published_export_files_get_public_modes(tmp_path: Path) -> None:
     (stage / "tokenizer" / "vocab.json").write_text("{}")
     (stage / "tokenizer" / "vocab.json").chmod(0o600)  # copytree keeps a private source file private
     (stage / "tokenizer").chmod(0o700)
-    _publish(stage, tmp_path / "out", ["tokenizer"], {"kind": "test"})
+    _publish(stage, tmp_path / "out", {"kind": "test"})  # issue 10: the whole staged folder is swapped in
     assert stat.S_IMODE((tmp_path / "out" / "tokenizer").stat().st_mode) == 0o755 & ~_umask()
     assert stat.S_IMODE((tmp_path / "out" / "tokenizer" / "vocab.json").stat().st_mode) == 0o644 & ~_umask()
 
