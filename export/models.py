@@ -135,6 +135,7 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
         latent_channels=int(vae.get("latent_channels", 4)),
         vae_scale_factor=2 ** (len(vae.get("block_out_channels", [0])) - 1),
         max_tokens=int(tes[0].get("max_position_embeddings", 77)) if tes else 77, time_ids=spec.time_ids.width,
+        time_cond_proj_dim=int(unet.get("time_cond_proj_dim") or 0),
         extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim")},
     )
     problems = []
