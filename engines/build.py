@@ -43,7 +43,7 @@ from latentrt.manifest import (
 from latentrt.manifest_checks import sealed
 from latentrt.outputs import check_replaceable, link_tree, output_lock, written_files
 from latentrt.paths import inside
-from latentrt.tensors import ComponentIO, io_from_json, io_to_json
+from latentrt.tensors import PROMPT_WINDOWS, ComponentIO, io_from_json, io_to_json
 
 from .cache import digest, key_fields
 from .onnx_checks import check_onnx_files
@@ -117,11 +117,12 @@ def read_onnx_export(onnx_dir: str | os.PathLike[str]) -> OnnxExport:
 
 def plan_for_export(export: OnnxExport, *, sizes: Sequence[Size] | None = None, batch: tuple[int, int] = (1, 4),
                     strategy: str = "grouped", groups: int = 3, cfg: bool | None = None,
-                    opt_batch: int | None = None, components: Sequence[str] | None = None) -> ProfilePlan:
+                    opt_batch: int | None = None, components: Sequence[str] | None = None,
+                    prompt_windows: int = PROMPT_WINDOWS) -> ProfilePlan:
     """The optimization-profile plan of an export's components."""
     ios = {c: export.ios[c] for c in select_components(export, components)}
     return plan_profiles(export.spec, ios, sizes=sizes, batch=batch, cfg=cfg, strategy=strategy, groups=groups,
-                         opt_batch=opt_batch)
+                         opt_batch=opt_batch, prompt_windows=prompt_windows)
 
 
 def select_components(export: OnnxExport, components: Sequence[str] | None) -> list[str]:
@@ -227,7 +228,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
                   strongly_typed: bool = False, workspace_mb: int | None = None,
                   timing_cache: str | os.PathLike[str] | None = None, verify: bool = True,
                   int8_recipe: str | None = None, calibration_size: Size | None = None,
-                  calibration_steps: int = INT8_CALIBRATION_STEPS) -> Path:
+                  calibration_steps: int = INT8_CALIBRATION_STEPS, prompt_windows: int = PROMPT_WINDOWS) -> Path:
     """Build engines for an ONNX export into `out_dir` and return it.
 
     Args:
@@ -253,6 +254,8 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         int8_recipe: with precision "int8", a name from `engines.quantize.RECIPES` (default "static-qdq-mha").
         calibration_size / calibration_steps: static int8 recipes record UNet inputs by sampling with the fp32
             engines at this (height, width) (default: the native size capped to 256 px) and step count (4).
+        prompt_windows: the most 75-token prompt windows the TensorRT profiles cover (UNet context
+            77 x windows; default 3). ONNX Runtime engines take any number the export does.
     """
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -264,7 +267,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     int8 = None if precision != "int8" else int8_options(export.spec, backend, device, int8_recipe,
                                                            calibration_size, calibration_steps)
     plan = plan_for_export(export, sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg,
-                           opt_batch=opt_batch, components=components)
+                           opt_batch=opt_batch, components=components, prompt_windows=prompt_windows)
     if plan_only:
         log.info("%s", format_plan(plan))
         return Path(out_dir)
@@ -279,7 +282,8 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     check_writable(out.parent)
     with output_lock(out):
         _build_locked(export, out, plan, opts, gpu, int8, overwrite, progress,
-                      dict(sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg, opt_batch=opt_batch))
+                      dict(sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg, opt_batch=opt_batch,
+                           prompt_windows=prompt_windows))
     log.info("wrote %s engines for %s to %s", backend, export.spec.id.value, out)
     return out
 

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profiles", choices=STRATEGIES, default="grouped",
                         help="one dynamic profile, one per size, or aspect-ratio groups (default)")
     parser.add_argument("--groups", type=int, default=3, metavar="K", help="number of groups for --profiles grouped")
+    parser.add_argument("--prompt-windows", type=int, default=3, metavar="N",
+                        help="longest prompt the TensorRT profiles cover, in 75-token windows (default 3: 225 "
+                             "tokens; ONNX Runtime engines take any length)")
     cfg = parser.add_mutually_exclusive_group()
     cfg.add_argument("--cfg", dest="cfg", action="store_true", default=None,
                      help="plan the UNet batch for classifier-free guidance (default: the family's default)")
@@ -101,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     if args.plan:
         plan = plan_for_export(read_onnx_export(args.onnx_dir), sizes=sizes, batch=batch, strategy=args.profiles,
-                               groups=args.groups, cfg=args.cfg, opt_batch=args.opt_batch, components=components)
+                               groups=args.groups, cfg=args.cfg, opt_batch=args.opt_batch, components=components,
+                               prompt_windows=args.prompt_windows)
         print(format_plan(plan))
         if args.backend == "onnxruntime":
             print("(ONNX Runtime engines are fully dynamic: the plan applies to --backend tensorrt)")
@@ -118,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
                         optimization_level=args.opt_level, refittable=args.refittable,
                         strongly_typed=args.strongly_typed, workspace_mb=args.workspace_mb,
                         timing_cache=args.timing_cache, int8_recipe=args.int8_recipe,
+                        prompt_windows=args.prompt_windows,
                         calibration_size=calibration, calibration_steps=args.calibration_steps)
     print(_summary(rows, out, args.backend, time.perf_counter() - start))
     return 0

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from latentrt.buckets import Size, format_size, nearest_bucket
 from latentrt.errors import UnsupportedShape
 from latentrt.families import FamilySpec
-from latentrt.tensors import Bounds, ComponentIO, Scaled, profile
+from latentrt.tensors import PROMPT_WINDOWS, TIMESTEP_COND, Bounds, ComponentIO, Scaled, profile
 
 Strategy = Literal["dynamic", "per-bucket", "grouped"]
 STRATEGIES: tuple[str, ...] = ("dynamic", "per-bucket", "grouped")
@@ -29,6 +29,7 @@ Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
 LATENT_DIMS = ("latent_height", "latent_width")
 UNET_BATCH = "unet_batch"
+SEQUENCE = "sequence"  # UNet context length: 77 tokens per prompt window
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class ProfilePlan:
     vae_scale_factor: int
     ios: Mapping[str, ComponentIO]  # the components' IO as exported (full ranges)
     profiles: tuple[Profile, ...]
+    prompt_windows: int = PROMPT_WINDOWS  # most 75-token prompt windows the UNet context covers
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -92,7 +94,8 @@ def profile_entry(p: Profile, component: str) -> dict[str, Any]:
 
 def plan_profiles(spec: FamilySpec, ios: Mapping[str, ComponentIO], *, sizes: Sequence[Size] | None = None,
                   batch: tuple[int, int] = (1, 4), cfg: bool | None = None, strategy: str = "grouped",
-                  groups: int = 3, opt_batch: int | None = None) -> ProfilePlan:
+                  groups: int = 3, opt_batch: int | None = None,
+                  prompt_windows: int = PROMPT_WINDOWS) -> ProfilePlan:
     """Plan optimization profiles covering `sizes` (default: the family's buckets) and `batch`.
 
     Args:
@@ -100,11 +103,14 @@ def plan_profiles(spec: FamilySpec, ios: Mapping[str, ComponentIO], *, sizes: Se
         ios: component -> IO description (from the ONNX manifest).
         sizes: (height, width) pixel sizes the engines must cover.
         batch: (min, max) images per prompt.
-        cfg: double the UNet batch range for classifier-free guidance (default: `spec.uses_cfg`;
-            the UNet range still starts at the per-prompt minimum so guidance-free calls fit).
+        cfg: double the UNet batch range for classifier-free guidance (default: `spec.uses_cfg`, off for
+            UNets that take the guidance scale as an input (LCM); the UNet range still starts at the
+            per-prompt minimum so guidance-free calls fit).
         strategy: "dynamic", "per-bucket" or "grouped".
         groups: number of aspect-ratio groups for "grouped".
         opt_batch: per-prompt batch the kernels are tuned for (default: the minimum).
+        prompt_windows: the most prompt windows (75 tokens each, 77 with BOS/EOS) the UNet's context
+            (`sequence`, 77 x windows) covers; opt is one window.
     """
     if strategy not in STRATEGIES:
         raise UnsupportedShape(f"unknown profile strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
@@ -112,9 +118,11 @@ def plan_profiles(spec: FamilySpec, ios: Mapping[str, ComponentIO], *, sizes: Se
     chosen = _unique(tuple(sizes) if sizes is not None else spec.buckets)
     if not chosen:
         raise UnsupportedShape("no sizes to plan for: pass at least one HEIGHTxWIDTH size")
-    cfg = spec.uses_cfg if cfg is None else cfg
+    cfg = spec.uses_cfg and not _guidance_embedded(ios) if cfg is None else cfg
     opt_b = batch[0] if opt_batch is None else opt_batch
     _check_batch(batch, opt_b)
+    if prompt_windows < 1:
+        raise UnsupportedShape(f"prompt windows must be at least 1, got {prompt_windows}")
     for s in chosen:
         _check_size(s, factor)
         _check_latents_in_io(s, factor, ios)
@@ -122,11 +130,17 @@ def plan_profiles(spec: FamilySpec, ios: Mapping[str, ComponentIO], *, sizes: Se
     profiles = []
     for members in groups_of_sizes:
         opt = _opt_size(members, spec.native_size)
-        bounds = {c: _component_bounds(io, members, opt, factor, batch, opt_b, cfg) for c, io in ios.items()}
+        bounds = {c: _component_bounds(io, members, opt, factor, batch, opt_b, cfg, prompt_windows)
+                  for c, io in ios.items()}
         shapes = {c: profile(ios[c].with_ranges(b)) for c, b in bounds.items()}
         profiles.append(Profile("", members, opt, bounds, shapes))
     named = tuple(_with_name(p, i, strategy, profiles) for i, p in enumerate(profiles))
-    return ProfilePlan(spec.id.value, strategy, chosen, batch, opt_b, cfg, factor, dict(ios), named)
+    return ProfilePlan(spec.id.value, strategy, chosen, batch, opt_b, cfg, factor, dict(ios), named, prompt_windows)
+
+
+def _guidance_embedded(ios: Mapping[str, ComponentIO]) -> bool:
+    """Whether the UNet takes the guidance scale as an input (LCM `timestep_cond`): no CFG batch to plan for."""
+    return "unet" in ios and TIMESTEP_COND in ios["unet"].input_names
 
 
 def vae_scale_factor(ios: Mapping[str, ComponentIO], default: int) -> int:
@@ -234,8 +248,8 @@ def _opt_size(members: tuple[Size, ...], native: Size) -> Size:
     return min(members, key=lambda c: (round(spread(c), 9), c))
 
 
-def _component_bounds(io: ComponentIO, members: tuple[Size, ...], opt: Size, factor: int,
-                      batch: tuple[int, int], opt_batch: int, cfg: bool) -> dict[str, tuple[int, int, int]]:
+def _component_bounds(io: ComponentIO, members: tuple[Size, ...], opt: Size, factor: int, batch: tuple[int, int],
+                      opt_batch: int, cfg: bool, windows: int) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) for every dim of a component; dims the plan does not decide keep the IO's range."""
     mult = 2 if cfg else 1
     heights = [s[0] // factor for s in members]
@@ -247,12 +261,16 @@ def _component_bounds(io: ComponentIO, members: tuple[Size, ...], opt: Size, fac
         # text encoders may run the negative prompt in the same batch; VAEs see per-prompt batches
         "batch": (batch[0], opt_batch, (mult if _is_text(io) else 1) * batch[1]),
     }
+    if SEQUENCE in io.dims:  # the export's minimum is one window (77 tokens)
+        window = io.dims[SEQUENCE].min
+        planned[SEQUENCE] = (window, window, windows * window)
     out = {}
     for name, d in io.dims.items():
         lo, opt_v, hi = planned.get(name, (d.min, d.opt, d.max))
         if hi > d.max or lo < d.min:
+            hint = "lower --prompt-windows" if name == SEQUENCE else "lower --batch or choose smaller sizes"
             raise UnsupportedShape(f"{io.component}: {name} range {lo}..{hi} exceeds what the export supports "
-                                   f"({d.min}..{d.max}); lower --batch or choose smaller sizes")
+                                   f"({d.min}..{d.max}); {hint}")
         out[name] = (lo, opt_v, hi)
     return out
 
@@ -359,7 +377,8 @@ def format_plan(plan: ProfilePlan) -> str:
     """A readable table of the plan (for `latentrt build --plan`)."""
     head = (f"family {plan.family}: {len(plan.profiles)} profile(s), strategy {plan.strategy}, "
             f"{len(plan.sizes)} size(s), batch {plan.batch[0]}..{plan.batch[1]} per prompt (opt {plan.opt_batch}), "
-            f"CFG {'on: UNet batch x2' if plan.cfg else 'off'}")
+            f"CFG {'on: UNet batch x2' if plan.cfg else 'off'}, prompts up to {plan.prompt_windows} window(s) "
+            f"of 75 tokens")
     lines = [head]
     for i, p in enumerate(plan.profiles):
         hs = [s[0] for s in p.sizes]

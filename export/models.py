@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from latentrt.configs import check_scheduler_config, config_int, config_ints
 from latentrt.errors import CheckpointError, InvalidRequest, UnknownFamily
 from latentrt.families import FamilyId, FamilySpec, Prediction, Spacing, TimeIds, get_family
 from latentrt.manifest import sha256_tree
@@ -124,44 +125,6 @@ def detect_family(folder: str | Path) -> FamilySpec:
     return get_family(family)
 
 
-def config_int(config: dict[str, Any], key: str, where: str, default: int | None = None, minimum: int = 1) -> int:
-    """An integer config value >= `minimum`; CheckpointError naming the file and key otherwise."""
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise CheckpointError(f"{where}: '{key}' must be an integer >= {minimum}, got {json.dumps(value)}")
-    return value
-
-
-def config_ints(config: dict[str, Any], key: str, where: str, default: list[int] | None = None) -> list[int]:
-    """A non-empty list of positive integers from a config; CheckpointError otherwise."""
-    value = config.get(key, default)
-    if not isinstance(value, (list, tuple)) or not value or \
-            not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
-        raise CheckpointError(f"{where}: '{key}' must be a non-empty list of positive integers, got "
-                              f"{json.dumps(value)}")
-    return list(value)
-
-
-def check_scheduler_config(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """The scheduler settings LatentRT reads, checked for type and range; CheckpointError naming the first bad one."""
-    def bad(key: str, what: str) -> CheckpointError:
-        return CheckpointError(f"{where}: '{key}' must be {what}, got {json.dumps(config.get(key))[:80]}")
-
-    config_int(config, "num_train_timesteps", where, 1000)
-    config_int(config, "steps_offset", where, 0, minimum=0)
-    for key in ("beta_start", "beta_end"):
-        value = config.get(key, 0.001)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise bad(key, "a number in [0, 1)")
-    for key in ("beta_schedule", "prediction_type", "timestep_spacing", "_class_name"):
-        if config.get(key) is not None and not isinstance(config[key], str):
-            raise bad(key, "a string")
-    for key in ("use_karras_sigmas", "set_alpha_to_one", "clip_sample", "rescale_betas_zero_snr"):
-        if config.get(key) is not None and not isinstance(config[key], bool):
-            raise bad(key, "true or false")
-    return config
-
-
 def unet_attention(unet: dict[str, Any]) -> list[int] | None:
     """[latent downsampling, heads] of the first UNet block with attention (for memory estimates), if readable."""
     blocks = unet.get("down_block_types")
@@ -193,6 +156,7 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
         vae_scale_factor=2 ** (len(vae_blocks) - 1),
         max_tokens=config_int(tes[0], "max_position_embeddings", te_where[0], 77) if tes else 77,
         time_ids=spec.time_ids.width,
+        time_cond_proj_dim=config_int(unet, "time_cond_proj_dim", unet_where, 0, minimum=0) if unet.get("time_cond_proj_dim") else 0,
         extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim"),
                "unet_attention": unet_attention(unet), "unet_channels": unet_blocks[0], "vae_channels": vae_blocks[0]},
     )

@@ -6,7 +6,8 @@ vocabulary, an Euler scheduler with the family's defaults), so a tiny model is l
 the code path a user's checkpoint takes. The structure is kept: cross-attention down/up blocks,
 SDXL's text-time add-embedding, 9-channel inpainting input, v-prediction config, two-encoder
 SDXL context, a VAE with a scale factor of 8. Weights are seeded, so the files are identical
-from run to run.
+from run to run. Variants (`VARIANTS`, e.g. `tiny:sd1-lcm`) are a family's architecture with a
+distilled release's config changes (LCM: the UNet's `time_cond_proj_dim`, an LCMScheduler).
 """
 
 from __future__ import annotations
@@ -55,20 +56,40 @@ def cache_root() -> Path:
     return Path(os.environ.get("LATENTRT_CACHE") or Path.home() / ".cache" / "latentrt")
 
 
+@dataclass(frozen=True)
+class TinyVariant:
+    """A tiny checkpoint that is a family's architecture with a distilled release's config changes."""
+
+    family: str
+    unet: tuple[tuple[str, Any], ...]  # UNet config overrides
+    scheduler: str  # diffusers scheduler class
+    scheduler_config: tuple[tuple[str, Any], ...]
+    pipeline_class: str  # model_index.json `_class_name`
+
+
+LCM_TIME_COND_DIM = 32  # time_cond_proj_dim (256 in LCM-Dreamshaper-v7)
+VARIANTS = {
+    # latent-consistency SD 1.5 (LCM-Dreamshaper-v7 layout): guidance-embedding UNet input, LCMScheduler
+    "sd1-lcm": TinyVariant("sd1", (("time_cond_proj_dim", LCM_TIME_COND_DIM),), "LCMScheduler",
+                           (("original_inference_steps", 50), ("timestep_scaling", 10.0), ("set_alpha_to_one", True),
+                            ("clip_sample", False)), "LatentConsistencyModelPipeline"),
+}
+
+
 def tiny_folder(family: str) -> Path:
-    """The cached tiny checkpoint folder of a family, built on first use."""
-    spec = get_family(family)
-    dest = cache_root() / "tiny" / f"{spec.id.value}-v{TINY_VERSION}"
+    """The cached tiny checkpoint folder of a family (or variant, e.g. 'sd1-lcm'), built on first use."""
+    name = family if family in VARIANTS else get_family(family).id.value
+    dest = cache_root() / "tiny" / f"{name}-v{TINY_VERSION}"
     if (dest / "model_index.json").is_file():
         return dest
     with staging_dir(dest) as tmp:
-        make_tiny(spec.id.value, tmp / "model")
+        make_tiny(name, tmp / "model")
         try:
             os.replace(tmp / "model", dest)
         except OSError:  # another process finished first: keep its (identical) folder
             if not (dest / "model_index.json").is_file():
                 raise
-    log.info("built tiny %s checkpoint in %s", spec.id.value, dest)
+    log.info("built tiny %s checkpoint in %s", name, dest)
     return dest
 
 
@@ -111,11 +132,12 @@ def unet_config(spec: FamilySpec, context_dim: int, pooled_dim: int) -> dict[str
     return cfg
 
 
-def make_unet(spec: FamilySpec, context_dim: int, pooled_dim: int, seed: int) -> torch.nn.Module:
+def make_unet(spec: FamilySpec, context_dim: int, pooled_dim: int, seed: int,
+              overrides: dict[str, Any] | None = None) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return _jitter(UNet2DConditionModel(**unet_config(spec, context_dim, pooled_dim)), seed)
+    return _jitter(UNet2DConditionModel(**unet_config(spec, context_dim, pooled_dim), **(overrides or {})), seed)
 
 
 def make_vae(spec: FamilySpec, seed: int) -> torch.nn.Module:
@@ -131,14 +153,16 @@ def make_vae(spec: FamilySpec, seed: int) -> torch.nn.Module:
     return _jitter(AutoencoderKL(**config), seed)
 
 
-def make_scheduler(spec: FamilySpec) -> Any:
-    from diffusers import EulerDiscreteScheduler
+def make_scheduler(spec: FamilySpec, variant: TinyVariant | None = None) -> Any:
+    import diffusers
 
     s = spec.schedule
-    return EulerDiscreteScheduler(
+    cls = getattr(diffusers, variant.scheduler if variant else "EulerDiscreteScheduler")
+    return cls(
         num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
         beta_schedule=s.beta_schedule, prediction_type=spec.prediction.value,
         timestep_spacing=spec.sampling.spacing.value, steps_offset=1,
+        **dict(variant.scheduler_config if variant else ()),
     )
 
 
@@ -153,8 +177,9 @@ def _jitter(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 
 def make_tiny(family: str, folder: Path) -> Path:
-    """Build the tiny checkpoint of `family` and save it as a diffusers pipeline folder at `folder`."""
-    spec = get_family(family)
+    """Build the tiny checkpoint of `family` (or a variant, e.g. 'sd1-lcm') as a diffusers pipeline folder."""
+    variant = VARIANTS.get(family)
+    spec = get_family(variant.family if variant else family)
     folder = Path(folder)
     texts = text_recipes(spec)
     encoders: dict[str, torch.nn.Module] = {}
@@ -166,15 +191,17 @@ def make_tiny(family: str, folder: Path) -> Path:
     context_dim = sum(t.hidden for t in texts)
     pooled_dim = next((t.projection for te, t in zip(spec.text_encoders, texts) if te.pooled), 0)
     parts = dict(
-        unet=make_unet(spec, context_dim, pooled_dim, SEED + 10), vae=make_vae(spec, SEED + 20),
-        scheduler=make_scheduler(spec), **encoders, **tokenizers,
+        unet=make_unet(spec, context_dim, pooled_dim, SEED + 10, dict(variant.unet if variant else ())),
+        vae=make_vae(spec, SEED + 20), scheduler=make_scheduler(spec, variant), **encoders, **tokenizers,
     )
     from .models import quiet_progress
 
     with quiet_progress():
-        _pipeline(spec, parts).save_pretrained(str(folder), safe_serialization=True)
+        _pipeline(spec, parts, variant.pipeline_class if variant else None).save_pretrained(
+            str(folder), safe_serialization=True)
     shutil.rmtree(folder / ".tmp", ignore_errors=True)
-    _add_released_scheduler_keys(folder / "scheduler" / "scheduler_config.json")
+    if variant is None:  # distilled releases ship their own scheduler's config
+        _add_released_scheduler_keys(folder / "scheduler" / "scheduler_config.json")
     return folder
 
 
@@ -198,13 +225,13 @@ def _tokenizer(folder: Path, pad_token: str) -> Any:
     return CLIPTokenizer.from_pretrained(str(save_clip_tokenizer(folder, pad_token)))
 
 
-def _pipeline(spec: FamilySpec, parts: dict[str, Any]) -> Any:
+def _pipeline(spec: FamilySpec, parts: dict[str, Any], class_name: str | None = None) -> Any:
     """The diffusers pipeline object that owns these parts (its class goes into model_index.json)."""
     import diffusers
 
     from .models import pipeline_class_name
 
-    cls = getattr(diffusers, pipeline_class_name(spec))
+    cls = getattr(diffusers, class_name or pipeline_class_name(spec))
     params = inspect.signature(cls.__init__).parameters
     extra: dict[str, Any] = {k: None for k in ("safety_checker", "feature_extractor") if k in params}
     extra.update({k: False for k in ("requires_safety_checker", "add_watermarker") if k in params})

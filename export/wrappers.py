@@ -10,15 +10,19 @@ the VAE encoder returns the Gaussian's raw parameters (mean and logvar on channe
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from latentrt.families import HiddenState, TextEncoderSpec
+from latentrt.tensors import TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND
 
 if TYPE_CHECKING:
     from .models import LoadedModel
+
+ADDED_COND = (TEXT_EMBEDS, TIME_IDS)  # UNet inputs diffusers takes in `added_cond_kwargs` (SDXL)
 
 
 class TextEncoderWrapper(nn.Module):
@@ -37,16 +41,26 @@ class TextEncoderWrapper(nn.Module):
 
 
 class UNetWrapper(nn.Module):
-    """sample, timestep, encoder_hidden_states [, text_embeds, time_ids] -> out_sample."""
+    """sample, timestep, encoder_hidden_states [, text_embeds, time_ids] [, timestep_cond] -> out_sample.
 
-    def __init__(self, unet: nn.Module, added_cond: bool):
+    Inputs after the first three are passed to diffusers' `UNet2DConditionModel.forward` by name:
+    `text_embeds` / `time_ids` inside `added_cond_kwargs` (SDXL), `timestep_cond` as itself (LCM).
+    """
+
+    def __init__(self, unet: nn.Module, input_names: Sequence[str]):
         super().__init__()
         self.unet: Any = unet  # diffusers UNet2DConditionModel
-        self.added_cond = added_cond
+        self.extra = tuple(input_names[3:])
+        unknown = set(self.extra) - set(ADDED_COND) - {TIMESTEP_COND}
+        assert not unknown, f"UNet inputs with no diffusers keyword: {unknown}"
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *added: torch.Tensor) -> tuple[torch.Tensor]:
-        kwargs = {"added_cond_kwargs": {"text_embeds": added[0], "time_ids": added[1]}} if self.added_cond else {}
+                *extra: torch.Tensor) -> tuple[torch.Tensor]:
+        named = dict(zip(self.extra, extra))
+        kwargs: dict[str, Any] = {"timestep_cond": named[TIMESTEP_COND]} if TIMESTEP_COND in named else {}
+        added = {k: v for k, v in named.items() if k in ADDED_COND}
+        if added:
+            kwargs["added_cond_kwargs"] = added
         return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0],)
 
 
@@ -78,7 +92,7 @@ def wrap(component: str, loaded: LoadedModel) -> nn.Module:
         if te.component == component:
             return TextEncoderWrapper(loaded.modules[component], te).eval()
     if component == "unet":
-        return UNetWrapper(loaded.modules["unet"], added_cond=loaded.spec.has_pooled).eval()
+        return UNetWrapper(loaded.modules["unet"], loaded.ios()["unet"].input_names).eval()
     if component == "vae_decoder":
         return VaeDecoderWrapper(loaded.modules["vae"]).eval()
     if component == "vae_encoder":

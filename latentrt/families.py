@@ -29,6 +29,7 @@ class FamilyId(str, Enum):
 class Prediction(str, Enum):
     EPS = "epsilon"
     V = "v_prediction"
+    SAMPLE = "sample"  # the model predicts x0 itself
 
 
 class HiddenState(str, Enum):
@@ -61,11 +62,28 @@ class Spacing(str, Enum):
 
 
 class SamplerId(str, Enum):
+    """Sampler names users pick (`--sampler`); runtime/scheduler_config.py maps each to a diffusers scheduler class."""
+
     EULER = "euler"
     EULER_ANCESTRAL = "euler_a"
+    HEUN = "heun"
+    DPM_2 = "dpm_2"
+    DPM_2_ANCESTRAL = "dpm_2_a"
+    LMS = "lms"
+    PNDM = "pndm"  # PNDMScheduler as configured (SD 1.5 ships skip_prk_steps=True)
+    PLMS = "plms"  # PNDMScheduler with skip_prk_steps=True (pseudo linear multistep only)
     DDIM = "ddim"
+    DDPM = "ddpm"
     DPMPP_2M = "dpmpp_2m"
     DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    DPMPP_2M_SDE = "dpmpp_2m_sde"
+    DPMPP_3M_SDE = "dpmpp_3m_sde"
+    DPMPP_SDE = "dpmpp_sde"
+    DPMPP_2S = "dpmpp_2s"
+    UNIPC = "unipc"
+    DEIS = "deis"
+    LCM = "lcm"
+    TCD = "tcd"
 
 
 @dataclass(frozen=True)
@@ -79,10 +97,14 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class NoiseSchedule:
+    """The training noise schedule (betas), as diffusers' schedulers read it from scheduler_config.json."""
+
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"  # betas = linspace(sqrt(start), sqrt(end), T) ** 2
+    beta_schedule: str = "scaled_linear"  # linear | scaled_linear (linspace(sqrt(start), sqrt(end), T) ** 2) | squaredcos_cap_v2
     num_train_timesteps: int = 1000
+    trained_betas: tuple[float, ...] | None = None  # explicit betas (win over beta_schedule)
+    rescale_zero_snr: bool = False  # rescale_betas_zero_snr: Lin et al. 2023 (arXiv:2305.08891), algorithm 1
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,9 @@ class FamilySpec:
     fp16_vae_overflows: bool = False  # the VAE overflows to NaN in fp16 (SDXL): engines keep it fp32
     fp32_attention: bool = False  # fp16 attention softmax/matmul overflows (SD 2.x): engines keep them fp32
     reference_repo: str | None = None  # hub id of the family's reference checkpoint (configs for single files)
+    # diffusers' StableDiffusion[Img2Img|Inpaint]Pipeline.__init__ rewrites the scheduler config it loads:
+    # steps_offset != 1 -> 1 and clip_sample True -> False (SDXL pipelines do not)
+    pipeline_fixes_scheduler: bool = False
 
     @property
     def uses_cfg(self) -> bool:
@@ -155,15 +180,20 @@ FAMILIES: dict[FamilyId, FamilySpec] = {
     s.id: s
     for s in (
         FamilySpec(FamilyId.SD1, "Stable Diffusion 1.x", (_CLIP_L,), 4, Prediction.EPS, (512, 512), _B512, _SD_STEPS,
+                   pipeline_fixes_scheduler=True,
                    reference_repo="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         FamilySpec(FamilyId.SD1_INPAINT, "Stable Diffusion 1.5 inpainting", (_CLIP_L,), 9, Prediction.EPS,
-                   (512, 512), _B512, _SD_STEPS, reference_repo="stable-diffusion-v1-5/stable-diffusion-inpainting"),
+                   (512, 512), _B512, _SD_STEPS, pipeline_fixes_scheduler=True,
+                   reference_repo="stable-diffusion-v1-5/stable-diffusion-inpainting"),
         FamilySpec(FamilyId.SD2, "Stable Diffusion 2.x base", (_OPENCLIP_H,), 4, Prediction.EPS, (512, 512),
-                   _B512, _SD_STEPS, fp32_attention=True, reference_repo="stabilityai/stable-diffusion-2-1-base"),
+                   _B512, _SD_STEPS, fp32_attention=True, pipeline_fixes_scheduler=True,
+                   reference_repo="stabilityai/stable-diffusion-2-1-base"),
         FamilySpec(FamilyId.SD2_V, "Stable Diffusion 2.x (v-prediction, 768)", (_OPENCLIP_H,), 4, Prediction.V,
-                   (768, 768), _B768, _SD_STEPS, fp32_attention=True, reference_repo="stabilityai/stable-diffusion-2-1"),
+                   (768, 768), _B768, _SD_STEPS, fp32_attention=True, pipeline_fixes_scheduler=True,
+                   reference_repo="stabilityai/stable-diffusion-2-1"),
         FamilySpec(FamilyId.SD2_INPAINT, "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), 9, Prediction.EPS,
                    (512, 512), _B512, _SD_STEPS, fp32_attention=True,
+                   pipeline_fixes_scheduler=True,
                    reference_repo="stabilityai/stable-diffusion-2-inpainting"),
         FamilySpec(FamilyId.SDXL, "SDXL base", (_XL_L, _XL_G), 4, Prediction.EPS, (1024, 1024), SDXL_BUCKETS,
                    _XL_STEPS, TimeIds.SIZE_CROP_TARGET, 0.13025, zero_negative_for_empty_prompt=True,
@@ -175,7 +205,8 @@ FAMILIES: dict[FamilyId, FamilySpec] = {
                    _TURBO, TimeIds.SIZE_CROP_TARGET, 0.13025, min_turbo_steps_x_strength=1.0,
                    fp16_vae_overflows=True, reference_repo="stabilityai/sdxl-turbo"),
         FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), 4, Prediction.EPS, (512, 512), _B512, _TURBO,
-                   min_turbo_steps_x_strength=1.0, fp32_attention=True, reference_repo="stabilityai/sd-turbo"),
+                   min_turbo_steps_x_strength=1.0, fp32_attention=True, pipeline_fixes_scheduler=True,
+                   reference_repo="stabilityai/sd-turbo"),
     )
 }
 

@@ -54,6 +54,7 @@ SAMPLE = "sample"  # UNet: (scaled) noisy latents in
 TIMESTEP = "timestep"
 ENCODER_HIDDEN_STATES = "encoder_hidden_states"
 TIME_IDS = "time_ids"  # SDXL micro-conditioning
+TIMESTEP_COND = "timestep_cond"  # guidance-scale embedding of LCM-distilled UNets (config `time_cond_proj_dim`)
 OUT_SAMPLE = "out_sample"  # UNet: noise / v prediction out
 IMAGES = "images"  # VAE encoder in, VAE decoder out: pixels in [-1, 1]
 LATENT_PARAMETERS = "latent_parameters"  # VAE encoder out: posterior mean and log-variance
@@ -220,6 +221,15 @@ def infer_sizes(io: ComponentIO, feed: Mapping[str, Any]) -> dict[str, int]:
     return sizes
 
 
+def context_windows(io: ComponentIO) -> tuple[int, int] | None:
+    """(window length, most windows) a UNet's `encoder_hidden_states` takes; None without that input."""
+    spec = next((t for t in io.inputs if t.name == ENCODER_HIDDEN_STATES), None)
+    seq = spec.shape[1] if spec is not None and len(spec.shape) == 3 else None
+    if not isinstance(seq, Dim):
+        return (seq, 1) if isinstance(seq, int) else None
+    return seq.min, seq.max // seq.min
+
+
 def describe_shape(t: TensorSpec) -> str:
     return "(" + ", ".join(str(a) if isinstance(a, int) else a.name for a in t.shape) + ")"
 
@@ -230,7 +240,9 @@ def describe_shape(t: TensorSpec) -> str:
 BATCH = Dim("batch", 1, 1, 8)
 UNET_BATCH = Dim("unet_batch", 1, 2, 16)  # 2x batch with classifier-free guidance
 TOKENS = Dim("tokens", 1, 77, 77)
-SEQUENCE = Dim("sequence", 77, 77, 231)  # UNet context length (77 per prompt chunk)
+PROMPT_WINDOWS = 3  # prompt windows (75 tokens + BOS/EOS each) TensorRT profiles cover by default
+MAX_PROMPT_WINDOWS = 64  # windows an export (and so ONNX Runtime / PyTorch) accepts: any multiple of 77 up to 64
+SEQUENCE = Dim("sequence", 77, 77, MAX_PROMPT_WINDOWS * 77)  # UNet context length: 77 tokens per prompt window
 LATENT_H = Dim("latent_height", 8, 64, 256)  # image sides 64..2048 px at a VAE factor of 8
 LATENT_W = Dim("latent_width", 8, 64, 256)
 
@@ -247,6 +259,7 @@ class ModelDims:
     vae_scale_factor: int
     max_tokens: int = 77
     time_ids: int = 0
+    time_cond_proj_dim: int = 0  # UNet config `time_cond_proj_dim` (LCM guidance embedding width; 0: none)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -254,7 +267,7 @@ def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
     """The IO of every component of a family, derived from its spec and checkpoint widths."""
     f = m.vae_scale_factor
     tokens = replace(TOKENS, opt=m.max_tokens, max=m.max_tokens)
-    seq = replace(SEQUENCE, min=m.max_tokens, opt=m.max_tokens, max=3 * m.max_tokens)
+    seq = replace(SEQUENCE, min=m.max_tokens, opt=m.max_tokens, max=MAX_PROMPT_WINDOWS * m.max_tokens)
     lh = replace(LATENT_H, opt=spec.native_size[0] // f, max=2048 // f)
     lw = replace(LATENT_W, opt=spec.native_size[1] // f, max=2048 // f)
     img_h, img_w = Scaled("image_height", lh, f), Scaled("image_width", lw, f)
@@ -273,6 +286,8 @@ def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
         unet_in.append(TensorSpec(TEXT_EMBEDS, "float32", (UNET_BATCH, m.pooled_dim)))
     if spec.time_ids.width:
         unet_in.append(TensorSpec(TIME_IDS, "float32", (UNET_BATCH, spec.time_ids.width)))
+    if m.time_cond_proj_dim:
+        unet_in.append(TensorSpec(TIMESTEP_COND, "float32", (UNET_BATCH, m.time_cond_proj_dim)))
     ios["unet"] = ComponentIO("unet", tuple(unet_in),
                               (TensorSpec(OUT_SAMPLE, "float32", (UNET_BATCH, m.latent_channels, lh, lw)),))
     ios["vae_encoder"] = ComponentIO(

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from latentrt.families import SamplerId
+
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-SAMPLERS = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras")
+SAMPLERS = tuple(s.value for s in SamplerId)  # the pipeline rejects one without an implementation, listing those
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write; several images -> out-0.png, ...")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the family's, e.g. 30; Turbo 1)")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale (<= 1: off; Turbo 0)")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="default: the checkpoint's scheduler")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                        help="rescale the guided prediction's std toward the conditional one, in [0, 1] (Lin et al. "
+                             "2023; 0.7 with zero-SNR / v-prediction models; default 0: off)")
+    parser.add_argument("--prompt-weighting", action="store_true",
+                        help="read A1111-style emphasis in prompts: (word) x1.1, [word] /1.1, (word:1.3); "
+                             "\\( for a literal bracket")
+    parser.add_argument("--sampler", choices=SAMPLERS, metavar="NAME",
+                        help=f"default: the checkpoint's own scheduler (scheduler_config.json); one of "
+                             f"{', '.join(SAMPLERS)}")
     parser.add_argument("--width", type=int, help="pixels, a multiple of 64 (with --height)")
     parser.add_argument("--height", type=int, help="pixels, a multiple of 64 (with --width)")
     parser.add_argument("--aspect", help="aspect ratio W:H, e.g. 16:9: snaps to the family's nearest bucket")
@@ -106,7 +116,8 @@ def request_from_args(args: argparse.Namespace) -> Any:
         prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, width=args.width, height=args.height, aspect=args.aspect, seed=args.seed,
         num_images_per_prompt=args.num_images, image=args.image, strength=args.strength, mask=args.mask,
-        denoising_end=args.denoising_end)
+        denoising_end=args.denoising_end, guidance_rescale=args.guidance_rescale,
+        prompt_weighting=args.prompt_weighting)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,8 +3,10 @@
 SD 1.x / 2.x: the text encoder's chosen hidden state is the context. SDXL: each encoder's
 penultimate hidden state, concatenated on the channel axis, plus text_encoder_2's pooled
 projection (`text_embeds`) and the size / crop / aesthetic `time_ids`. Prompts are padded to the
-tokenizer's 77 tokens; longer prompts are truncated with a WARNING naming what was dropped.
-Each distinct text is encoded once per call (positives and negatives share one batch).
+tokenizer's 77 tokens; longer prompts are encoded in 75-token windows and concatenated along the
+sequence, as AUTOMATIC1111 and ComfyUI do (`latentrt.runtime.prompts`). Each distinct text is
+encoded once per call (positives and negatives share one batch).
+LCM-distilled UNets take the guidance scale as an embedding (`guidance_embedding`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from latentrt.families import FamilySpec, TimeIds
 from latentrt.tensors import HIDDEN_STATES, INPUT_IDS, TEXT_EMBEDS
 
 from .backends.base import Engine
+from .prompts import PromptTokens, batch_windows, emphasize, prompt_tokens, window_length
 from .timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -32,9 +35,9 @@ Size = tuple[int, int]  # (height, width) pixels
 class TextConditioning:
     """Per-image text conditioning, one row per image (prompts repeated `num_images_per_prompt` times)."""
 
-    context: torch.Tensor  # (N, 77, C) encoder_hidden_states
+    context: torch.Tensor  # (N, 77 * K, C) encoder_hidden_states, K prompt windows
     pooled: torch.Tensor | None  # (N, P) text_embeds (SDXL)
-    negative_context: torch.Tensor | None  # (N, 77, C), present when guidance runs
+    negative_context: torch.Tensor | None  # (N, 77 * K, C), present when guidance runs
     negative_pooled: torch.Tensor | None
 
     def unet_batch(self, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -60,17 +63,27 @@ def as_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
 
 
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
-    """(B, 77) int64 token ids, padded to max_length; truncation is logged as a WARNING."""
+    """(B, 77) int64 token ids of one window per text, as diffusers tokenizes (longer texts are truncated).
+
+    Only for callers that want diffusers' single-window ids; the pipeline encodes long prompts in windows.
+    """
     length = int(max_length or tokenizer.model_max_length)
-    ids = tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
-                    return_tensors="pt").input_ids
-    full = tokenizer(list(texts), padding=False, truncation=False, verbose=False)["input_ids"]
-    for row in full:
-        if len(row) > length:
-            dropped = tokenizer.decode(row[length - 1:-1])
-            log.warning("prompt truncated: %d of its %d tokens are over the %d-token limit of the text encoder and "
-                        "were dropped: %r", len(row) - length, len(row), length, dropped)
-    return ids.to(torch.int64)
+    return tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                     return_tensors="pt").input_ids.to(torch.int64)
+
+
+def check_windows(tokens: Sequence[PromptTokens], max_windows: int | None, window: int) -> int:
+    """The window count K the texts need (the most any needs); InvalidRequest beyond what the UNet takes."""
+    size = window - 2
+    count = max(t.windows(size) for t in tokens)
+    if max_windows is not None and count > max_windows:
+        longest = max(len(t.ids) for t in tokens)
+        raise InvalidRequest(f"the prompt is {longest} tokens ({count} windows of {size}); these engines take at most "
+                             f"{max_windows * size} prompt tokens ({max_windows} windows of {size}, context "
+                             f"{max_windows * window}): shorten the prompt, or rebuild the engines with "
+                             f"`latentrt build --prompt-windows {count}` (from a fresh `latentrt export` if the "
+                             "export predates long prompts)")
+    return count
 
 
 def _encode_batch(engine: Engine, ids: torch.Tensor, timer: StageTimer | None) -> dict[str, torch.Tensor]:
@@ -88,28 +101,45 @@ def _encode_batch(engine: Engine, ids: torch.Tensor, timer: StageTimer | None) -
 
 
 def encode_texts(spec: FamilySpec, engines: dict[str, Engine] | Any, tokenizers: dict[str, Any],
-                 texts: Sequence[str], timer: StageTimer | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(context (B, 77, C), pooled (B, P) or None) for a list of texts, one encoder call each."""
+                 texts: Sequence[str], timer: StageTimer | None = None, *, weighting: bool = False,
+                 max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(context (B, 77 * K, C), pooled (B, P) or None) for a list of texts, one encoder call each.
+
+    Every text is cut into the same number K of windows (see `latentrt.runtime.prompts`): the most
+    any text needs, shorter texts padded with empty windows. The pooled projection is the first
+    window's (as A1111 and ComfyUI take it). `weighting` reads the `(word:1.3)` syntax.
+    """
+    tokens = {te.tokenizer: [prompt_tokens(tokenizers[te.tokenizer], t, weighting) for t in texts]
+              for te in spec.text_encoders}
+    first = tokenizers[spec.text_encoders[0].tokenizer]
+    count = check_windows([t for per in tokens.values() for t in per], max_windows, window_length(first))
     hidden: list[torch.Tensor] = []
     pooled: torch.Tensor | None = None
     for te in spec.text_encoders:
-        engine = engines[te.component]
-        out = _encode_batch(engine, tokenize(tokenizers[te.tokenizer], texts), timer)
-        hidden.append(out[HIDDEN_STATES])
+        tok = tokenizers[te.tokenizer]
+        ids, weights = batch_windows(tok, tokens[te.tokenizer], count)
+        out = _encode_batch(engines[te.component], ids, timer)
+        states = out[HIDDEN_STATES]  # (B * K, 77, C_i)
+        if weighting:
+            states = emphasize(states, weights.to(states.device))
+        hidden.append(states.reshape(len(texts), count * states.shape[1], states.shape[2]))
         if te.pooled:
-            pooled = out[TEXT_EMBEDS]
+            pooled = out[TEXT_EMBEDS].reshape(len(texts), count, -1)[:, 0]
     return torch.cat(hidden, dim=-1), pooled
 
 
 def encode_prompts(spec: FamilySpec, engines: dict[str, Engine] | Any, tokenizers: dict[str, Any],
                    prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None, *, cfg: bool,
                    num_images_per_prompt: int = 1, zero_empty_negative: bool = False,
-                   timer: StageTimer | None = None) -> TextConditioning:
-    """Conditioning for a batch of prompts, as diffusers' `encode_prompt` computes it.
+                   timer: StageTimer | None = None, weighting: bool = False,
+                   max_windows: int | None = None) -> TextConditioning:
+    """Conditioning for a batch of prompts, as diffusers' `encode_prompt` computes it (up to 75 tokens).
 
     `negative_prompt=None` means "no negative prompt": SDXL checkpoints with
     `force_zeros_for_empty_prompt` (`zero_empty_negative`) then use all-zero negative embeddings,
-    others encode the empty string.
+    others encode the empty string. Longer prompts are encoded in 75-token windows (negatives padded
+    to the same window count); more than `max_windows` windows is an InvalidRequest. `weighting`
+    reads the `(word:1.3)` syntax (`latentrt.runtime.prompts`).
     """
     prompts = as_list(prompt)
     zero_negative = cfg and negative_prompt is None and zero_empty_negative
@@ -122,7 +152,8 @@ def encode_prompts(spec: FamilySpec, engines: dict[str, Engine] | Any, tokenizer
             raise InvalidRequest(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one "
                                  "per prompt")
     unique = list(dict.fromkeys(prompts + negatives))  # each distinct text is encoded once
-    context, pooled = encode_texts(spec, engines, tokenizers, unique, timer)
+    context, pooled = encode_texts(spec, engines, tokenizers, unique, timer, weighting=weighting,
+                                   max_windows=max_windows)
     rows = {text: i for i, text in enumerate(unique)}
 
     def pick(x: torch.Tensor | None, texts: list[str]) -> torch.Tensor | None:
@@ -138,6 +169,22 @@ def encode_prompts(spec: FamilySpec, engines: dict[str, Engine] | Any, tokenizer
     elif cfg:
         cond.negative_context, cond.negative_pooled = pick(context, negatives), pick(pooled, negatives)
     return cond
+
+
+def guidance_embedding(guidance: float, dim: int, batch: int) -> torch.Tensor:
+    """(batch, dim) sinusoidal embedding of w = guidance - 1, the `timestep_cond` of LCM-distilled UNets.
+
+    Luo et al. 2023 (Latent Consistency Models, arXiv:2310.04378) condition the UNet on the guidance
+    scale; diffusers' LatentConsistencyModelPipeline embeds w * 1000 like a timestep (sin half, then
+    cos half, frequencies 10000^(-i / (dim/2 - 1)), zero-padded to an odd dim) in float32.
+    """
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)  # float32 throughout, as diffusers computes it
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)
+    w = torch.tensor(guidance - 1, dtype=torch.float32) * 1000.0
+    angles = w.expand(batch, 1) * freqs[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
 # ---------------------------------------------------------------------------- SDXL time ids

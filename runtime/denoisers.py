@@ -24,17 +24,41 @@ def needs_cfg(guidance: float) -> bool:
     return guidance > 1.0
 
 
-def make_denoiser(model: Model, prediction: Prediction, sigma_to_t: Callable[[float], float]) -> Denoiser:
-    """Wrap an eps- or v-prediction model as a denoiser in sigma space."""
+X0Transform = Callable[[torch.Tensor], torch.Tensor]  # denoised x0 -> clipped / thresholded x0
+
+
+def make_denoiser(model: Model, prediction: Prediction, sigma_to_t: Callable[[float], float],
+                  x0_transform: X0Transform | None = None) -> Denoiser:
+    """Wrap an eps-, v- or x0-prediction model as a denoiser in sigma space; `x0_transform` clips / thresholds x0."""
 
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         scale = math.sqrt(sigma**2 + 1)  # 1 / c_in
         out = model(x / scale, sigma_to_t(sigma))
         if prediction == Prediction.EPS:
-            return x - sigma * out  # x0 = x - sigma * eps
-        return x / (sigma**2 + 1) - (sigma / scale) * out  # v = alpha * eps - sigma_vp * x0 (Salimans & Ho 2022)
+            x0 = x - sigma * out  # x0 = x - sigma * eps
+        elif prediction == Prediction.V:
+            x0 = x / (sigma**2 + 1) - (sigma / scale) * out  # v = alpha * eps - sigma_vp * x0 (Salimans & Ho 2022)
+        else:
+            x0 = out
+        return x0 if x0_transform is None else x0_transform(x0)
 
     return denoise
+
+
+def clip_x0(limit: float) -> X0Transform:
+    """Clamp x0 to [-limit, limit] (diffusers' clip_sample with clip_sample_range)."""
+    return lambda x0: x0.clamp(-limit, limit)
+
+
+def dynamic_threshold(ratio: float, max_value: float) -> X0Transform:
+    """Dynamic thresholding (Saharia et al. 2022, arXiv:2205.11487, section 2.3), as diffusers' _threshold_sample."""
+
+    def threshold(x0: torch.Tensor) -> torch.Tensor:
+        flat = x0.reshape(x0.shape[0], -1)
+        s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+        return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
+
+    return threshold
 
 
 def guided(model_2b: Model, guidance: float, guidance_rescale: float = 0.0) -> Model:

@@ -27,9 +27,8 @@ import torch
 from PIL import Image
 
 from latentrt.buckets import SideRanges, check_multiple, format_size, nearest_bucket, nearest_valid
+from latentrt.configs import check_scheduler_config
 from latentrt.errors import InvalidRequest, UnsupportedShape
-from latentrt.export.models import check_scheduler_config
-from latentrt.families import SamplerId
 from latentrt.memory import architecture, available_bytes, check_fits, estimate_bytes
 from latentrt.tensors import (
     ENCODER_HIDDEN_STATES,
@@ -41,15 +40,25 @@ from latentrt.tensors import (
     TEXT_EMBEDS,
     TIME_IDS,
     TIMESTEP,
+    TIMESTEP_COND,
+    context_windows,
     shape_of,
 )
 
-from .conditioning import SizeConditioning, TextConditioning, as_list, encode_prompts, time_ids
+from .conditioning import (
+    SizeConditioning,
+    TextConditioning,
+    as_list,
+    encode_prompts,
+    guidance_embedding,
+    time_ids,
+)
 from .denoisers import Model, guided, needs_cfg
 from .engine_set import EngineSet, check_refiner, load_engines
 from .images import ImageInput, float_to_pil, image_to_tensor, load_image, mask_to_tensor, tensor_to_float
-from .plan import check_fraction
+from .plan import check_fraction, plan_from_scheduler_config
 from .samplers import SeededNoise
+from .scheduler_config import parse_sampler, pipeline_fixes
 from .timing import StageTimer, TimingRecord
 
 log = logging.getLogger(__name__)
@@ -68,7 +77,8 @@ class GenerationRequest:
     negative_prompt: str | list[str] | None = None  # None: no negative (SDXL: zero embeddings)
     steps: int | None = None  # denoising steps of the full schedule (img2img runs int(steps * strength))
     guidance: float | None = None  # classifier-free guidance scale; <= 1 runs no CFG batch (Turbo: 0)
-    sampler: str | None = None  # euler | euler_a | ddim | dpmpp_2m | dpmpp_2m_karras (None: the checkpoint's own)
+    guidance_rescale: float = 0.0  # in [0, 1]: rescale the guided prediction's std (diffusers' rescale_noise_cfg)
+    sampler: str | None = None  # a SamplerId value: euler, euler_a, heun, ddim, pndm, ... (None: the checkpoint's own)
     width: int | None = None  # pixels; both or neither of width/height
     height: int | None = None
     aspect: str | float | None = None  # "16:9" or width/height: snaps to the family's nearest bucket
@@ -83,6 +93,7 @@ class GenerationRequest:
     sizes: SizeConditioning = field(default_factory=SizeConditioning)  # SDXL micro-conditioning
     output_type: str = "pil"  # "pil" (images + array) or "latent" (no VAE decode)
     refiner: Pipeline | None = None  # SDXL refiner continuing this request's latents
+    prompt_weighting: bool = False  # read the "(word:1.3)" emphasis syntax in prompts (A1111 style)
 
 
 @dataclass
@@ -129,6 +140,8 @@ class ResolvedRequest:
     image: Image.Image | None = None
     mask: Image.Image | None = None
     latents: torch.Tensor | None = None
+    guidance_rescale: float = 0.0
+    prompt_weighting: bool = False
 
     @property
     def batch(self) -> int:
@@ -143,6 +156,7 @@ class ResolvedRequest:
             "seed": self.seed, "num_images_per_prompt": self.num_images_per_prompt, "strength": self.strength,
             "denoising_start": self.denoising_start, "denoising_end": self.denoising_end,
             "sizes": asdict(self.sizes) if es.spec.time_ids.width else None,
+            "guidance_rescale": self.guidance_rescale, "prompt_weighting": self.prompt_weighting,
         }
 
 
@@ -180,9 +194,7 @@ class Pipeline:
         guidance = spec.sampling.guidance if request.guidance is None else float(request.guidance)
         if not math.isfinite(guidance) or guidance < 0:
             raise InvalidRequest(f"guidance must be >= 0 (0 or 1 disables classifier-free guidance), got {guidance}")
-        sampler = request.sampler
-        if sampler is not None and sampler not in {s.value for s in SamplerId}:
-            raise InvalidRequest(f"unknown sampler {sampler!r}; choose one of {', '.join(s.value for s in SamplerId)}")
+        sampler = None if request.sampler is None else parse_sampler(request.sampler).value
         if request.num_images_per_prompt < 1:
             raise InvalidRequest(f"num_images_per_prompt must be >= 1, got {request.num_images_per_prompt}")
         image = load_image(request.image, "init image") if request.image is not None else None
@@ -207,7 +219,8 @@ class Pipeline:
         negative = request.negative_prompt
         settings = ResolvedRequest(prompts, negative, steps, guidance, sampler, height, width, seed,
                                    int(request.num_images_per_prompt), mode, strength, request.denoising_start,
-                                   request.denoising_end, request.sizes, image, mask, request.latents)
+                                   request.denoising_end, request.sizes, image, mask, request.latents,
+                                   _guidance_rescale(request.guidance_rescale), bool(request.prompt_weighting))
         self._check_batch(settings)
         return settings, notes
 
@@ -309,7 +322,7 @@ class Pipeline:
 
     def _check_batch(self, s: ResolvedRequest) -> None:
         unet = self.engines["unet"].io.dims.get("unet_batch")
-        rows = s.batch * (2 if needs_cfg(s.guidance) else 1)
+        rows = s.batch * (2 if needs_cfg(s.guidance) and not self._guidance_embedded() else 1)
         if unet is not None and rows > unet.max:
             raise InvalidRequest(f"{s.batch} images{' with guidance' if rows > s.batch else ''} need a UNet batch of "
                                  f"{rows}; the engines take at most {unet.max}: generate fewer images per call")
@@ -422,15 +435,21 @@ class Pipeline:
 
         Returns (latents, the sampler that ran: `s.sampler`, else this model's scheduler config's own).
         """
-        from .plan import plan_from_scheduler_config
-
         es = self.engines
         cfg = needs_cfg(s.guidance)
-        cond = encode_prompts(self.spec, es, es.tokenizers, s.prompts, s.negative, cfg=cfg,
+        windows = context_windows(es["unet"].io)
+        cond = encode_prompts(self.spec, es, es.tokenizers, s.prompts, s.negative,
+                              cfg=cfg and not self._guidance_embedded(),
                               num_images_per_prompt=s.num_images_per_prompt,
-                              zero_empty_negative=es.force_zeros_for_empty_prompt, timer=timer)
+                              zero_empty_negative=es.force_zeros_for_empty_prompt, timer=timer,
+                              weighting=s.prompt_weighting, max_windows=windows[1] if windows else None)
+        fixes = self.spec.pipeline_fixes_scheduler
+        if fixes:
+            for note in pipeline_fixes(es.scheduler_config)[1]:
+                log.info("%s", note)
         plan = plan_from_scheduler_config(es.scheduler_config, s.sampler, s.steps, strength=s.strength,
-                                          denoising_start=s.denoising_start, denoising_end=s.denoising_end)
+                                          denoising_start=s.denoising_start, denoising_end=s.denoising_end,
+                                          pipeline_fixes_scheduler=fixes)
         x, extra = self._initial(s, plan, noise, timer, cfg)
         model = self._unet_model(cond, s, cfg, extra, timer)
         return plan.run(model, x, noise, callback=_step_callback(callback, plan)), plan.sampler.value
@@ -473,12 +492,21 @@ class Pipeline:
 
     def _unet_model(self, cond: TextConditioning, s: ResolvedRequest, cfg: bool, extra: torch.Tensor | None,
                     timer: StageTimer) -> Model:
-        """The model the sampler calls: (x * c_in, t) -> eps / v, one UNet call per step (CFG doubled)."""
+        """The model the sampler calls: (x * c_in, t) -> eps / v, one UNet call per step (CFG doubled).
+
+        An LCM-distilled UNet (`timestep_cond` input) takes the guidance scale as an embedding and runs
+        no CFG batch, as diffusers' LatentConsistencyModelPipeline does.
+        """
         engine = self.engines["unet"]
+        cfg = cfg and not self._guidance_embedded()
         context, pooled = cond.unet_batch(cfg)
         static: dict[str, torch.Tensor] = {ENCODER_HIDDEN_STATES: context}
         if pooled is not None:
             static[TEXT_EMBEDS] = pooled
+        if self._guidance_embedded():
+            width = engine.io.input(TIMESTEP_COND).shape[-1]
+            assert isinstance(width, int)
+            static[TIMESTEP_COND] = guidance_embedding(s.guidance, width, context.shape[0])
         kind = self.spec.time_ids
         if kind.width:
             pos, neg = time_ids(kind, (s.height, s.width), s.sizes, img2img=s.mode != "txt2img")
@@ -494,7 +522,11 @@ class Pipeline:
                 out = engine.run(feed)[OUT_SAMPLE]
             return out.to(x.device)
 
-        return guided(unet, s.guidance) if cfg else unet
+        return guided(unet, s.guidance, s.guidance_rescale) if cfg else unet
+
+    def _guidance_embedded(self) -> bool:
+        """Whether the UNet takes the guidance scale as an input (LCM) instead of running a CFG batch."""
+        return TIMESTEP_COND in self.engines["unet"].io.input_names
 
     # ------------------------------------------------------------------ VAE
 
@@ -565,6 +597,14 @@ def check_request(request: Any) -> None:
         raise InvalidRequest(f"aspect must be a ratio like '16:9' or a number, got {request.aspect!r}")
     if request.num_images_per_prompt is None:
         raise InvalidRequest("num_images_per_prompt must be a whole number >= 1, got None")
+
+
+def _guidance_rescale(value: float) -> float:
+    """A guidance_rescale in [0, 1] (Lin et al. 2023 recommend 0.7 with zero-SNR schedules)."""
+    rescale = float(value)
+    if not 0.0 <= rescale <= 1.0:  # also false for NaN
+        raise InvalidRequest(f"guidance_rescale must be in [0, 1] (0: off; 0.7 is the paper's choice), got {value}")
+    return rescale
 
 
 def parse_aspect(aspect: str | float) -> float:

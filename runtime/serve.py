@@ -4,8 +4,8 @@ Endpoints (JSON in, JSON out):
 - ``GET  /health``    -> {"status": "ok", "family", "backend", "model"}
 - ``POST /generate``  -> {"images": [base64 PNG, ...], "seed", "settings", "notes", "timing"}
   Body: the `GenerationRequest` fields that make sense over the wire (prompt, negative_prompt,
-  steps, guidance, sampler, width, height, aspect, seed, num_images_per_prompt, strength,
-  denoising_end) plus optional base64 PNG ``image`` / ``mask``. ``?format=png`` (or an
+  steps, guidance, guidance_rescale, sampler, width, height, aspect, seed, num_images_per_prompt,
+  strength, denoising_end, prompt_weighting) plus optional base64 PNG ``image`` / ``mask``. ``?format=png`` (or an
   ``Accept: image/png`` header) returns the first image as a PNG instead.
 
 Requests are served one at a time on the one pipeline (engines are not re-entrant); the timing
@@ -56,6 +56,7 @@ WIRE_TYPES = {  # field -> the JSON types it accepts ("str[]": a list of strings
     "prompt": ("str", "str[]"), "negative_prompt": ("str", "str[]"), "sampler": ("str",),
     "steps": ("int",), "seed": ("int",), "width": ("int",), "height": ("int",), "num_images_per_prompt": ("int",),
     "guidance": ("number",), "strength": ("number",), "denoising_end": ("number",), "aspect": ("str", "number"),
+    "guidance_rescale": ("number",), "prompt_weighting": ("bool",),
 }
 WIRE_FIELDS = set(WIRE_TYPES)
 
@@ -97,6 +98,8 @@ def _is(value: Any, kind: str) -> bool:
         return isinstance(value, str)
     if kind == "str[]":
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "bool":
+        return isinstance(value, bool)
     if isinstance(value, bool):  # JSON true/false are not numbers
         return False
     return isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
@@ -104,7 +107,8 @@ def _is(value: Any, kind: str) -> bool:
 
 def check_types(body: dict[str, Any]) -> None:
     """InvalidRequest naming the first wire field whose JSON type is wrong (e.g. "steps": "20")."""
-    names = {"str": "a string", "str[]": "a list of strings", "int": "an integer", "number": "a number"}
+    names = {"str": "a string", "str[]": "a list of strings", "int": "an integer", "number": "a number",
+             "bool": "true or false"}
     for key, kinds in WIRE_TYPES.items():
         value = body.get(key)
         if value is not None and not any(_is(value, k) for k in kinds):

@@ -37,7 +37,7 @@ def req(**kw: object) -> GenerationRequest:
     ({"steps": 2.5}, "steps must be a whole number"),
     ({"guidance": -1.0}, "guidance must be >= 0"),
     ({"guidance": float("nan")}, "guidance must be >= 0"),
-    ({"sampler": "heun"}, "unknown sampler 'heun'"),
+    ({"sampler": "k_heun_pp"}, "unknown sampler 'k_heun_pp'"),  # was 'heun', a sampler since issue 9
     ({"num_images_per_prompt": 0}, "num_images_per_prompt must be >= 1"),
     ({"width": 64, "height": None}, "give both width and height"),
     ({"aspect": "16:9"}, "either width and height or an aspect ratio"),

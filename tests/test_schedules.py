@@ -12,10 +12,12 @@ import torch
 from latentrt.families import NoiseSchedule, Spacing
 from latentrt.runtime.schedules import (
     alphas_cumprod,
+    beta_sigmas,
     betas,
     ddim_timesteps,
     discrete_timesteps,
     dpm_solver_timesteps,
+    exponential_sigmas,
     karras_sigmas,
     sigma_to_timestep,
     sigmas_for,
@@ -105,3 +107,28 @@ def test_turbo_timesteps_are_diffusers_trailing_spacing():
     for n in (1, 2, 3, 4):
         ref.set_timesteps(n)
         assert turbo_timesteps(n) == ref.timesteps.tolist()
+
+
+COSINE = NoiseSchedule(beta_start=0.0001, beta_end=0.02, beta_schedule="squaredcos_cap_v2")
+ZERO_SNR = NoiseSchedule(rescale_zero_snr=True)
+TRAINED = NoiseSchedule(trained_betas=tuple(torch.linspace(0.0002, 0.03, 1000).tolist()))
+
+
+@pytest.mark.parametrize("schedule", [COSINE, ZERO_SNR, TRAINED], ids=["squaredcos_cap_v2", "zero_snr", "trained"])
+def test_other_beta_schedules_equal_diffusers(schedule: NoiseSchedule):
+    cfg = scheduler_config(schedule, Spacing.LEADING) | {"rescale_betas_zero_snr": schedule.rescale_zero_snr,
+                                                         "trained_betas": schedule.trained_betas}
+    ref = from_config(diffusers.DDIMScheduler, cfg)
+    assert torch.equal(betas(schedule), ref.betas)
+    assert torch.equal(alphas_cumprod(schedule), ref.alphas_cumprod)
+    if schedule.rescale_zero_snr:
+        assert float(alphas_cumprod(schedule)[-1]) == 0.0
+
+
+@pytest.mark.parametrize("steps", [1, 2, 10, 25])
+def test_exponential_and_beta_sigmas_equal_diffusers(steps: int):
+    ref = from_config(diffusers.EulerDiscreteScheduler, scheduler_config(SD, Spacing.LEADING))
+    table = np.flip(np.array(train_sigmas(SD), dtype=np.float32)).copy()
+    lo, hi = float(table[-1]), float(table[0])
+    assert exponential_sigmas(lo, hi, steps)[:-1] == ref._convert_to_exponential(torch.from_numpy(table), steps).tolist()
+    assert beta_sigmas(lo, hi, steps)[:-1] == ref._convert_to_beta(torch.from_numpy(table), steps).tolist()
