@@ -41,7 +41,7 @@ from latentrt.manifest import (
     verify_files,
 )
 from latentrt.manifest_checks import sealed
-from latentrt.outputs import check_replaceable, link_tree, output_lock, written_files
+from latentrt.outputs import check_replaceable, link_tree, output_lock, removed_if_failed, written_files
 from latentrt.paths import inside
 from latentrt.tensors import PROMPT_WINDOWS, ComponentIO, io_from_json, io_to_json
 
@@ -279,8 +279,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     out = Path(os.path.abspath(out_dir))  # "." has no name to stage or lock beside
     if out.resolve() == export.folder.resolve():
         raise OutputConflict(f"the engine folder {out} is the ONNX folder; choose another -o")
-    check_writable(out.parent)
-    with output_lock(out):
+    with removed_if_failed(out.parent), output_lock(check_writable(out.parent) / out.name):
         _build_locked(export, out, plan, opts, gpu, int8, overwrite, progress,
                       dict(sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg, opt_batch=opt_batch,
                            prompt_windows=prompt_windows))

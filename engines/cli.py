@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "onnxruntime, CPU only): fp32 engines with an int8 UNet, see --int8-recipe")
     parser.add_argument("--components", metavar="NAME,...", help="build only these components, e.g. unet,vae_decoder")
     parser.add_argument("--overwrite", action="store_true",
-                        help="rebuild even unchanged engines, and replace an output folder that holds something else")
+                        help="rebuild even unchanged engines, and replace another model's engines (or another "
+                             "LatentRT artifact) in ENGINE_DIR. A folder holding anything LatentRT did not write is "
+                             "never replaced, with or without --overwrite")
     trt = parser.add_argument_group("TensorRT")
     trt.add_argument("--opt-level", type=int, default=3, metavar="N", help="builder optimization level 0-5 (3)")
     trt.add_argument("--refittable", action="store_true", help="build refittable engines")

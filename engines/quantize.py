@@ -37,7 +37,22 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
-from latentrt.errors import BuildError
+from latentrt.errors import BuildError, MissingComponent, OutputConflict, StaleArtifact
+from latentrt.manifest import (
+    ENGINE_KIND,
+    MANIFEST,
+    ONNX_KIND,
+    atomic_write_json,
+    check_writable,
+    move_into_place,
+    publish_modes,
+    read_manifest,
+    sha256_tree,
+    staging_dir,
+)
+from latentrt.manifest_checks import sealed
+from latentrt.outputs import check_replaceable, output_lock, removed_if_failed, written_files
+from latentrt.paths import inside
 
 log = logging.getLogger(__name__)
 
@@ -284,55 +299,83 @@ def compare_outputs(fp32_path: str | os.PathLike[str], int8_path: str | os.PathL
 
 
 def source_unet(engine_dir: Path, manifest: Mapping[str, Any]) -> Path:
-    """The fp32 UNet ONNX file an ONNX Runtime engine folder was built from (its export's `unet`)."""
-    from latentrt.manifest import ONNX_KIND, read_manifest
+    """The fp32 UNet ONNX file an ONNX Runtime engine folder was built from (its export's `unet`).
 
-    onnx_dir = (manifest.get("source") or {}).get("onnx_dir")
-    if not onnx_dir or not (Path(onnx_dir) / "manifest.json").is_file():
+    The export's folder is read from the engine manifest (`source.onnx_dir`), which is untrusted: it is
+    followed only when it holds a LatentRT ONNX export (checked like any manifest, its UNet path kept
+    inside it) of the model the engines were built from.
+    """
+    source = manifest.get("source")
+    onnx_dir = source.get("onnx_dir") if isinstance(source, Mapping) else None
+    if not isinstance(onnx_dir, str) or not onnx_dir or not (Path(onnx_dir) / "manifest.json").is_file():
         raise BuildError(f"{engine_dir} does not name an existing ONNX export (source.onnx_dir = {onnx_dir!r}); "
                          "pass onnx_path= the fp32 unet/model.onnx")
     export = read_manifest(onnx_dir, ONNX_KIND)
-    return Path(onnx_dir) / export["components"]["unet"]["path"]
+    if export.get("source") != (source or {}).get("model") or "unet" not in export["components"]:
+        raise BuildError(f"{onnx_dir}, named by {engine_dir}/manifest.json, is not the export its engines were built "
+                         "from (another model, or no unet); pass onnx_path= the fp32 unet/model.onnx")
+    return inside(Path(onnx_dir), export["components"]["unet"]["path"], f"{onnx_dir}/manifest.json unet path")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)
     except OSError:
-        shutil.copy2(src, dst)
+        shutil.copy2(src, dst, follow_symlinks=False)
 
 
 def quantize_engine_dir(engine_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                         recipe: str | Int8Recipe = DEFAULT_RECIPE, calibration_feeds: Sequence[Feed] | None = None,
-                        onnx_path: str | os.PathLike[str] | None = None) -> Path:
+                        onnx_path: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Path:
     """Copy an ONNX Runtime engine folder to `out_dir` with an int8 UNet; the manifest says what changed.
 
     The int8 UNet is quantized from the fp32 export (`onnx_path`, default the export the folder was
     built from), not from the ORT-optimized engine graph, whose fused ops the quantizer does not know.
     Other components are hard-linked (or copied) unchanged. The folder loads like any engine folder.
+    `out_dir` follows the rules of `latentrt.outputs`, like `build_engines`: one writer at a time, a
+    folder holding anything LatentRT did not write is never replaced, and one holding another model's
+    artifact only with `overwrite`.
     """
-    from latentrt.manifest import (
-        ENGINE_KIND,
-        MANIFEST,
-        atomic_write_json,
-        move_into_place,
-        read_manifest,
-        sha256_tree,
-        staging_dir,
-    )
-
-    src_dir, out = Path(engine_dir), Path(out_dir)
+    src_dir, out = Path(engine_dir), Path(os.path.abspath(out_dir))  # "." has no name to stage or lock beside
     manifest = read_manifest(src_dir, ENGINE_KIND)
     if manifest.get("backend") != "onnxruntime":
         raise BuildError(f"{src_dir} holds {manifest.get('backend')} engines; int8 quantization is for ONNX Runtime "
                          "engine folders (build one with `latentrt build ONNX_DIR --backend onnxruntime`)")
-    unet = dict(manifest["components"]["unet"])
+    if "unet" not in manifest["components"]:
+        raise BuildError(f"{src_dir} has no unet engine to quantize")
+    if out.resolve() == src_dir.resolve():
+        raise OutputConflict(f"the int8 engine folder {out} is the fp32 engine folder; choose another")
     fp32 = Path(onnx_path) if onnx_path else source_unet(src_dir, manifest)
+    with removed_if_failed(out.parent), output_lock(check_writable(out.parent) / out.name):
+        _check_int8_output(out, manifest, overwrite)
+        _quantize_locked(src_dir, out, manifest, fp32, recipe, calibration_feeds)
+    log.info("wrote int8-UNet ONNX Runtime engines to %s", out)
+    return out
+
+
+def _check_int8_output(out: Path, manifest: Mapping[str, Any], overwrite: bool) -> None:
+    """OutputConflict unless `out` may be replaced: only what LatentRT wrote, another model's only with `overwrite`."""
+    if check_replaceable(out, "engines") is None or overwrite:
+        return
+    try:
+        old = read_manifest(out, ENGINE_KIND)
+    except (MissingComponent, StaleArtifact) as e:
+        raise OutputConflict(f"{out} exists and does not hold usable LatentRT engines ({e}); pass overwrite=True to "
+                             "replace it or choose another folder") from None
+    if old.get("source", {}).get("model") != manifest.get("source", {}).get("model"):
+        raise OutputConflict(f"{out} holds engines of another model ({old.get('source', {}).get('model')}); pass "
+                             "overwrite=True to replace them or choose another folder")
+
+
+def _quantize_locked(src_dir: Path, out: Path, manifest: Mapping[str, Any], fp32: Path, recipe: str | Int8Recipe,
+                     calibration_feeds: Sequence[Feed] | None) -> None:
+    """Stage the int8 engine folder and swap it in for `out` (run while holding `out`'s lock)."""
+    unet = dict(manifest["components"]["unet"])
     with staging_dir(out) as tmp:
-        for p in src_dir.rglob("*"):
+        for p in sorted(src_dir.rglob("*")):
             rel = p.relative_to(src_dir)
-            if p.is_file() and rel.parts[0] != "unet" and p.name != MANIFEST:
+            if p.is_file() and not p.is_symlink() and rel.parts[0] != "unet" and p.name != MANIFEST:
                 _link_or_copy(p, tmp / rel)
         dest = tmp / "unet" / "model.onnx"
         info = quantize_recipe(fp32, dest, recipe, calibration_feeds)
@@ -343,13 +386,9 @@ def quantize_engine_dir(engine_dir: str | os.PathLike[str], out_dir: str | os.Pa
         new = dict(manifest, precision="int8", components={**manifest["components"], "unet": unet},
                    int8={"component": "unet", "recipe": info["recipe_name"], "base_engines": str(src_dir.resolve()),
                          "fp32_unet": str(fp32.resolve())})
-        atomic_write_json(tmp / MANIFEST, new)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it 0700
+        atomic_write_json(tmp / MANIFEST, sealed({**new, "written": written_files(tmp)}))
+        publish_modes(tmp)
         move_into_place(tmp, out)
-    log.info("wrote int8-UNet ONNX Runtime engines to %s", out)
-    return out
 
 
 # ---------------------------------------------------------------------------- attention fusion

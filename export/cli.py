@@ -20,7 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the ONNX Runtime vs PyTorch parity check")
     parser.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an export of a different model in OUTPUT")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace another model's export (or another LatentRT artifact) in OUTPUT; without it, "
+                             "an export of the same model is updated. A folder holding anything LatentRT did "
+                             "not write is never replaced, with or without --overwrite")
 
 
 def run(args: argparse.Namespace) -> int:

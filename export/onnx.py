@@ -40,7 +40,7 @@ from latentrt.manifest import (
     tool_versions,
 )
 from latentrt.manifest_checks import sealed
-from latentrt.outputs import check_replaceable, link_tree, output_lock, written_files
+from latentrt.outputs import check_replaceable, link_tree, output_lock, removed_if_failed, written_files
 from latentrt.paths import check_checkpoint
 from latentrt.tensors import (
     ComponentIO,
@@ -52,7 +52,7 @@ from latentrt.tensors import (
     shape_of,
 )
 
-from .models import CheckpointRef, LoadedModel, load_checkpoint, locate_checkpoint
+from .models import CheckpointRef, LoadedModel, check_opset, load_checkpoint, locate_checkpoint
 from .wrappers import wrap
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,23 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
         config: for a single original-layout `.safetensors` file, the diffusers folder (or hub id) of the
             same family whose configs describe it (see `latentrt.export.single_file`).
     """
+    if dynamo and isinstance(opset, int) and not isinstance(opset, bool) and opset < DYNAMO_MIN_OPSET:
+        log.info("dynamo exporter: raising opset %d to %d", opset, DYNAMO_MIN_OPSET)
+        opset = DYNAMO_MIN_OPSET
+    check_opset(opset, dynamo)  # before any work, like `latentrt export`
     say = progress or (lambda _msg: None)
     out = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." has no name to stage or lock beside
+    with removed_if_failed(out.parent):  # a failed export leaves no folder the user did not have
+        _export_locked(model, out, family, config, components, overwrite, opset, dynamo, verify, external_data_mb,
+                       say)
+    say(f"wrote {out}")
+    return out
+
+
+def _export_locked(model: str | Path, out: Path, family: str | None, config: str | Path | None,
+                   components: Sequence[str] | None, overwrite: bool, opset: int, dynamo: bool, verify: bool,
+                   external_data_mb: float, say: Progress) -> None:
+    """The export proper: checks, then staging and swap while holding the output folder's lock."""
     check_writable(out.parent)  # the export is staged beside `out` and swapped in: `out` is created only then
     check_checkpoint(model)
     ref = locate_checkpoint(model, family, config)
@@ -263,9 +278,6 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
         previous = check_output(out, ref, overwrite)
         say(f"loading {ref.source} ({ref.folder})")
         loaded = load_checkpoint(ref)
-        if dynamo and opset < DYNAMO_MIN_OPSET:
-            log.info("dynamo exporter: raising opset %d to %d", opset, DYNAMO_MIN_OPSET)
-            opset = DYNAMO_MIN_OPSET
         say(f"family {loaded.spec.id.value} ({loaded.spec.title}); exporting {', '.join(wanted)}")
         with staging_dir(out) as stage:
             entries = {}
@@ -275,8 +287,6 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
             entries.update(_keep_previous(previous, entries, out, stage))
             files = _copy_support_files(loaded, stage)
             _publish(stage, out, _manifest(loaded, opset, dynamo, entries, files, stage))
-    say(f"wrote {out}")
-    return out
 
 
 def _select(ref: CheckpointRef, components: Sequence[str] | None) -> list[str]:

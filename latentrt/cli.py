@@ -6,6 +6,7 @@ Expected user errors (`LatentRTError`) print one line and exit non-zero without 
 operating-system errors (full disk, read-only or missing folders, names too long), unreadable weights
 (safetensors, ONNX, ONNX Runtime) and decompression-bomb images, which `describe_error` turns into
 one actionable line. Anything else is a bug: one line and exit 1 (`-v` shows the traceback).
+Output into a pipe whose reader has gone (`latentrt info X | head -1`) ends quietly, exit 141 as for SIGPIPE.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -102,7 +104,24 @@ def describe_error(e: BaseException) -> str | None:
     return None
 
 
+EXIT_PIPE = 128 + 13  # what a shell reports for a program ended by SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; output into a closed pipe (`latentrt info X | head -1`) ends quietly with EXIT_PIPE."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a warning at interpreter exit
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered goes nowhere at exit (Python docs, signal)
+        os.close(devnull)
+        return EXIT_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("urllib3", "PIL", "matplotlib", "filelock", "httpx"):
@@ -112,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LatentRTError as e:
         print(f"latentrt {args.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): not an error to report, see `main`
     except KeyboardInterrupt:
         print(f"latentrt {args.verb}: interrupted; nothing half-written was kept", file=sys.stderr)
         return 130

@@ -4,7 +4,10 @@ A stage writes its outputs into a hidden staging folder next to the destination 
 file into place with ``os.replace`` only when it is complete; the manifest is written last, so a
 folder without a manifest (or with a manifest whose hashes do not match) is never taken as done.
 Staging folders carry the writer's pid (``.NAME.<pid>.<random>.partial``): the next run removes
-those whose process is gone. Manifests are untrusted input when read: `read_manifest` checks their
+those whose process is gone. Versions before the pid was added named them ``.NAME.<random>.partial``;
+those are removed when nothing in them changed for `LEGACY_STAGING_AGE_S` (an hour). The rule assumes
+no run of an older version writes the same destination at the same time (older versions take no lock):
+one that did, and wrote nothing for an hour (a long TensorRT build), would lose its staging folder. Manifests are untrusted input when read: `read_manifest` checks their
 JSON types, family, components, IO descriptions and paths (see `latentrt.manifest_checks`).
 """
 
@@ -19,6 +22,7 @@ import platform
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
@@ -101,6 +105,39 @@ def staging_pattern(name: str) -> re.Pattern[str]:
     return re.compile(rf"^\.{re.escape(name)}\.(\d+)\.[a-z0-9_]{{8}}\.partial$")
 
 
+LEGACY_STAGING_AGE_S = 3600.0
+
+
+def legacy_staging_pattern(name: str) -> re.Pattern[str]:
+    """Names of the staging folders older versions (no pid) made for a destination called `name`."""
+    return re.compile(rf"^\.{re.escape(name)}\.[a-z0-9_]{{8}}\.partial$")
+
+
+def _newest_mtime(folder: Path) -> float:
+    """The latest modification time of `folder` and everything in it (symlinks not followed)."""
+    newest = os.lstat(folder).st_mtime
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in (*dirnames, *filenames):
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.lstat(os.path.join(dirpath, name)).st_mtime)
+    return newest
+
+
+def _stale_legacy(path: Path, now: float) -> bool:
+    """Whether `path`, named like an old-version staging folder, was left by a killed run (untouched an hour).
+
+    A name that also reads as another destination's pid-named staging folder (`.a.b.<pid>.<random>.partial`
+    for destination ``a.b``) of a live process is never taken.
+    """
+    m = re.match(r"^\..+\.(\d+)\.[a-z0-9_]{8}\.partial$", path.name)
+    if m and pid_alive(int(m.group(1))):
+        return False
+    try:
+        return now - _newest_mtime(path) > LEGACY_STAGING_AGE_S
+    except OSError:
+        return False
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -112,13 +149,20 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_staging(dest: Path) -> list[Path]:
-    """Remove the staging folders of `dest` whose writer process is gone (a killed run); returns them."""
-    pattern, removed = staging_pattern(dest.name), []
+    """Remove the staging folders of `dest` left by killed runs; returns them.
+
+    A pid-named one is stale when its writer process is gone; an old-version one (no pid) when nothing
+    in it changed for `LEGACY_STAGING_AGE_S`.
+    """
+    pattern, legacy, removed = staging_pattern(dest.name), legacy_staging_pattern(dest.name), []
+    now = time.time()
     with contextlib.suppress(FileNotFoundError):
         for p in dest.parent.iterdir():
+            if not p.is_dir() or p.is_symlink():
+                continue
             m = pattern.match(p.name)
             if m and int(m.group(1)) != os.getpid() and not pid_alive(int(m.group(1))) \
-                    and p.is_dir() and not p.is_symlink():
+                    or not m and legacy.match(p.name) and _stale_legacy(p, now):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     for p in removed:

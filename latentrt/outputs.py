@@ -8,7 +8,8 @@ through them):
   pid (it does not wait: a build can take an hour, and a clear refusal beats a silent queue). The
   lock dies with its process, so a killed run never blocks the next one.
 * Leftovers. Staging folders are named ``.NAME.<pid>.<random>.partial``; the next run removes those
-  whose process is gone (`latentrt.manifest.staging_dir`), and a previous version left as
+  whose process is gone, and old-version ones without a pid (``.NAME.<random>.partial``) untouched for
+  an hour (`latentrt.manifest.remove_stale_staging`), and a previous version left as
   ``.NAME.old`` by a run killed mid-swap is put back (or dropped when the swap had finished).
 * Ownership. A manifest records every file LatentRT wrote in its folder (``written``). A folder may
   be replaced only when each of its entries is one LatentRT wrote; a folder holding anything else
@@ -124,6 +125,36 @@ def clean_leftovers(out: Path) -> None:
         for p in out.iterdir():
             if TEMP_FILE.match(p.name) and p.is_file() and not p.is_symlink():
                 p.unlink()
+
+
+def _missing_chain(folder: Path) -> list[Path]:
+    """`folder` and its ancestors that do not exist yet, deepest first."""
+    chain: list[Path] = []
+    for p in (folder, *folder.parents):
+        if os.path.lexists(p):
+            break
+        chain.append(p)
+    return chain
+
+
+@contextlib.contextmanager
+def removed_if_failed(*folders: str | os.PathLike[str] | None) -> Iterator[None]:
+    """On an exception, remove those of `folders` (and their parents) this run created that are still empty.
+
+    Only folders missing on entry are candidates and only `rmdir` is used, so nothing the user had,
+    and nothing written meanwhile, is ever removed.
+    """
+    chains = [_missing_chain(Path(os.path.abspath(f))) for f in folders if f is not None]
+    try:
+        yield
+    except BaseException:
+        for chain in chains:
+            for p in chain:
+                try:
+                    os.rmdir(p)
+                except OSError:
+                    break  # not empty (or gone): its parents are not empty either
+        raise
 
 
 # ---------------------------------------------------------------------------- ownership

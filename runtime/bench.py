@@ -26,6 +26,8 @@ import torch
 
 from latentrt.errors import BackendUnavailable, InvalidRequest
 from latentrt.manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, check_writable, read_manifest
+from latentrt.outputs import removed_if_failed
+from latentrt.paths import inside
 
 from .backends.base import Engine
 
@@ -353,7 +355,13 @@ def _source_of(manifest: Mapping[str, Any]) -> str | None:
 
 
 def read_targets(model_or_dir: str | os.PathLike[str]) -> Targets:
-    """Classify what the user passed: an engine folder, an ONNX export, or a checkpoint."""
+    """Classify what the user passed: an engine folder, an ONNX export, or a checkpoint.
+
+    Bench reads only the folders the user named: the export an engine manifest records
+    (`source.onnx_dir`, an untrusted path) is not followed. What an engine folder alone cannot give (the
+    torch backend, another backend's engines, an int8 UNet) is exported from its source checkpoint into
+    the build folder, as for a checkpoint argument.
+    """
     path = Path(model_or_dir)
     if not (path / MANIFEST).is_file():
         return Targets(checkpoint=os.fspath(model_or_dir), family=None, onnx_dir=None)
@@ -363,10 +371,8 @@ def read_targets(model_or_dir: str | os.PathLike[str]) -> Targets:
         return Targets(_source_of(manifest), family, path)
     if manifest.get("kind") != ENGINE_KIND:
         raise InvalidRequest(f"{path} holds {manifest.get('kind')!r}, not a checkpoint, ONNX export or engines")
-    onnx_dir = (manifest.get("source") or {}).get("onnx_dir")
-    onnx = Path(onnx_dir) if onnx_dir and (Path(onnx_dir) / MANIFEST).is_file() else None
     label = INT8 if manifest.get("precision") == "int8" else str(manifest.get("backend", "onnxruntime"))
-    return Targets(_source_of(manifest), family, onnx, {label: path})
+    return Targets(_source_of(manifest), family, None, {label: path})
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -382,7 +388,8 @@ def prepare_targets(model_or_dir: str | os.PathLike[str], labels: Sequence[str],
     missing = [b for b in ("onnxruntime", "tensorrt") if b in labels and b not in t.folders]
     if "tensorrt" in missing and device.type != "cuda":
         raise BackendUnavailable("the tensorrt backend needs a CUDA GPU; bench on --device cuda or drop it")
-    if missing and t.onnx_dir is None:
+    quantize = INT8 in labels and INT8 not in t.folders  # int8 is quantized from the fp32 export's UNet
+    if (missing or quantize) and t.onnx_dir is None:
         if t.checkpoint is None:
             raise InvalidRequest(f"{model_or_dir} names no source checkpoint or ONNX export to build from")
         from latentrt.export.onnx import export_model
@@ -451,8 +458,14 @@ def prepare_int8(t: Targets, fp32: PipelineRunner, case: BenchCase, guidance: fl
         feeds = collect_unet_feeds(fp32, case, guidance, CALIBRATION_PROMPTS, tick=tick)
     say(f"quantizing the UNet to int8 ({recipe})")
     start = time.perf_counter()
+    if t.onnx_dir is None:
+        raise InvalidRequest("int8 needs the fp32 ONNX export the engines were built from")
+    unet = read_manifest(t.onnx_dir, ONNX_KIND)["components"].get("unet")
+    if not isinstance(unet, Mapping):
+        raise InvalidRequest(f"{t.onnx_dir} has no unet to quantize to int8")
     t.folders[INT8] = quantize_engine_dir(t.folders["onnxruntime"], out_dir / f"engines-{INT8}", recipe=recipe,
-                                          calibration_feeds=feeds)
+                                          calibration_feeds=feeds, overwrite=True,
+                                          onnx_path=inside(t.onnx_dir, unet.get("path"), f"{t.onnx_dir} unet path"))
     t.build["quantize_s"] = round(time.perf_counter() - start, 3)
     t.build["int8"] = read_manifest(t.folders[INT8])["components"]["unet"].get("int8")
 
@@ -595,74 +608,75 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
     recipe = int8_recipe or DEFAULT_RECIPE
     if recipe not in RECIPES:
         raise InvalidRequest(f"unknown int8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    out = check_writable(Path(out_dir))
-    builds = check_writable(Path(build_dir)) if build_dir is not None else out
-    dev = torch.device(device)
-    machine = machine_info(dev, peaks=flops)
-    state = {"done": 0, "total": 0}
+    with removed_if_failed(out_dir, build_dir):  # a failed bench leaves no folder the user did not have
+        out = check_writable(Path(out_dir))
+        builds = check_writable(Path(build_dir)) if build_dir is not None else out
+        dev = torch.device(device)
+        machine = machine_info(dev, peaks=flops)
+        state = {"done": 0, "total": 0}
 
-    def say(message: str) -> None:
-        log.info("%s", message)
-        if progress:
-            progress(BenchEvent(state["done"], state["total"], message))
+        def say(message: str) -> None:
+            log.info("%s", message)
+            if progress:
+                progress(BenchEvent(state["done"], state["total"], message))
 
-    def tick() -> None:
-        state["done"] += 1
-        if progress:
-            progress(BenchEvent(state["done"], state["total"]))
+        def tick() -> None:
+            state["done"] += 1
+            if progress:
+                progress(BenchEvent(state["done"], state["total"]))
 
-    t = prepare_targets(model_or_dir, labels, builds, dev, say)
-    spec = _spec_of(t)
-    main = BenchCase(*(list(sizes)[0] if sizes else spec.native_size), batch=batch,
-                     steps=steps if steps is not None else spec.sampling.steps)
-    scale: float = spec.sampling.guidance if guidance is None else float(guidance)
-    sweeps = sweep_cases(main, dict(sweep or {}))
-    if sizes and len(sizes) > 1 and "size" not in sweeps:
-        sweeps["size"] = sweep_cases(main, {"size": list(sizes)})["size"]
-    cases = list({c.name: c for c in [main, *(c for cs in sweeps.values() for c in cs)]}.values())
-    calib = len(CALIBRATION_PROMPTS) if INT8 in labels and INT8 not in t.folders and \
-        RECIPES[recipe].method == "static" else 0
-    state["total"] = len(labels) + calib + sum((warmup + runs) * len(labels) for _ in cases) - len(labels) * min(warmup, 1)
+        t = prepare_targets(model_or_dir, labels, builds, dev, say)
+        spec = _spec_of(t)
+        main = BenchCase(*(list(sizes)[0] if sizes else spec.native_size), batch=batch,
+                         steps=steps if steps is not None else spec.sampling.steps)
+        scale: float = spec.sampling.guidance if guidance is None else float(guidance)
+        sweeps = sweep_cases(main, dict(sweep or {}))
+        if sizes and len(sizes) > 1 and "size" not in sweeps:
+            sweeps["size"] = sweep_cases(main, {"size": list(sizes)})["size"]
+        cases = list({c.name: c for c in [main, *(c for cs in sweeps.values() for c in cs)]}.values())
+        calib = len(CALIBRATION_PROMPTS) if INT8 in labels and INT8 not in t.folders and \
+            RECIPES[recipe].method == "static" else 0
+        state["total"] = len(labels) + calib + sum((warmup + runs) * len(labels) for _ in cases) - len(labels) * min(warmup, 1)
 
-    runners: dict[str, Runner] = {}
-    try:
-        for label in labels:
-            if label == INT8:
-                fp32 = runners["onnxruntime"]
-                assert isinstance(fp32, PipelineRunner)
-                prepare_int8(t, fp32, main, scale, recipe, builds, say, tick)
-            say(f"loading {label}")
-            runners[label] = make_runner(label, t, dev)
-        info = {label: {"describe": r.describe, "load_s": round(r.load_s, 3), "rss_load_mb": round(r.rss_load_mb, 1),
-                        "folder": str(t.folders.get(label, t.checkpoint))} for label, r in runners.items()}
-        say("cold runs")
-        for label, r in runners.items():
-            info[label]["cold"] = _cold(r.generate(main, seed, prompt, scale))
-            tick()
-        results: dict[str, dict[str, Any]] = {}
-        for i, case in enumerate(cases):
-            say(f"case {i + 1}/{len(cases)}: {case.name}")
-            rounds = warmup - 1 if i == 0 and warmup else warmup  # the cold run was the first warm-up
-            samples = measure_case(runners, case, warmup=rounds, runs=runs, seed=seed, prompt=prompt,
-                                   guidance=scale, tick=tick)
-            f = spec.vae_scale_factor
-            cfg = needs_cfg(scale)
-            gflop = unet_gflop(t.checkpoint, t.family, case, cfg) if flops and t.checkpoint else None
-            results[case.name] = case_result(case, samples, gflop, (case.height // f, case.width // f),
-                                             case.batch * (2 if cfg else 1),
-                                             machine.get("peak", {}).get("fp32_gemm_gflops"))
-    finally:
-        for r in runners.values():
-            r.close()
-    machine.update({"peak_rss_mb": round(peak_rss_mb(), 1), "loadavg_end": _loadavg()})
-    settings = {"model": os.fspath(model_or_dir), "checkpoint": t.checkpoint, "family": spec.id.value,
-                "backends": labels, "steps": main.steps, "guidance": scale, "size": [main.height, main.width],
-                "batch": batch, "warmup": warmup, "runs": runs, "seed": seed, "prompt": prompt, "device": str(dev),
-                "precision": precision, "int8_recipe": recipe if INT8 in labels else None,
-                "sweep": {k: [c.name for c in v] for k, v in sweeps.items()},
-                "ratio_definition": "reference p50 / backend p50 (> 1: faster than the diffusers pipeline); "
-                                    "unet_per_step compares single UNet calls"}
-    record = BenchRecord(machine, settings, t.build, info, [results[c.name] for c in cases],
-                         {k: sweep_summary(k, v, results) for k, v in sweeps.items()})
-    write_reports(record, out, plots=plots)
-    return record
+        runners: dict[str, Runner] = {}
+        try:
+            for label in labels:
+                if label == INT8:
+                    fp32 = runners["onnxruntime"]
+                    assert isinstance(fp32, PipelineRunner)
+                    prepare_int8(t, fp32, main, scale, recipe, builds, say, tick)
+                say(f"loading {label}")
+                runners[label] = make_runner(label, t, dev)
+            info = {label: {"describe": r.describe, "load_s": round(r.load_s, 3), "rss_load_mb": round(r.rss_load_mb, 1),
+                            "folder": str(t.folders.get(label, t.checkpoint))} for label, r in runners.items()}
+            say("cold runs")
+            for label, r in runners.items():
+                info[label]["cold"] = _cold(r.generate(main, seed, prompt, scale))
+                tick()
+            results: dict[str, dict[str, Any]] = {}
+            for i, case in enumerate(cases):
+                say(f"case {i + 1}/{len(cases)}: {case.name}")
+                rounds = warmup - 1 if i == 0 and warmup else warmup  # the cold run was the first warm-up
+                samples = measure_case(runners, case, warmup=rounds, runs=runs, seed=seed, prompt=prompt,
+                                       guidance=scale, tick=tick)
+                f = spec.vae_scale_factor
+                cfg = needs_cfg(scale)
+                gflop = unet_gflop(t.checkpoint, t.family, case, cfg) if flops and t.checkpoint else None
+                results[case.name] = case_result(case, samples, gflop, (case.height // f, case.width // f),
+                                                 case.batch * (2 if cfg else 1),
+                                                 machine.get("peak", {}).get("fp32_gemm_gflops"))
+        finally:
+            for r in runners.values():
+                r.close()
+        machine.update({"peak_rss_mb": round(peak_rss_mb(), 1), "loadavg_end": _loadavg()})
+        settings = {"model": os.fspath(model_or_dir), "checkpoint": t.checkpoint, "family": spec.id.value,
+                    "backends": labels, "steps": main.steps, "guidance": scale, "size": [main.height, main.width],
+                    "batch": batch, "warmup": warmup, "runs": runs, "seed": seed, "prompt": prompt, "device": str(dev),
+                    "precision": precision, "int8_recipe": recipe if INT8 in labels else None,
+                    "sweep": {k: [c.name for c in v] for k, v in sweeps.items()},
+                    "ratio_definition": "reference p50 / backend p50 (> 1: faster than the diffusers pipeline); "
+                                        "unet_per_step compares single UNet calls"}
+        record = BenchRecord(machine, settings, t.build, info, [results[c.name] for c in cases],
+                             {k: sweep_summary(k, v, results) for k, v in sweeps.items()})
+        write_reports(record, out, plots=plots)
+        return record
