@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,7 @@ ENTRY_TYPES: dict[str, type] = {"precision": str, "profiles": list, "key": dict,
                                 "size_bytes": int}
 _TYPE_NAMES = {str: "string", list: "list", dict: "JSON object", int: "integer"}
 ORT_LEVELS = ("disable", "basic", "extended", "all")
-INT_DIMS = ("pooled_dim", "context_dim", "unet_in_channels", "latent_channels", "vae_scale_factor", "max_tokens",
-            "time_ids")
+INT_DIMS = tuple(f.name for f in fields(ModelDims) if f.name not in ("text_hidden", "extra"))  # the integer widths
 
 
 def seal_of(manifest: Mapping[str, Any]) -> str:
