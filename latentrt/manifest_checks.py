@@ -16,6 +16,7 @@ refuses, with one `StaleArtifact` line (or `UnsafePath` for a path out of the fo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
@@ -34,8 +35,7 @@ ENTRY_TYPES: dict[str, type] = {"precision": str, "profiles": list, "key": dict,
                                 "size_bytes": int}
 _TYPE_NAMES = {str: "string", list: "list", dict: "JSON object", int: "integer"}
 ORT_LEVELS = ("disable", "basic", "extended", "all")
-INT_DIMS = ("pooled_dim", "context_dim", "unet_in_channels", "latent_channels", "vae_scale_factor", "max_tokens",
-            "time_ids")
+INT_DIMS = tuple(f.name for f in dataclasses.fields(ModelDims) if f.type == "int")  # every integer width it records
 
 
 def seal_of(manifest: Mapping[str, Any]) -> str:
