@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from latentrt import tensors
 from latentrt.buckets import Size, format_size, nearest_bucket
 from latentrt.errors import UnsupportedShape
 from latentrt.families import FamilySpec
@@ -27,9 +28,9 @@ Strategy = Literal["dynamic", "per-bucket", "grouped"]
 STRATEGIES: tuple[str, ...] = ("dynamic", "per-bucket", "grouped")
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
-LATENT_DIMS = ("latent_height", "latent_width")
-UNET_BATCH = "unet_batch"
-SEQUENCE = "sequence"  # UNet context length: 77 tokens per prompt window
+LATENT_DIMS = (tensors.LATENT_H.name, tensors.LATENT_W.name)
+UNET_BATCH = tensors.UNET_BATCH.name
+SEQUENCE = tensors.SEQUENCE.name  # UNet context length: 77 tokens per prompt window
 
 
 @dataclass(frozen=True)

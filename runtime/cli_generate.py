@@ -11,7 +11,7 @@ from typing import Any
 from latentrt.families import SamplerId
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
-SAMPLERS = tuple(s.value for s in SamplerId)  # the pipeline rejects one without an implementation, listing those
+SAMPLERS = tuple(s.value for s in SamplerId)  # each maps to a diffusers scheduler class (runtime/scheduler_config.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

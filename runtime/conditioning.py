@@ -62,16 +62,6 @@ def as_list(prompt: str | Sequence[str], what: str = "prompt") -> list[str]:
     return prompts
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None = None) -> torch.Tensor:
-    """(B, 77) int64 token ids of one window per text, as diffusers tokenizes (longer texts are truncated).
-
-    Only for callers that want diffusers' single-window ids; the pipeline encodes long prompts in windows.
-    """
-    length = int(max_length or tokenizer.model_max_length)
-    return tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
-                     return_tensors="pt").input_ids.to(torch.int64)
-
-
 def check_windows(tokens: Sequence[PromptTokens], max_windows: int | None, window: int) -> int:
     """The window count K the texts need (the most any needs); InvalidRequest beyond what the UNet takes."""
     size = window - 2

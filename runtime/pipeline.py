@@ -564,7 +564,7 @@ def _step_callback(callback: ProgressCallback | None, plan: Any) -> Callable[[in
 
 
 INT_FIELDS = ("steps", "width", "height", "seed", "num_images_per_prompt")
-NUMBER_FIELDS = ("guidance", "strength", "denoising_start", "denoising_end")
+NUMBER_FIELDS = ("guidance", "strength", "denoising_start", "denoising_end", "guidance_rescale")
 
 
 def request_from_kwargs(kwargs: dict[str, Any]) -> GenerationRequest:
@@ -597,11 +597,13 @@ def check_request(request: Any) -> None:
         raise InvalidRequest(f"aspect must be a ratio like '16:9' or a number, got {request.aspect!r}")
     if request.num_images_per_prompt is None:
         raise InvalidRequest("num_images_per_prompt must be a whole number >= 1, got None")
+    if request.prompt_weighting is not None and not isinstance(request.prompt_weighting, (bool, np.bool_)):
+        raise InvalidRequest(f"prompt_weighting must be True or False, got {request.prompt_weighting!r}")
 
 
-def _guidance_rescale(value: float) -> float:
-    """A guidance_rescale in [0, 1] (Lin et al. 2023 recommend 0.7 with zero-SNR schedules)."""
-    rescale = float(value)
+def _guidance_rescale(value: float | None) -> float:
+    """A guidance_rescale in [0, 1], None: 0 (off) (Lin et al. 2023 recommend 0.7 with zero-SNR schedules)."""
+    rescale = float(value or 0.0)
     if not 0.0 <= rescale <= 1.0:  # also false for NaN
         raise InvalidRequest(f"guidance_rescale must be in [0, 1] (0: off; 0.7 is the paper's choice), got {value}")
     return rescale

@@ -40,12 +40,6 @@ from .schedules import sigma_to_timestep
 
 PlanCallback = Callable[[int, float, torch.Tensor], None]  # (step index, UNet timestep, latents after the step)
 
-# The diffusers scheduler class each sampler reproduces, and the config overrides that select it.
-DIFFUSERS_SCHEDULERS: dict[SamplerId, tuple[str, dict[str, Any]]] = {
-    s: (cls.name, dict(overrides)) for s, (cls, overrides) in SAMPLER_CLASSES.items()
-}
-
-
 @dataclass(frozen=True)
 class SamplingPlan:
     """One denoising run in diffusers' conventions: sampler, sigmas, UNet timesteps and the latent space at the edges."""

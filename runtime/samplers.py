@@ -94,32 +94,6 @@ def sample_euler_ancestral(
     return x
 
 
-def sample_dpmpp_2m(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    sigmas: Sequence[float],
-    noise: NoiseSource | None = None,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, algorithm 2), first order on the first and 0-bound steps."""
-    old_denoised: torch.Tensor | None = None
-    h_last = 0.0
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = denoise(x, sigma)
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = math.log(sigma / sigma_next)  # lambda_next - lambda, lambda = -log(sigma)
-            d = denoised if old_denoised is None else denoised + (denoised - old_denoised) * (h / (2 * h_last))
-            x = x * (sigma_next / sigma) - d * math.expm1(-h)
-            h_last = h
-        old_denoised = denoised
-        if callback is not None:
-            callback(i, sigma_next, x)
-    return x
-
-
 def sample_heun(
     denoise: Denoiser,
     x: torch.Tensor,

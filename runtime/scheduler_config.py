@@ -111,33 +111,32 @@ class SchedulerConfig:
         return value
 
     def flag(self, key: str) -> bool:
-        """A boolean setting (absent keys: the class default; keys the class lacks: False)."""
-        return bool(self.get(key))
-
-    def number(self, key: str, kind: type = float) -> Any:
-        """A numeric setting, checked: InvalidRequest naming the key for a non-number."""
+        """A boolean setting (absent keys: the class default; keys the class lacks: False); InvalidRequest if not one."""
         value = self.get(key)
-        try:
-            out = kind(value)
-        except (TypeError, ValueError):
-            raise InvalidRequest(f"scheduler_config.json: {key}={value!r} is not a number") from None
-        if isinstance(out, float) and not math.isfinite(out):
-            raise InvalidRequest(f"scheduler_config.json: {key}={value!r} is not a finite number")
-        return out
+        if value is not None and not isinstance(value, bool):
+            raise InvalidRequest(f"scheduler_config.json: {key}={value!r} must be true or false")
+        return bool(value)
+
+    def number(self, key: str, kind: type = float, low: float = -math.inf, high: float = math.inf) -> Any:
+        """A numeric setting in [low, high] (an int for kind=int), checked: InvalidRequest naming the key otherwise."""
+        value = self.get(key)
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            raise InvalidRequest(f"scheduler_config.json: {key}={value!r} is not {'an integer' if kind is int else 'a number'}")
+        if not (math.isfinite(value) and low <= value <= high):
+            raise InvalidRequest(f"scheduler_config.json: {key}={value!r} must lie in [{low}, {high}]")
+        return kind(value)
 
     @property
     def schedule(self) -> NoiseSchedule:
         """The training noise schedule (betas) this class builds from the config."""
-        n = self.number("num_train_timesteps", int)
-        if not 2 <= n <= 100_000:
-            raise InvalidRequest(f"scheduler_config.json: num_train_timesteps={n} is out of range (2 .. 100000)")
+        n = self.number("num_train_timesteps", int, 2, 100_000)
         trained = self.get("trained_betas")
         if trained is not None:
             trained = _trained_betas(trained)
         else:
             self.require("beta_schedule", "linear", "scaled_linear", "squaredcos_cap_v2")
-        return NoiseSchedule(beta_start=self.number("beta_start"), beta_end=self.number("beta_end"),
-                             beta_schedule=str(self.get("beta_schedule")), num_train_timesteps=n,
+        return NoiseSchedule(beta_start=self.number("beta_start", float, 0, 1),
+                             beta_end=self.number("beta_end", float, 0, 1), beta_schedule=str(self.get("beta_schedule")), num_train_timesteps=n,
                              trained_betas=trained, rescale_zero_snr=self.flag("rescale_betas_zero_snr"))
 
     def prediction(self, *supported: Prediction) -> Prediction:
@@ -151,7 +150,7 @@ class SchedulerConfig:
 
     @property
     def steps_offset(self) -> int:
-        return self.number("steps_offset", int)
+        return self.number("steps_offset", int, 0)
 
     def sigma_schedule(self) -> str | None:
         """Which of use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas is on (at most one)."""
@@ -169,7 +168,8 @@ class SchedulerConfig:
     def x0_transform(self) -> X0Transform | None:
         """thresholding (dynamic, wins) or clip_sample, applied to the denoised x0 as diffusers' step() does."""
         if self.flag("thresholding"):
-            return dynamic_threshold(self.number("dynamic_thresholding_ratio"), self.number("sample_max_value"))
+            return dynamic_threshold(self.number("dynamic_thresholding_ratio", float, 0, 1),
+                                     self.number("sample_max_value"))
         if self.flag("clip_sample"):
             return clip_x0(self.number("clip_sample_range") if self.get("clip_sample_range") is not None else 1.0)
         return None
@@ -262,8 +262,8 @@ def _build_euler(cfg: SchedulerConfig, steps: int) -> Recipe:
     final_min = cfg.require("final_sigmas_type", "zero", "sigma_min") == "sigma_min"
     continuous = cfg.require("timestep_type", "discrete", "continuous") == "continuous"
     lo, hi = cfg.get("sigma_min"), cfg.get("sigma_max")
-    grid, schedule, spacing = _kgrid(cfg, steps, sigma_min=None if lo is None else cfg.number("sigma_min"),
-                                     sigma_max=None if hi is None else cfg.number("sigma_max"),
+    grid, schedule, spacing = _kgrid(cfg, steps, sigma_min=None if lo is None else cfg.number("sigma_min", float, 0),
+                                     sigma_max=None if hi is None else cfg.number("sigma_max", float, 0),
                                      log_linear=log_linear, final_sigma_min=final_min)
     if continuous and prediction == Prediction.V:  # diffusers feeds c_noise = log(sigma) / 4 (Karras et al. table 1)
         ts = torch.tensor(grid.sigmas[:-1], dtype=torch.float32).log().mul(0.25).tolist()

@@ -66,7 +66,7 @@ class ServerLimits:
     """What one request may ask of the server, and who may ask."""
 
     max_body_bytes: int = MAX_BODY_BYTES  # Content-Length above this: 413
-    max_prompt_chars: int = 2000  # per prompt / negative prompt (CLIP reads 77 tokens, ~300 characters): 413
+    max_prompt_chars: int = 2000  # per prompt / negative prompt (~300 characters fill one 77-token window): 413
     max_prompts: int = 16  # prompts in one request: 413
     max_image_pixels: int = 4096 * 4096  # init image / mask, checked from the header before decoding: 413
     max_json_depth: int = 16  # nesting of the JSON body (a request needs 2): 400
@@ -126,8 +126,8 @@ def check_prompts(body: dict[str, Any], limits: ServerLimits) -> None:
             raise TooLarge(f"'{key}' holds {len(texts)} prompts; at most {limits.max_prompts} per request")
         longest = max((len(t) for t in texts), default=0)
         if longest > limits.max_prompt_chars:
-            raise TooLarge(f"'{key}' is {longest} characters long; at most {limits.max_prompt_chars} are accepted "
-                           "(the text encoder reads only the first 77 tokens)")
+            raise TooLarge(f"'{key}' is {longest} characters long; this server accepts at most "
+                           f"{limits.max_prompt_chars} (latentrt serve --max-prompt-chars)")
 
 
 def json_depth(value: Any) -> int:

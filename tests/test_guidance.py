@@ -222,6 +222,19 @@ def test_guidance_rescale_is_validated(value: float, onnx_export_dir: Callable[[
         pipe.resolve(GenerationRequest("a cat", guidance_rescale=value))
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("guidance_rescale", "abc", "guidance_rescale must be a number"),
+    ("guidance_rescale", [0.5], "guidance_rescale must be a number"),
+    ("prompt_weighting", "no", "prompt_weighting must be True or False"),
+])
+def test_new_fields_of_the_python_api_are_typed(field: str, value: Any,
+                                                message: str, onnx_export_dir: Callable[[str], Path]) -> None:
+    """A wrong type from the Python API is one InvalidRequest (was: a ValueError / TypeError traceback)."""
+    pipe = ours(str(onnx_export_dir("sd1")), "onnxruntime")
+    with pytest.raises(InvalidRequest, match=message):
+        pipe(prompt="a cat", steps=1, width=64, height=64, **{field: value})
+
+
 def test_cli_and_server_take_the_new_fields(onnx_export_dir: Callable[[str], Path], tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     folder = onnx_export_dir("sd2-v")

@@ -26,9 +26,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from latentrt.errors import InvalidRequest
+from latentrt.families import SamplerId
 from latentrt.runtime.conditioning import SizeConditioning
 from latentrt.runtime.pipeline import GenerationRequest, GenerationResult, Pipeline, load_pipeline
-from latentrt.runtime.plan import DIFFUSERS_SCHEDULERS
+from latentrt.runtime.scheduler_config import SAMPLER_CLASSES
 
 BACKENDS = ("onnxruntime", "torch")
 IMAGE_TOL = {"onnxruntime": 1e-3, "torch": 2e-5}
@@ -112,8 +113,8 @@ def with_sampler(pipe: Any, sampler: str) -> Any:
     """Set the diffusers pipeline's scheduler to the class (and settings) our sampler reproduces."""
     import diffusers
 
-    class_name, overrides = DIFFUSERS_SCHEDULERS[sampler]  # type: ignore[index]
-    pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **overrides)
+    cls, overrides = SAMPLER_CLASSES[SamplerId(sampler)]
+    pipe.scheduler = getattr(diffusers, cls.name).from_config(pipe.scheduler.config, **overrides)
     return pipe
 
 

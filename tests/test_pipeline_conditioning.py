@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from latentrt.families import TimeIds
-from latentrt.runtime.conditioning import SizeConditioning, encode_prompts, time_ids, tokenize
+from latentrt.runtime.conditioning import SizeConditioning, encode_prompts, time_ids
 from latentrt.runtime.engine_set import EngineSet, load_engines
 from latentrt.runtime.timing import StageTimer
 
@@ -126,7 +126,8 @@ def test_long_prompt_is_encoded_in_windows(onnx_export_dir: Callable[[str], Path
     tok = es.tokenizers["tokenizer"]
     n_tokens = len(tok(LONG_PROMPT)["input_ids"])
     assert 77 < n_tokens <= 152
-    ids = tokenize(tok, [LONG_PROMPT])  # diffusers' single-window ids
+    ids = tok([LONG_PROMPT], padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids  # diffusers' single-window ids
     assert ids.shape == (1, 77) and int(ids[0, -1]) == tok.eos_token_id
     ref = reference(str(tiny_checkpoint("sd1")))
     with torch.no_grad():

@@ -356,6 +356,13 @@ def test_bad_requests_raise_invalid_request(kwargs: dict):
         ({**SD_CONFIG, "_class_name": "FlowMatchEulerDiscreteScheduler"}, None, "FlowMatchEulerDiscreteScheduler"),
         ({**SD_CONFIG, "trained_betas": [0.5, "x"]}, "euler", "trained_betas"),
         ({**SD_CONFIG, "num_train_timesteps": "many"}, "euler", "num_train_timesteps"),
+        # wrong JSON types / ranges for keys the adapter reads (were: a TypeError traceback, NaN or a silent cast)
+        ({**SD_CONFIG, "num_train_timesteps": 999.5}, "euler", "num_train_timesteps"),
+        ({**SD_CONFIG, "steps_offset": -3}, "ddim", "steps_offset"),
+        ({**SD_CONFIG, "beta_end": 5}, "euler", "beta_end"),
+        ({**SD_CONFIG, "use_karras_sigmas": True, "sigma_max": -1}, "euler", "sigma_max"),
+        ({**SD_CONFIG, "thresholding": True, "dynamic_thresholding_ratio": 5}, "ddim", "dynamic_thresholding_ratio"),
+        ({**SD_CONFIG, "use_karras_sigmas": "no"}, "euler", "use_karras_sigmas"),
     ],
 )
 def test_unsupported_scheduler_configs_raise_invalid_request(cfg: dict, sampler: str | None, key: str):
