@@ -86,8 +86,8 @@ def check_model(model: str, family: str, work: Path, sizes: list[tuple[int, int]
                 repeats: int) -> dict[str, Any]:
     """Export, build TensorRT engines and compare every component with PyTorch at every size."""
     from latentrt.engines.build import build_engines
-    from latentrt.export.models import load_checkpoint
     from latentrt.export.onnx import export_model
+    from latentrt.reference.models import load_checkpoint
 
     start = time.perf_counter()
     onnx_dir = export_model(model, work / "onnx", family=family)
@@ -110,7 +110,7 @@ def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int
                        repeats: int) -> list[dict[str, Any]]:
     import torch
 
-    from latentrt.export.wrappers import wrap
+    from latentrt.reference.wrappers import wrap
     from latentrt.runtime.backends.tensorrt import load_engines
     from latentrt.tensors import dummy_inputs, prompt_like
 
@@ -185,9 +185,9 @@ def make_full_checkpoint(family: str, folder: Path) -> Path:
     import torch
     from transformers import CLIPTokenizer
 
-    from latentrt.export.tiny import TinyText, make_scheduler, make_text_encoder
-    from latentrt.export.tokenizers import EOS, save_clip_tokenizer
     from latentrt.families import get_family
+    from latentrt.reference.tiny import TinyText, make_scheduler, make_text_encoder
+    from latentrt.reference.tokenizers import EOS, save_clip_tokenizer
 
     spec = get_family(family)
     xl = spec.has_pooled

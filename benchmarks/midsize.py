@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from latentrt.export.tiny import TinyText, make_scheduler, make_text_encoder
-from latentrt.export.tokenizers import EOS, save_clip_tokenizer
 from latentrt.families import get_family
+from latentrt.reference.tiny import TinyText, make_scheduler, make_text_encoder
+from latentrt.reference.tokenizers import EOS, save_clip_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -283,7 +283,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         _build_locked(export, out, plan, opts, gpu, int8, overwrite, progress,
                       dict(sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg, opt_batch=opt_batch,
                            prompt_windows=prompt_windows))
-    log.info("wrote %s engines for %s to %s", backend, export.spec.id.value, out)
+    log.info("wrote %s engines for %s to %s", backend, export.spec.name, out)
     return out
 
 
@@ -584,7 +584,7 @@ def engine_manifest(export: OnnxExport, plan: ProfilePlan, opts: BuildOptions, g
         "kind": ENGINE_KIND,
         "schema": SCHEMA,
         "backend": opts.backend,
-        "family": export.spec.id.value,
+        "family": export.spec.name,
         "source": {"onnx_dir": str(export.folder.resolve()), "onnx_manifest_sha256": export.manifest_sha256,
                    "model": export.manifest.get("source")},
         "model": export.manifest.get("model"),

@@ -136,7 +136,7 @@ def plan_profiles(spec: FamilySpec, ios: Mapping[str, ComponentIO], *, sizes: Se
         shapes = {c: profile(ios[c].with_ranges(b)) for c, b in bounds.items()}
         profiles.append(Profile("", members, opt, bounds, shapes))
     named = tuple(_with_name(p, i, strategy, profiles) for i, p in enumerate(profiles))
-    return ProfilePlan(spec.id.value, strategy, chosen, batch, opt_b, cfg, factor, dict(ios), named, prompt_windows)
+    return ProfilePlan(spec.name, strategy, chosen, batch, opt_b, cfg, factor, dict(ios), named, prompt_windows)
 
 
 def _guidance_embedded(ios: Mapping[str, ComponentIO]) -> bool:

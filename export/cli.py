@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
-    from latentrt.export.models import check_opset
     from latentrt.export.onnx import export_model
     from latentrt.manifest import read_manifest
+    from latentrt.reference.models import check_opset
 
     check_opset(max(args.opset, 18) if args.dynamo else args.opset, args.dynamo)
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None

@@ -42,6 +42,14 @@ from latentrt.manifest import (
 from latentrt.manifest_checks import sealed
 from latentrt.outputs import check_replaceable, link_tree, output_lock, removed_if_failed, written_files
 from latentrt.paths import check_checkpoint
+from latentrt.reference.models import (
+    CheckpointRef,
+    LoadedModel,
+    check_opset,
+    load_checkpoint,
+    locate_checkpoint,
+)
+from latentrt.reference.wrappers import wrap
 from latentrt.tensors import (
     ComponentIO,
     Sizes,
@@ -51,9 +59,6 @@ from latentrt.tensors import (
     io_to_json,
     shape_of,
 )
-
-from .models import CheckpointRef, LoadedModel, check_opset, load_checkpoint, locate_checkpoint
-from .wrappers import wrap
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +228,7 @@ def check_output(out: Path, ref: CheckpointRef, overwrite: bool) -> dict[str, An
             return None
         raise OutputConflict(f"{out} holds another kind of artifact or an unusable export ({e}); choose another "
                              "folder or pass --overwrite") from None
-    same = old.get("source", {}).get("sha256") == ref.sha256 and old.get("family") == ref.spec.id.value
+    same = old.get("source", {}).get("sha256") == ref.sha256 and old.get("family") == ref.spec.name
     if not same and not overwrite:
         raise OutputConflict(f"{out} already holds the export of {old.get('source', {}).get('model')!r} "
                              f"({old.get('family')}); choose another folder or pass --overwrite")
@@ -239,7 +244,7 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
     Returns `out_dir`.
 
     Args:
-        model: what to export; see `latentrt.export.models.load_checkpoint`.
+        model: what to export; see `latentrt.reference.models.load_checkpoint`.
         out_dir: the export folder (created; refused if it holds another model's export unless `overwrite`).
         family: the family id, overriding detection from the checkpoint's configs.
         opset: ONNX opset (raised to 18 for the dynamo exporter).
@@ -250,7 +255,7 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
         overwrite: replace an export of a different model.
         external_data_mb: weights above this size go into `model.onnx.data` beside `model.onnx`.
         config: for a single original-layout `.safetensors` file, the diffusers folder (or hub id) of the
-            same family whose configs describe it (see `latentrt.export.single_file`).
+            same family whose configs describe it (see `latentrt.reference.single_file`).
     """
     if dynamo and isinstance(opset, int) and not isinstance(opset, bool) and opset < DYNAMO_MIN_OPSET:
         log.info("dynamo exporter: raising opset %d to %d", opset, DYNAMO_MIN_OPSET)
@@ -278,7 +283,7 @@ def _export_locked(model: str | Path, out: Path, family: str | None, config: str
         previous = check_output(out, ref, overwrite)
         say(f"loading {ref.source} ({ref.folder})")
         loaded = load_checkpoint(ref)
-        say(f"family {loaded.spec.id.value} ({loaded.spec.title}); exporting {', '.join(wanted)}")
+        say(f"family {loaded.spec.name} ({loaded.spec.title}); exporting {', '.join(wanted)}")
         with staging_dir(out) as stage:
             entries = {}
             for i, name in enumerate(wanted, 1):
@@ -295,7 +300,7 @@ def _select(ref: CheckpointRef, components: Sequence[str] | None) -> list[str]:
         return known
     unknown = [c for c in components if c not in known]
     if unknown:
-        raise CheckpointError(f"{ref.spec.id.value} has no component(s) {', '.join(unknown)}; "
+        raise CheckpointError(f"{ref.spec.name} has no component(s) {', '.join(unknown)}; "
                               f"choose among {', '.join(known)}")
     return [c for c in known if c in components]
 
@@ -343,7 +348,7 @@ def _manifest(loaded: LoadedModel, opset: int, dynamo: bool, entries: Mapping[st
               stage: Path) -> dict[str, Any]:
     order = [c for c in loaded.spec.components if c in entries]
     return sealed({
-        "kind": ONNX_KIND, "schema": SCHEMA, "family": loaded.spec.id.value,
+        "kind": ONNX_KIND, "schema": SCHEMA, "family": loaded.spec.name,
         "source": {"model": loaded.source, "sha256": loaded.source_sha256},
         "model": {"dims": dataclasses.asdict(loaded.dims), **loaded.info},
         "opset": opset, "exporter": "dynamo" if dynamo else "torchscript", "tools": tool_versions(),

@@ -27,10 +27,10 @@ VERBS = {
     "export": ("latentrt.export.cli", "export a checkpoint (diffusers folder, hub id, tiny:<family>) to ONNX"),
     "build": ("latentrt.engines.cli", "build engines (TensorRT fp16 or ONNX Runtime) from an ONNX export"),
     "generate": ("latentrt.runtime.cli_generate", "generate images with built engines"),
-    "demo": ("latentrt.runtime.cli_demo", "export, build and run a built-in tiny model on the CPU, end to end"),
+    "demo": ("latentrt.workflows.demo", "export, build and run a built-in tiny model on the CPU, end to end"),
     "bench": ("latentrt.runtime.cli_bench", "profile latency per stage and compare backends side by side"),
     "serve": ("latentrt.runtime.cli_serve", "serve a pipeline over HTTP on 127.0.0.1 (POST /generate, GET /health)"),
-    "info": ("latentrt.info", "say what a folder holds (checkpoint, ONNX export, engines)"),
+    "info": ("latentrt.workflows.info", "say what a folder holds (checkpoint, ONNX export, engines)"),
 }
 
 

@@ -115,20 +115,95 @@ class SamplingDefaults:
     spacing: Spacing
 
 
+class AutoencoderKind(str, Enum):
+    KL = "kl"  # diffusers AutoencoderKL: a Gaussian posterior (SD, SDXL, LDM-KL)
+    VQ = "vq"  # diffusers VQModel: the decoder quantizes to the codebook first (LDM-VQ)
+
+
+@dataclass(frozen=True)
+class AutoencoderSpec:
+    """The latent space's autoencoder; the checkpoint's VAE config wins over these defaults."""
+
+    kind: AutoencoderKind = AutoencoderKind.KL
+    factor: int = 8  # pixels per latent (downsampling factor f = 4, 8, 16)
+    latent_channels: int = 4
+    scaling_factor: float = 0.18215
+
+
+@dataclass(frozen=True)
+class ConditioningInput:
+    """One conditioning input the denoiser declares: an ONNX input of the UNet, passed to diffusers by keyword.
+
+    `width` is the feature width per row: a number, the name of a `ModelDims` field read from the
+    checkpoint (e.g. "context_dim"), or None for one value per row (class labels). `provider` names
+    the runtime function that builds the tensor for a request (runtime/providers.py).
+    """
+
+    name: str  # the UNet's input tensor name (ONNX input, engine feed key)
+    keyword: str  # diffusers UNet forward keyword; "added_cond_kwargs.<key>" for SDXL's added conditions
+    provider: str  # runtime provider key
+    width: int | str | None = None
+    dtype: str = "float32"
+    sequence: bool = False  # (rows, sequence, width): a cross-attention context of prompt windows
+    optional: bool = False  # exported only when the checkpoint has it (its width field is non-zero)
+
+
+@dataclass(frozen=True)
+class ConcatInput:
+    """A piece concatenated to the latents on the channel axis before the UNet (mask, depth, low-res image)."""
+
+    name: str
+    channels: int | str  # a number, or "latent_channels"
+    provider: str  # runtime provider key
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """The UNet: what it predicts, its conditioning inputs (after sample and timestep), its concatenated pieces."""
+
+    prediction: Prediction
+    conditioning: tuple[ConditioningInput, ...]
+    concat: tuple[ConcatInput, ...] = ()
+
+    def in_channels(self, latent_channels: int) -> int:
+        """UNet input channels: the latents plus every concatenated piece."""
+        return latent_channels + sum(latent_channels if c.channels == "latent_channels" else int(c.channels)
+                                     for c in self.concat)
+
+    def takes(self, name: str) -> bool:
+        """Whether the denoiser declares the conditioning input or concatenated piece `name`."""
+        return any(c.name == name for c in self.conditioning) or any(c.name == name for c in self.concat)
+
+    def conditioning_input(self, name: str) -> ConditioningInput | None:
+        return next((c for c in self.conditioning if c.name == name), None)
+
+
+# The conditioning kinds the built-in families use; a new family may declare its own.
+CONTEXT = ConditioningInput("encoder_hidden_states", "encoder_hidden_states", "text_context", width="context_dim",
+                            sequence=True)
+POOLED = ConditioningInput("text_embeds", "added_cond_kwargs.text_embeds", "text_pooled", width="pooled_dim")
+TIME_IDS_SIZE_CROP_TARGET = ConditioningInput("time_ids", "added_cond_kwargs.time_ids", "time_ids_size_crop_target",
+                                              width=6)  # SDXL base: original (h, w), crop (y, x), target (h, w)
+TIME_IDS_SIZE_CROP_AESTHETIC = ConditioningInput("time_ids", "added_cond_kwargs.time_ids",
+                                                 "time_ids_size_crop_aesthetic",
+                                                 width=5)  # SDXL refiner: original (h, w), crop (y, x), score
+GUIDANCE_EMBEDDING = ConditioningInput("timestep_cond", "timestep_cond", "guidance_embedding",
+                                       width="time_cond_proj_dim", optional=True)  # LCM: w-embedding (config key)
+CLASS_LABEL = ConditioningInput("class_labels", "class_labels", "class_label", dtype="int64")
+MASK = ConcatInput("mask", 1, "inpaint_mask")  # 1 = repaint, at latent resolution
+MASKED_IMAGE_LATENTS = ConcatInput("masked_image_latents", "latent_channels", "masked_image_latents")
+
+
 @dataclass(frozen=True)
 class FamilySpec:
-    id: FamilyId
+    id: FamilyId | str  # a FamilyId for the built-in families; `name` is its string
     title: str
     text_encoders: tuple[TextEncoderSpec, ...]
-    unet_in_channels: int  # 4, or 9 for inpainting (latents + mask + masked-image latents)
-    prediction: Prediction
+    denoiser: DenoiserSpec
     native_size: Size  # (height, width) pixels
     buckets: tuple[Size, ...]
     sampling: SamplingDefaults
-    time_ids: TimeIds = TimeIds.NONE
-    vae_scaling_factor: float = 0.18215  # default; the checkpoint's VAE config wins
-    latent_channels: int = 4
-    vae_scale_factor: int = 8  # pixels per latent
+    autoencoder: AutoencoderSpec = AutoencoderSpec()
     schedule: NoiseSchedule = NoiseSchedule()
     zero_negative_for_empty_prompt: bool = False  # SDXL: force_zeros_for_empty_prompt
     min_turbo_steps_x_strength: float = 0.0  # Turbo img2img: steps * strength must reach 1
@@ -140,21 +215,55 @@ class FamilySpec:
     pipeline_fixes_scheduler: bool = False
 
     @property
+    def name(self) -> str:
+        """The family's id as a string ('sd1', 'sdxl', ...)."""
+        return self.id.value if isinstance(self.id, FamilyId) else self.id
+
+    @property
+    def prediction(self) -> Prediction:
+        return self.denoiser.prediction
+
+    @property
+    def latent_channels(self) -> int:
+        return self.autoencoder.latent_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.autoencoder.factor
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return self.autoencoder.scaling_factor
+
+    @property
+    def unet_in_channels(self) -> int:
+        return self.denoiser.in_channels(self.latent_channels)
+
+    @property
+    def time_ids(self) -> TimeIds:
+        """The kind of SDXL micro-conditioning the denoiser takes (NONE without `time_ids`)."""
+        ids = self.denoiser.conditioning_input("time_ids")
+        return {None: TimeIds.NONE, TIME_IDS_SIZE_CROP_TARGET: TimeIds.SIZE_CROP_TARGET,
+                TIME_IDS_SIZE_CROP_AESTHETIC: TimeIds.SIZE_CROP_AESTHETIC}[ids]
+
+    @property
     def uses_cfg(self) -> bool:
         """Whether the family's default sampling runs classifier-free guidance (a 2B UNet batch)."""
         return self.sampling.guidance > 1.0
 
     @property
     def is_inpaint(self) -> bool:
-        return self.unet_in_channels == 2 * self.latent_channels + 1
-
-    @property
-    def has_pooled(self) -> bool:
-        return any(te.pooled for te in self.text_encoders)
+        """Whether the denoiser takes a mask and the masked image's latents (a dedicated inpainting UNet)."""
+        return self.denoiser.takes(MASK.name) and self.denoiser.takes(MASKED_IMAGE_LATENTS.name)
 
     @property
     def is_turbo(self) -> bool:
-        return self.id in (FamilyId.SDXL_TURBO, FamilyId.SD_TURBO)
+        """A few-step distilled family: its default sampling is 1-4 steps without guidance."""
+        return not self.uses_cfg and self.sampling.steps <= 4
+
+    @property
+    def has_pooled(self) -> bool:
+        return self.denoiser.takes(POOLED.name)
 
     @property
     def components(self) -> tuple[str, ...]:
@@ -176,45 +285,60 @@ _TURBO = SamplingDefaults(SamplerId.EULER, 1, 0.0, Spacing.TRAILING)
 _B512 = scaled_buckets(512)
 _B768 = scaled_buckets(768)
 
-FAMILIES: dict[FamilyId, FamilySpec] = {
+_SD_EPS = DenoiserSpec(Prediction.EPS, (CONTEXT, GUIDANCE_EMBEDDING))
+_SD_V = DenoiserSpec(Prediction.V, (CONTEXT, GUIDANCE_EMBEDDING))
+_SD_INPAINT = DenoiserSpec(Prediction.EPS, (CONTEXT, GUIDANCE_EMBEDDING), (MASK, MASKED_IMAGE_LATENTS))
+_XL_BASE = DenoiserSpec(Prediction.EPS, (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_TARGET, GUIDANCE_EMBEDDING))
+_XL_REFINER = DenoiserSpec(Prediction.EPS, (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_AESTHETIC, GUIDANCE_EMBEDDING))
+_XL_VAE = AutoencoderSpec(scaling_factor=0.13025)
+
+# keyed by `spec.id`: FamilyId members are str enums, so FAMILIES["sd1"] finds FamilyId.SD1's spec
+FAMILIES: dict[FamilyId | str, FamilySpec] = {
     s.id: s
     for s in (
-        FamilySpec(FamilyId.SD1, "Stable Diffusion 1.x", (_CLIP_L,), 4, Prediction.EPS, (512, 512), _B512, _SD_STEPS,
+        FamilySpec(FamilyId.SD1, "Stable Diffusion 1.x", (_CLIP_L,), _SD_EPS, (512, 512), _B512, _SD_STEPS,
                    pipeline_fixes_scheduler=True,
                    reference_repo="stable-diffusion-v1-5/stable-diffusion-v1-5"),
-        FamilySpec(FamilyId.SD1_INPAINT, "Stable Diffusion 1.5 inpainting", (_CLIP_L,), 9, Prediction.EPS,
+        FamilySpec(FamilyId.SD1_INPAINT, "Stable Diffusion 1.5 inpainting", (_CLIP_L,), _SD_INPAINT,
                    (512, 512), _B512, _SD_STEPS, pipeline_fixes_scheduler=True,
                    reference_repo="stable-diffusion-v1-5/stable-diffusion-inpainting"),
-        FamilySpec(FamilyId.SD2, "Stable Diffusion 2.x base", (_OPENCLIP_H,), 4, Prediction.EPS, (512, 512),
+        FamilySpec(FamilyId.SD2, "Stable Diffusion 2.x base", (_OPENCLIP_H,), _SD_EPS, (512, 512),
                    _B512, _SD_STEPS, fp32_attention=True, pipeline_fixes_scheduler=True,
                    reference_repo="stabilityai/stable-diffusion-2-1-base"),
-        FamilySpec(FamilyId.SD2_V, "Stable Diffusion 2.x (v-prediction, 768)", (_OPENCLIP_H,), 4, Prediction.V,
+        FamilySpec(FamilyId.SD2_V, "Stable Diffusion 2.x (v-prediction, 768)", (_OPENCLIP_H,), _SD_V,
                    (768, 768), _B768, _SD_STEPS, fp32_attention=True, pipeline_fixes_scheduler=True,
                    reference_repo="stabilityai/stable-diffusion-2-1"),
-        FamilySpec(FamilyId.SD2_INPAINT, "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), 9, Prediction.EPS,
+        FamilySpec(FamilyId.SD2_INPAINT, "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), _SD_INPAINT,
                    (512, 512), _B512, _SD_STEPS, fp32_attention=True,
                    pipeline_fixes_scheduler=True,
                    reference_repo="stabilityai/stable-diffusion-2-inpainting"),
-        FamilySpec(FamilyId.SDXL, "SDXL base", (_XL_L, _XL_G), 4, Prediction.EPS, (1024, 1024), SDXL_BUCKETS,
-                   _XL_STEPS, TimeIds.SIZE_CROP_TARGET, 0.13025, zero_negative_for_empty_prompt=True,
+        FamilySpec(FamilyId.SDXL, "SDXL base", (_XL_L, _XL_G), _XL_BASE, (1024, 1024), SDXL_BUCKETS,
+                   _XL_STEPS, _XL_VAE, zero_negative_for_empty_prompt=True,
                    fp16_vae_overflows=True, reference_repo="stabilityai/stable-diffusion-xl-base-1.0"),
-        FamilySpec(FamilyId.SDXL_REFINER, "SDXL refiner", (_XL_G,), 4, Prediction.EPS, (1024, 1024), SDXL_BUCKETS,
-                   _XL_STEPS, TimeIds.SIZE_CROP_AESTHETIC, 0.13025, fp16_vae_overflows=True,
+        FamilySpec(FamilyId.SDXL_REFINER, "SDXL refiner", (_XL_G,), _XL_REFINER, (1024, 1024), SDXL_BUCKETS,
+                   _XL_STEPS, _XL_VAE, fp16_vae_overflows=True,
                    reference_repo="stabilityai/stable-diffusion-xl-refiner-1.0"),
-        FamilySpec(FamilyId.SDXL_TURBO, "SDXL-Turbo", (_XL_L, _XL_G), 4, Prediction.EPS, (512, 512), _B512,
-                   _TURBO, TimeIds.SIZE_CROP_TARGET, 0.13025, min_turbo_steps_x_strength=1.0,
+        FamilySpec(FamilyId.SDXL_TURBO, "SDXL-Turbo", (_XL_L, _XL_G), _XL_BASE, (512, 512), _B512,
+                   _TURBO, _XL_VAE, min_turbo_steps_x_strength=1.0,
                    fp16_vae_overflows=True, reference_repo="stabilityai/sdxl-turbo"),
-        FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), 4, Prediction.EPS, (512, 512), _B512, _TURBO,
+        FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), _SD_EPS, (512, 512), _B512, _TURBO,
                    min_turbo_steps_x_strength=1.0, fp32_attention=True, pipeline_fixes_scheduler=True,
                    reference_repo="stabilityai/sd-turbo"),
     )
 }
 
 
+def register_family(spec: FamilySpec) -> FamilySpec:
+    """Add a family to the registry (detection, export, build and the runtime all read it from here)."""
+    if spec.name in FAMILIES and FAMILIES[spec.name] != spec:
+        raise ValueError(f"a different family named {spec.name!r} is already registered")
+    FAMILIES[spec.id] = spec
+    return spec
+
+
 def get_family(family: str | FamilyId) -> FamilySpec:
     """Look up a family by id ('sdxl', FamilyId.SDXL, ...)."""
-    try:
-        return FAMILIES[FamilyId(family)]
-    except ValueError:
-        known = ", ".join(f.value for f in FamilyId)
-        raise UnknownFamily(f"unknown family {family!r}; known families: {known}") from None
+    if isinstance(family, str) and family in FAMILIES:
+        return FAMILIES[family]
+    known = ", ".join(FAMILIES)
+    raise UnknownFamily(f"unknown family {family!r}; known families: {known}")

@@ -78,7 +78,7 @@ def check_manifest(folder: Path, data: Mapping[str, Any]) -> None:
     if not isinstance(components, dict) or not components:
         raise check.fail(f"'components' should be a non-empty JSON object, found {type(components).__name__}")
     unknown = [c for c in components if c not in spec.components]
-    check.require(not unknown, f"lists component(s) {', '.join(map(repr, unknown))}, which family {spec.id.value} "
+    check.require(not unknown, f"lists component(s) {', '.join(map(repr, unknown))}, which family {spec.name} "
                                f"does not have (it has {', '.join(spec.components)})")
     _files(check, folder, spec, data.get("files") or {})
     dims = _dims(check, spec, (data.get("model") or {}).get("dims"))
@@ -109,7 +109,7 @@ def _files(check: _Check, folder: Path, spec: FamilySpec, files: Mapping[str, An
     known = [te.tokenizer for te in spec.text_encoders] + ["scheduler"]
     for rel, digest in files.items():
         inside(folder, rel, f"{check.where} files")
-        check.require(rel in known, f"lists support file {rel!r}; family {spec.id.value} has {', '.join(known)}")
+        check.require(rel in known, f"lists support file {rel!r}; family {spec.name} has {', '.join(known)}")
         check.require(isinstance(digest, str), f"files[{rel!r}] should be a sha256 string")
 
 
@@ -138,7 +138,7 @@ def _dims(check: _Check, spec: FamilySpec, raw: Any) -> ModelDims | None:
         ("unet in_channels", dims.unet_in_channels, spec.unet_in_channels),
         ("time ids", dims.time_ids, spec.time_ids.width),
         ("pooled projection", dims.pooled_dim > 0, spec.has_pooled)) if have != want]
-    check.require(not problems, f"family {spec.id.value} does not fit the model it describes ({'; '.join(problems)}; "
+    check.require(not problems, f"family {spec.name} does not fit the model it describes ({'; '.join(problems)}; "
                                 "family edited?)")
     return dims
 
@@ -157,7 +157,7 @@ def _component(check: _Check, folder: Path, name: str, entry: Any, expected: Com
     _ort(check, name, entry.get("ort") or {})
     io = _io(check, name, entry.get("io"))
     if expected is not None and signature(io) != signature(expected):
-        raise check.fail(f"component {name!r} IO {_describe(io)} differs from family {spec.id.value}'s "
+        raise check.fail(f"component {name!r} IO {_describe(io)} differs from family {spec.name}'s "
                          f"{_describe(expected)} for the recorded model widths (family or IO edited?)")
 
 

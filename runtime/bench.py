@@ -265,8 +265,8 @@ class ReferenceRunner:
     def __init__(self, checkpoint: str, device: torch.device, family: str | None = None):
         from diffusers import DiffusionPipeline
 
-        from latentrt.export.models import detect_family, quiet_progress, resolve
         from latentrt.families import get_family
+        from latentrt.reference.models import detect_family, quiet_progress, resolve
 
         folder, _ = resolve(checkpoint)
         self.device = device
@@ -543,8 +543,8 @@ def sweep_cases(main: BenchCase, sweep: Mapping[str, Sequence[Any]]) -> dict[str
 
 
 def _spec_of(t: Targets) -> Any:
-    from latentrt.export.models import detect_family, resolve
     from latentrt.families import get_family
+    from latentrt.reference.models import detect_family, resolve
 
     if t.family:
         return get_family(t.family)
@@ -669,7 +669,7 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
             for r in runners.values():
                 r.close()
         machine.update({"peak_rss_mb": round(peak_rss_mb(), 1), "loadavg_end": _loadavg()})
-        settings = {"model": os.fspath(model_or_dir), "checkpoint": t.checkpoint, "family": spec.id.value,
+        settings = {"model": os.fspath(model_or_dir), "checkpoint": t.checkpoint, "family": spec.name,
                     "backends": labels, "steps": main.steps, "guidance": scale, "size": [main.height, main.width],
                     "batch": batch, "warmup": warmup, "runs": runs, "seed": seed, "prompt": prompt, "device": str(dev),
                     "precision": precision, "int8_recipe": recipe if INT8 in labels else None,

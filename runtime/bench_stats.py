@@ -233,8 +233,8 @@ def unet_gflop(checkpoint: str, family: str | None, case: BenchCase, cfg: bool) 
     """FLOPs of one UNet call at the case's shape (torch.utils.flop_counter on the PyTorch model), in GFLOP."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from latentrt.export.models import load_checkpoint
-    from latentrt.export.wrappers import wrap
+    from latentrt.reference.models import load_checkpoint
+    from latentrt.reference.wrappers import wrap
     from latentrt.tensors import dummy_inputs
 
     loaded = _LOADED.get(checkpoint) or _LOADED.setdefault(checkpoint, load_checkpoint(checkpoint, family))

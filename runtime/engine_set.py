@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from latentrt.errors import BackendUnavailable, InvalidRequest, MissingComponent, StaleArtifact
-from latentrt.export.models import TINY_PREFIX
 from latentrt.families import FamilySpec, TimeIds, get_family
 from latentrt.manifest import (
     ENGINE_KIND,
@@ -33,6 +32,7 @@ from latentrt.manifest import (
     verify_files,
 )
 from latentrt.paths import check_checkpoint, inside
+from latentrt.reference.models import TINY_PREFIX
 from latentrt.tensors import ComponentIO, ModelDims, io_from_json
 
 from .backends.base import Engine
@@ -191,7 +191,7 @@ def _components(path: Path, manifest: dict[str, Any], spec: FamilySpec) -> dict[
     entries = manifest.get("components") or {}
     missing = [c for c in spec.components if c not in entries]
     if missing:
-        raise MissingComponent(f"{path / MANIFEST} lists no {', '.join(missing)} (family {spec.id.value} needs "
+        raise MissingComponent(f"{path / MANIFEST} lists no {', '.join(missing)} (family {spec.name} needs "
                                f"{', '.join(spec.components)}); re-run the export/build")
     return {c: entries[c] for c in spec.components}
 
@@ -375,7 +375,7 @@ def load_scheduler_config(path: Path) -> dict[str, Any]:
 def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[str, Any],
                     folder: Path | None = None) -> EngineSet:
     """The PyTorch reference backend: the checkpoint's own modules behind the engine interface."""
-    from latentrt.export.models import load_checkpoint
+    from latentrt.reference.models import load_checkpoint
 
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailable("the torch backend was asked for CUDA, but PyTorch sees no CUDA device here; "
@@ -404,9 +404,9 @@ def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[
 def check_refiner(base: EngineSet, refiner: EngineSet) -> None:
     """InvalidRequest / StaleArtifact when `refiner` cannot continue `base`'s latents."""
     if refiner.spec.time_ids is not TimeIds.SIZE_CROP_AESTHETIC:
-        raise InvalidRequest(f"--refiner {refiner.folder} is a {refiner.spec.id.value} model, not an SDXL refiner")
+        raise InvalidRequest(f"--refiner {refiner.folder} is a {refiner.spec.name} model, not an SDXL refiner")
     if not base.spec.has_pooled or base.spec.time_ids is not TimeIds.SIZE_CROP_TARGET:
-        raise InvalidRequest(f"a refiner continues SDXL base latents; {base.folder} is {base.spec.id.value}")
+        raise InvalidRequest(f"a refiner continues SDXL base latents; {base.folder} is {base.spec.name}")
     if base.latent_channels != refiner.latent_channels or base.vae_scale_factor != refiner.vae_scale_factor:
         raise StaleArtifact(f"base {base.folder} and refiner {refiner.folder} have different latent spaces "
                             f"({base.latent_channels} vs {refiner.latent_channels} channels, VAE factor "

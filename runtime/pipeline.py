@@ -150,7 +150,7 @@ class ResolvedRequest:
     def settings(self, pipe: Pipeline) -> dict[str, Any]:
         es = pipe.engines
         return {
-            "family": es.spec.id.value, "model": es.source.get("model"), "backend": es.backend, "mode": self.mode,
+            "family": es.spec.name, "model": es.source.get("model"), "backend": es.backend, "mode": self.mode,
             "prompts": self.prompts, "negative_prompt": self.negative, "steps": self.steps,
             "guidance": self.guidance, "sampler": self.sampler, "height": self.height, "width": self.width,
             "seed": self.seed, "num_images_per_prompt": self.num_images_per_prompt, "strength": self.strength,
@@ -231,11 +231,11 @@ class Pipeline:
             return "continue"
         if self.spec.is_inpaint:
             if image is None or mask is None:
-                raise InvalidRequest(f"{self.spec.id.value} is an inpainting model: give an init image and a mask")
+                raise InvalidRequest(f"{self.spec.name} is an inpainting model: give an init image and a mask")
             return "inpaint"
         if mask is not None:
             raise InvalidRequest(f"a mask needs an inpainting model (9-channel UNet, e.g. sd1-inpaint); "
-                                 f"{self.spec.id.value} is not one")
+                                 f"{self.spec.name} is not one")
         return "img2img" if image is not None else "txt2img"
 
     @staticmethod
@@ -305,7 +305,7 @@ class Pipeline:
             (lo_h, hi_h), (lo_w, hi_w) = self.engines.latent_range()
             f = self.engines.vae_scale_factor
             raise UnsupportedShape(f"the engines in {self.engines.folder} cover {lo_h * f}-{hi_h * f} x "
-                                   f"{lo_w * f}-{hi_w * f} px (HxW), none of the {self.spec.id.value} buckets")
+                                   f"{lo_w * f}-{hi_w * f} px (HxW), none of the {self.spec.name} buckets")
         return covered
 
     def _covers(self, size: tuple[int, int]) -> bool:
@@ -340,7 +340,7 @@ class Pipeline:
         f = es.vae_scale_factor
         decoder = es.engines.get("vae_decoder")
         chunk = min(batch, decoder.io.dims["batch"].max) if decoder and "batch" in decoder.io.dims else batch
-        need = estimate_bytes(architecture(self.spec.id.value, es.dims.extra if es.dims else None),
+        need = estimate_bytes(architecture(self.spec.name, es.dims.extra if es.dims else None),
                               unet_rows=batch * (2 if cfg else 1), decode_batch=chunk if decode else 0,
                               latent_height=height // f, latent_width=width // f,
                               fused_attention=es.backend == "torch")

@@ -318,7 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
         model = es.source.get("model")
         if is_local_path(model) and not self.server.limits.expose_paths:
             model = Path(str(model)).name
-        self._json(HTTPStatus.OK, {"status": "draining" if self.server.draining else "ok", "family": es.spec.id.value,
+        self._json(HTTPStatus.OK, {"status": "draining" if self.server.draining else "ok", "family": es.spec.name,
                                    "backend": es.backend, "model": model, "queue": self.server.pending})
 
     def do_POST(self) -> None:  # noqa: N802

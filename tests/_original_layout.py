@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from latentrt.export.models import detect_family
 from latentrt.families import FamilyId
+from latentrt.reference.models import detect_family
 
 StateDict = dict[str, torch.Tensor]
 

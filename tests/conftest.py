@@ -31,7 +31,7 @@ def latentrt_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(latentrt_cache: Path) -> Callable[[str], Path]:
     """Factory: family id -> the built-in tiny diffusers folder of that family (built once per session)."""
-    from latentrt.export.tiny import tiny_folder
+    from latentrt.reference.tiny import tiny_folder
 
     return tiny_folder
 

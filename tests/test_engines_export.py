@@ -22,7 +22,7 @@ CHECK_SIZES = {"batch": 3, "unet_batch": 3, "latent_height": 24, "latent_width":
 
 
 def pytorch_outputs(loaded, component: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    from latentrt.export.wrappers import wrap
+    from latentrt.reference.wrappers import wrap
 
     module = wrap(component, loaded)
     with torch.no_grad():
@@ -34,7 +34,7 @@ def pytorch_outputs(loaded, component: str, feed: dict[str, np.ndarray]) -> list
 @pytest.mark.parametrize("family", [f.value for f in FamilyId])
 def test_engines_from_a_real_export_match_pytorch(onnx_export_dir: Callable[[str], Path], tmp_path: Path,
                                                   family: str) -> None:
-    from latentrt.export.models import load_checkpoint
+    from latentrt.reference.models import load_checkpoint
 
     out = build_engines(onnx_export_dir(family), tmp_path / "engines", backend="onnxruntime", threads=1)
     manifest = read_manifest(out, ENGINE_KIND)

@@ -144,7 +144,7 @@ def test_exported_text_encoders_match_diffusers_encode_prompt(family: str,
 
 
 def _tiny_folder(family: str) -> Path:
-    from latentrt.export.tiny import tiny_folder
+    from latentrt.reference.tiny import tiny_folder
 
     return tiny_folder(family)
 
@@ -153,8 +153,8 @@ def _tiny_folder(family: str) -> Path:
 
 
 def test_tiny_models_are_deterministic_and_detected(tmp_path: Path) -> None:
-    from latentrt.export.models import detect_family
-    from latentrt.export.tiny import make_tiny
+    from latentrt.reference.models import detect_family
+    from latentrt.reference.tiny import make_tiny
 
     for family in FAMILY_IDS:
         assert detect_family(_tiny_folder(family)).id.value == family
@@ -163,7 +163,7 @@ def test_tiny_models_are_deterministic_and_detected(tmp_path: Path) -> None:
 
 
 def test_loaded_model_facts() -> None:
-    from latentrt.export.models import load_checkpoint
+    from latentrt.reference.models import load_checkpoint
 
     xl = load_checkpoint("tiny:sdxl")
     assert set(xl.modules) == {"text_encoder", "text_encoder_2", "unet", "vae"}
@@ -184,7 +184,7 @@ def test_loaded_model_facts() -> None:
 
 
 def test_family_override_and_mismatch() -> None:
-    from latentrt.export.models import load_checkpoint
+    from latentrt.reference.models import load_checkpoint
 
     assert load_checkpoint("tiny:sd2", family="sd2-v").spec.id is FamilyId.SD2_V  # same structure: allowed
     with pytest.raises(CheckpointError, match="in_channels"):

@@ -88,7 +88,7 @@ def test_guidance_embedding_matches_diffusers(guidance: float, dim: int,
 
 
 def test_lcm_checkpoint_describes_timestep_cond(tiny_checkpoint: Callable[[str], Path]) -> None:
-    from latentrt.export.models import load_checkpoint
+    from latentrt.reference.models import load_checkpoint
 
     folder = tiny_checkpoint(LCM)
     index = json.loads((folder / "model_index.json").read_text())

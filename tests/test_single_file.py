@@ -22,12 +22,12 @@ from safetensors.torch import save_file
 
 from latentrt.cli import main
 from latentrt.errors import CheckpointError, UnknownFamily
-from latentrt.export.models import LoadedModel, load_checkpoint
 from latentrt.export.onnx import check_parity
-from latentrt.export.single_file import MARKER, choose_family, load_single_file, read_single_file
-from latentrt.export.wrappers import wrap
 from latentrt.families import FamilyId
 from latentrt.manifest import read_manifest, sha256_file
+from latentrt.reference.models import LoadedModel, load_checkpoint
+from latentrt.reference.single_file import MARKER, choose_family, load_single_file, read_single_file
+from latentrt.reference.wrappers import wrap
 from latentrt.runtime.engine_set import load_engines
 
 FAMILIES = ["sd1", "sdxl", "sd2", "sdxl-refiner", "sd1-inpaint"]

@@ -137,7 +137,7 @@ def test_family_facts_are_data() -> None:
 
 
 def test_tiny_recipes_follow_the_spec_towers() -> None:
-    from latentrt.export.tiny import CLIP_L, OPENCLIP, text_recipes, unet_config
+    from latentrt.reference.tiny import CLIP_L, OPENCLIP, text_recipes, unet_config
 
     sd1 = FAMILIES[FamilyId.SD1]
     assert text_recipes(sd1) == [CLIP_L] and not unet_config(sd1, 32, 0)["use_linear_projection"]
@@ -148,15 +148,15 @@ def test_tiny_recipes_follow_the_spec_towers() -> None:
 
 def test_single_file_configs_come_from_the_spec(tmp_path: Path) -> None:
     from latentrt.errors import CheckpointError
-    from latentrt.export.single_file import config_folder
+    from latentrt.reference.single_file import config_folder
 
     with pytest.raises(CheckpointError, match="sd1 names no reference checkpoint.*--config"):
         config_folder(None, replace(FAMILIES[FamilyId.SD1], reference_repo=None))
 
 
 def test_tree_hash_filters_and_checkpoint_hash(tmp_path: Path) -> None:
-    from latentrt.export.models import checkpoint_sha256
     from latentrt.manifest import sha256_tree
+    from latentrt.reference.models import checkpoint_sha256
 
     for rel, text in [("model_index.json", "{}"), ("unet/config.json", "{}"), ("unet/w.safetensors", "w"),
                       ("README.md", "hi"), ("safety_checker/w.bin", "s")]:

@@ -1,4 +1,4 @@
-"""PyTorch reference backend: runs the flat-IO wrapper module of one component (`latentrt.export.wrappers`)."""
+"""PyTorch reference backend: runs the flat-IO wrapper module of one component (`latentrt.reference.wrappers`)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class TorchEngine(Engine):
     def from_loaded(cls, component: str, loaded: Any, io: ComponentIO, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> TorchEngine:
         """Wrap one component of a `LoadedModel` (export.models.load_checkpoint) as an engine."""
-        from latentrt.export.wrappers import wrap
+        from latentrt.reference.wrappers import wrap
 
         return cls(wrap(component, loaded), io, device, dtype)
 

@@ -180,11 +180,11 @@ class FamilyChoice:
 
     spec: FamilySpec
     what: str  # what the keys say, for messages
-    fits: tuple[FamilyId, ...]  # the families the keys allow (empty: unknown text encoder)
+    fits: tuple[FamilyId | str, ...]  # the families the keys allow (empty: unknown text encoder)
     ambiguous: bool  # the keys alone chose among look-alikes: only a config may decide
 
 
-def candidate_families(sf: SingleFile) -> tuple[str, tuple[FamilyId, ...]]:
+def candidate_families(sf: SingleFile) -> tuple[str, tuple[FamilyId | str, ...]]:
     """What the file's keys say: a description and the families they allow (usual one first)."""
     in_ch = sf.unet_in_channels
     for prefix, what, towers in TEXT_GROUPS:
@@ -205,7 +205,7 @@ def choose_family(sf: SingleFile, config: Path | None, family: str | None) -> Fa
         spec, given = get_family(family), f"--family {family}"
     elif config is not None:
         spec = detect_family(config)
-        given = f"--config {config} (a {spec.id.value} pipeline)"
+        given = f"--config {config} (a {spec.name} pipeline)"
     elif not fits:
         raise UnknownFamily(f"{sf.path}: cannot tell the family from the weights ({what}); pass --family and "
                             f"--config <diffusers folder>")
@@ -215,15 +215,15 @@ def choose_family(sf: SingleFile, config: Path | None, family: str | None) -> Fa
     return FamilyChoice(spec, what, fits, ambiguous=not given and len(set(fits) & AMBIGUOUS) > 1)
 
 
-def check_fits(sf: SingleFile, spec: FamilySpec, what: str, fits: tuple[FamilyId, ...], given: str) -> None:
+def check_fits(sf: SingleFile, spec: FamilySpec, what: str, fits: tuple[FamilyId | str, ...], given: str) -> None:
     """CheckpointError when the chosen family is not one the file's keys allow."""
     if fits and spec.id not in fits:
         raise CheckpointError(f"{sf.path} holds {what}, which {given} does not fit; expected one of "
-                              f"{', '.join(f.value for f in fits)}")
+                              f"{', '.join(get_family(f).name for f in fits)}")
 
 
 def ambiguity_error(sf: SingleFile, choice: FamilyChoice) -> UnknownFamily:
-    names = ", ".join(f.value for f in choice.fits if f in AMBIGUOUS)
+    names = ", ".join(get_family(f).name for f in choice.fits if f in AMBIGUOUS)
     return UnknownFamily(f"{sf.path} is {choice.what}: {names} cannot be told apart from the weights; "
                          f"{CONFIG_HINT}, or pass --family")
 
@@ -236,13 +236,13 @@ def config_folder(config: str | Path | None, spec: FamilySpec) -> tuple[Path, st
     if config is not None:
         path = Path(str(config)).expanduser()
         if path.is_dir():
-            check_folder(path, spec.id.value)
+            check_folder(path, spec.name)
             return path, str(path)
         if path.exists() or not looks_like_hub_id(str(config)):
             raise CheckpointError(f"--config {config} is not a diffusers folder; {CONFIG_HINT}")
         repo = str(config)
     elif spec.reference_repo is None:
-        raise CheckpointError(f"family {spec.id.value} names no reference checkpoint to fetch configs from; "
+        raise CheckpointError(f"family {spec.name} names no reference checkpoint to fetch configs from; "
                               f"{CONFIG_HINT}")
     else:
         repo = spec.reference_repo  # the family's reference diffusers configs on the Hugging Face hub
@@ -342,7 +342,7 @@ def check_parts(sf: SingleFile, spec: FamilySpec) -> None:
     for part, prefixes in needed.items():
         if not any(sf.has(prefix) for prefix in prefixes):
             raise CheckpointError(f"{sf.path} has no {part} weights ({' or '.join(p + '*' for p in prefixes)}), "
-                                  f"which {spec.id.value} needs; export the full pipeline's file or its diffusers folder")
+                                  f"which {spec.name} needs; export the full pipeline's file or its diffusers folder")
 
 
 def _convert(sf: SingleFile, cfg: Path, pipeline: str, out: Path) -> None:
@@ -409,7 +409,7 @@ def locate_single_file(path: str | Path, *, config: str | Path | None = None,
     done = convert_single_file(path, config=config, family=family)
     spec = check_folder(done.folder, family)
     check_fits(read_single_file(path), spec, done.choice.what, done.choice.fits,
-               f"the config {done.folder} (a {spec.id.value} pipeline)")
+               f"the config {done.folder} (a {spec.name} pipeline)")
     return CheckpointRef(folder=done.folder, source=str(Path(path).expanduser().resolve()), spec=spec,
                          sha256=done.sha256)
 

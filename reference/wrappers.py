@@ -97,4 +97,4 @@ def wrap(component: str, loaded: LoadedModel) -> nn.Module:
         return VaeDecoderWrapper(loaded.modules["vae"]).eval()
     if component == "vae_encoder":
         return VaeEncoderWrapper(loaded.modules["vae"]).eval()
-    raise KeyError(f"{loaded.spec.id.value} has no component {component!r}; it has {', '.join(loaded.spec.components)}")
+    raise KeyError(f"{loaded.spec.name} has no component {component!r}; it has {', '.join(loaded.spec.components)}")

@@ -166,7 +166,7 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
     if dims.context_dim != sum(dims.text_hidden):
         problems.append(f"unet cross_attention_dim {dims.context_dim} != text width {sum(dims.text_hidden)}")
     if problems:
-        raise CheckpointError(f"{folder} does not fit family {spec.id.value}: {'; '.join(problems)}")
+        raise CheckpointError(f"{folder} does not fit family {spec.name}: {'; '.join(problems)}")
     return dims
 
 
@@ -303,7 +303,7 @@ def check_folder(folder: Path, family: str | None = None) -> FamilySpec:
     for te in spec.text_encoders:
         if not _present(index, folder, te.component) or not _present(index, folder, te.tokenizer):
             raise CheckpointError(f"{folder} has no '{te.component}'/'{te.tokenizer}', which family "
-                                  f"{spec.id.value} needs")
+                                  f"{spec.name} needs")
     model_dims(spec, folder)  # raises when the widths do not fit the family
     return spec
 
@@ -313,7 +313,7 @@ def locate_checkpoint(model: str | Path, family: str | None = None,
     """Resolve, validate and hash a checkpoint (configs only); `family` overrides detection.
 
     A single original-layout `.safetensors` file is converted once into a cached diffusers folder
-    with `config` (a diffusers folder or hub id of the same family; see `latentrt.export.single_file`).
+    with `config` (a diffusers folder or hub id of the same family; see `latentrt.reference.single_file`).
     """
     from .single_file import is_single_file, locate_single_file
 
@@ -342,7 +342,7 @@ def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None
     with quiet_progress():
         modules = {p: load_part(folder, index, p) for p in wanted}
         tokenizers = {te.tokenizer: load_part(folder, index, te.tokenizer) for te in spec.text_encoders}
-    log.info("loaded %s as %s from %s", ref.source, spec.id.value, folder)
+    log.info("loaded %s as %s from %s", ref.source, spec.name, folder)
     return LoadedModel(spec=spec, dims=model_dims(spec, folder), folder=folder, modules=modules,
                        tokenizers=tokenizers, scheduler_config=dict(sched),
                        info=runtime_info(spec, folder, index, sched), source=ref.source, source_sha256=ref.sha256)

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from .errors import LatentRTError, MissingComponent, StaleArtifact
-from .manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, read_manifest
-from .paths import check_checkpoint
+from latentrt.errors import LatentRTError, MissingComponent, StaleArtifact
+from latentrt.manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, read_manifest
+from latentrt.paths import check_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,13 +40,13 @@ def describe(folder: Path) -> list[str]:
 
 
 def _checkpoint_lines(folder: Path) -> list[str]:
-    from latentrt.export.models import detect_family, model_index
+    from latentrt.reference.models import detect_family, model_index
 
     check_checkpoint(folder)
     index = model_index(folder)
     try:
         spec = detect_family(folder)
-        family = f"family {spec.id.value} ({spec.title})"
+        family = f"family {spec.name} ({spec.title})"
     except LatentRTError as e:
         family = f"family not recognised: {e}"
     parts = [k for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1] is not None]

@@ -78,7 +78,7 @@ VARIANTS = {
 
 def tiny_folder(family: str) -> Path:
     """The cached tiny checkpoint folder of a family (or variant, e.g. 'sd1-lcm'), built on first use."""
-    name = family if family in VARIANTS else get_family(family).id.value
+    name = family if family in VARIANTS else get_family(family).name
     dest = cache_root() / "tiny" / f"{name}-v{TINY_VERSION}"
     if (dest / "model_index.json").is_file():
         return dest
