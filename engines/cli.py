@@ -1,6 +1,9 @@
 """`latentrt build ONNX_DIR -o ENGINE_DIR --backend tensorrt|onnxruntime`: ONNX export -> engines.
 
 `--backend onnxruntime --precision int8 [--int8-recipe NAME]` builds fp32 CPU engines with an int8 UNet.
+A static int8 recipe calibrates on recorded UNet inputs: `--calibration-feeds FILE.npz`, or recorded by
+fp32 sampling runs in `latentrt.workflows.build` (the `latentrt build` verb), which runs this parser and
+`run` with its recording `build_engines`.
 """
 
 from __future__ import annotations
@@ -8,19 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-BACKENDS = ("tensorrt", "onnxruntime")
-STRATEGIES = ("dynamic", "per-bucket", "grouped")
-# Mirrors engines.quantize.RECIPES (which imports onnxruntime, too heavy for building the parser).
-INT8_RECIPES = ("dynamic-matmul", "dynamic-matmul-pc", "dynamic-conv-matmul-pc", "static-qdq-conv", "static-qdq",
-                "static-qdq-int8-skips", "static-qdq-mha", "static-qdq-all-convs")
+from latentrt.choices import BuildBackend, Device, Precision, values
+
+from .onnxruntime import LEVELS
+from .profiles import STRATEGIES
+from .recipes import DEFAULT_RECIPE, RECIPES
+
+INT8_RECIPES = tuple(RECIPES)
+BuildFunction = Callable[..., Path]  # `engines.build.build_engines` or a workflow wrapping it
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("onnx_dir", metavar="ONNX_DIR", help="folder written by `latentrt export`")
     parser.add_argument("-o", "--output", metavar="ENGINE_DIR", help="engine folder to write (not needed with --plan)")
-    parser.add_argument("--backend", choices=BACKENDS, default="tensorrt",
+    parser.add_argument("--backend", choices=values(BuildBackend), default=BuildBackend.TENSORRT.value,
                         help="tensorrt (NVIDIA GPU, fp16 plans) or onnxruntime (CPU, or CUDA EP with --device cuda)")
     parser.add_argument("--sizes", metavar="HxW,...", help="pixel sizes the TensorRT profiles cover, e.g. "
                         "512x512,768x1344 (default: the family's aspect-ratio buckets)")
@@ -37,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="plan the UNet batch for classifier-free guidance (default: the family's default)")
     cfg.add_argument("--no-cfg", dest="cfg", action="store_false", help="plan the UNet batch without guidance")
     parser.add_argument("--plan", action="store_true", help="print the optimization-profile plan and exit")
-    parser.add_argument("--precision", choices=("fp16", "fp32", "int8"),
+    parser.add_argument("--precision", choices=values(Precision),
                         help="default: fp16 for TensorRT and the CUDA EP, fp32 on the CPU; int8 (--backend "
                              "onnxruntime, CPU only): fp32 engines with an int8 UNet, see --int8-recipe")
     parser.add_argument("--components", metavar="NAME,...", help="build only these components, e.g. unet,vae_decoder")
@@ -55,17 +63,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the SDXL VAE is an fp16-fixed one: build it in fp16 (default: fp32)")
     int8 = parser.add_argument_group("int8 UNet (--backend onnxruntime --precision int8)")
     int8.add_argument("--int8-recipe", choices=INT8_RECIPES, metavar="NAME",
-                      help="quantization recipe: " + ", ".join(INT8_RECIPES) + " (default static-qdq-mha: static "
+                      help="quantization recipe: " + ", ".join(INT8_RECIPES) + f" (default {DEFAULT_RECIPE}: static "
                            "QDQ calibrated by fp32 sampling runs; dynamic-* need no calibration)")
     int8.add_argument("--calibration-size", metavar="HxW",
                       help="pixel size of the fp32 calibration runs (default: the family's native size capped to "
                            "256 px)")
     int8.add_argument("--calibration-steps", type=int, default=4, metavar="N",
                       help="sampling steps of each calibration run (default 4)")
+    int8.add_argument("--calibration-feeds", metavar="FILE.npz",
+                      help="UNet inputs already recorded by fp32 sampling runs (`latentrt.engines.calibration."
+                           "Calibration.save`): used instead of new calibration runs")
     ort = parser.add_argument_group("ONNX Runtime")
-    ort.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="execution provider to prepare for")
+    ort.add_argument("--device", choices=values(Device), default=Device.CPU.value,
+                     help="execution provider to prepare for")
     ort.add_argument("--threads", type=int, metavar="N", help="intra-op threads recorded for sessions")
-    ort.add_argument("--graph-opt", choices=("disable", "basic", "extended", "all"), default="extended",
+    ort.add_argument("--graph-opt", choices=LEVELS, default="extended",
                      help="offline graph optimization level for the CPU (default extended; 'all' ties the file "
                           "to this CPU type)")
 
@@ -93,7 +105,8 @@ def _one_size(text: str) -> tuple[int, int]:
     return sizes[0]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, build: BuildFunction | None = None) -> int:
+    """Plan or build; `build` is the function called with `build_engines`' arguments (default: the stage's own)."""
     from latentrt.buckets import parse_sizes
     from latentrt.errors import InvalidRequest
 
@@ -101,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     from .profiles import format_plan
 
     sizes = parse_sizes(args.sizes) if args.sizes else None
-    calibration = _one_size(args.calibration_size) if args.calibration_size else None
+    calibration_size = _one_size(args.calibration_size) if args.calibration_size else None
     batch = parse_batch(args.batch)
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else None
     if args.plan:
@@ -109,23 +122,22 @@ def run(args: argparse.Namespace) -> int:
                                groups=args.groups, cfg=args.cfg, opt_batch=args.opt_batch, components=components,
                                prompt_windows=args.prompt_windows)
         print(format_plan(plan))
-        if args.backend == "onnxruntime":
+        if args.backend == BuildBackend.ONNXRUNTIME:
             print("(ONNX Runtime engines are fully dynamic: the plan applies to --backend tensorrt)")
         return 0
     if not args.output:
         raise InvalidRequest("-o ENGINE_DIR is required (or pass --plan to only print the profile plan)")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    out = build_engines(args.onnx_dir, args.output, backend=args.backend, sizes=sizes, batch=batch,
-                        strategy=args.profiles, groups=args.groups, cfg=args.cfg, opt_batch=args.opt_batch,
-                        precision=args.precision, components=components, progress=_printer(rows),
-                        overwrite=args.overwrite, device=args.device, threads=args.threads,
-                        graph_optimization_level=args.graph_opt, fp16_fixed_vae=args.fp16_fixed_vae,
-                        optimization_level=args.opt_level, refittable=args.refittable,
-                        strongly_typed=args.strongly_typed, workspace_mb=args.workspace_mb,
-                        timing_cache=args.timing_cache, int8_recipe=args.int8_recipe,
-                        prompt_windows=args.prompt_windows,
-                        calibration_size=calibration, calibration_steps=args.calibration_steps)
+    out = (build or build_engines)(
+        args.onnx_dir, args.output, backend=args.backend, sizes=sizes, batch=batch, strategy=args.profiles,
+        groups=args.groups, cfg=args.cfg, opt_batch=args.opt_batch, precision=args.precision, components=components,
+        progress=_printer(rows), overwrite=args.overwrite, device=args.device, threads=args.threads,
+        graph_optimization_level=args.graph_opt, fp16_fixed_vae=args.fp16_fixed_vae,
+        optimization_level=args.opt_level, refittable=args.refittable, strongly_typed=args.strongly_typed,
+        workspace_mb=args.workspace_mb, timing_cache=args.timing_cache, int8_recipe=args.int8_recipe,
+        prompt_windows=args.prompt_windows, calibration_size=calibration_size,
+        calibration_steps=args.calibration_steps, calibration=args.calibration_feeds)
     print(_summary(rows, out, args.backend, time.perf_counter() - start))
     return 0
 
@@ -133,7 +145,12 @@ def run(args: argparse.Namespace) -> int:
 def _printer(rows: list[dict[str, Any]]) -> Any:
     def show(event: Any) -> None:
         head = f"[{event.index + 1}/{event.total}] {event.component}"
-        if event.stage == "start" and event.precision == "int8":
+        if event.stage == "calibrate":
+            d = event.detail
+            print(f"{event.component}: recording int8 calibration inputs (fp32 sampling at {d['calibration_size']}, "
+                  f"{d['calibration_steps']} step(s), {d['runs']} run(s)) ...", file=sys.stderr, flush=True)
+            return
+        if event.stage == "start" and event.precision == Precision.INT8:
             cal = event.detail["calibration"]
             how = (f"calibrating with fp32 sampling at {cal['calibration_size']}, {cal['calibration_steps']} step(s)"
                    if cal["calibration_size"] else "no calibration")

@@ -16,7 +16,7 @@ from latentrt.paths import inside
 from latentrt.tensors import ComponentIO
 
 if TYPE_CHECKING:
-    from .build import OnnxExport
+    from .source import OnnxExport
 
 ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32"}  # onnx.TensorProto elem types
 

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from latentrt.choices import Device, Precision, values
 from latentrt.errors import BackendUnavailable, BuildError
+from latentrt.parity import Tolerance, compare
 from latentrt.tensors import ComponentIO, dummy_inputs
 
 from .tensorrt import layer_kind
@@ -32,7 +34,9 @@ MODEL = "model.onnx"
 DATA = "model.onnx.data"
 LEVELS = ("disable", "basic", "extended", "all")
 CHECK_DIMS = ("batch", "unet_batch", "latent_height", "latent_width")  # checked at their minimum (cheap)
-TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # max |diff| relative to max |reference|
+# Engine vs source graph on the same inputs: max |diff| <= atol + rtol * max |reference| (`latentrt.parity`).
+# Never looser than the former bound r * max(1, max |reference|) (r = 1e-3 fp32, 3e-2 fp16): at most 2x stricter.
+TOLERANCE = {Precision.FP32: Tolerance(atol=5e-4, rtol=5e-4), Precision.FP16: Tolerance(atol=1.5e-2, rtol=1.5e-2)}
 NodeFilter = Callable[[str, str], bool]  # (node name, kind from `layer_kind(op_type)`) -> keep in fp32
 
 
@@ -67,9 +71,9 @@ def prepare_ort_engine(onnx_path: str | os.PathLike[str], out_dir: str | os.Path
         fp32_ops / fp32_nodes: op types / a (node name, kind) predicate kept in fp32 by the fp16 conversion.
         verify: run the saved engine in a fresh session and compare with the source graph.
     """
-    if device not in ("cpu", "cuda"):
-        raise BuildError(f"unknown ONNX Runtime device {device!r}; choose 'cpu' or 'cuda'")
-    if precision not in ("fp32", "fp16"):
+    if device not in values(Device):
+        raise BuildError(f"unknown ONNX Runtime device {device!r}; choose one of {', '.join(values(Device))}")
+    if precision not in (Precision.FP32, Precision.FP16):
         raise BuildError(f"unknown precision {precision!r} for ONNX Runtime; choose 'fp32' or 'fp16'")
     src, out = Path(onnx_path), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +185,7 @@ def verify_engine(src: Path, engine: Path, io: ComponentIO, *, device: str, prec
         got = _run(engine, feed, providers, intra_op_threads, io)
     except Exception as e:
         raise BuildError(f"{io.component}: the prepared engine {engine} does not run: {e}") from None
-    return _compare(io.component, reference, got, TOLERANCE[precision], sizes)
+    return _compare(io.component, reference, got, TOLERANCE[Precision(precision)], sizes)
 
 
 def _run(path: Path, feed: Mapping[str, np.ndarray], providers: list[str], threads: int | None,
@@ -192,18 +196,15 @@ def _run(path: Path, feed: Mapping[str, np.ndarray], providers: list[str], threa
     return {n: np.asarray(y) for n, y in zip(io.output_names, session.run(io.output_names, dict(feed)))}
 
 
-def _compare(component: str, reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], rtol: float,
-             sizes: Mapping[str, int]) -> dict[str, Any]:
-    worst: dict[str, float] = {}
-    for name, ref in reference.items():
-        out = got[name].astype(np.float64)
-        diff = float(np.max(np.abs(out - ref))) if ref.size else 0.0
-        scale = max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
-        if not np.isfinite(out).all() or diff > rtol * scale:
-            raise BuildError(f"{component}: prepared engine output '{name}' differs from the source graph by "
-                             f"max |diff| {diff:.3g} (tolerance {rtol * scale:.3g}) at {dict(sizes)}")
-        worst[name] = diff
-    return {"ran": True, "sizes": dict(sizes), "max_abs_diff": worst}
+def _compare(component: str, reference: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray],
+             tolerance: Tolerance, sizes: Mapping[str, int]) -> dict[str, Any]:
+    """The engine's outputs against the source graph's (`latentrt.parity.compare`); BuildError on mismatch."""
+    report = compare(got, reference, tolerance, context=f"at {dict(sizes)}")
+    t = report.worst
+    if t is not None and not report.ok:
+        raise BuildError(f"{component}: prepared engine output '{t.name}' differs from the source graph by "
+                         f"max |diff| {t.max_abs_diff:.3g} (tolerance {t.limit:.3g}) {report.context}")
+    return {"ran": True, "sizes": dict(sizes), "max_abs_diff": {t.name: t.max_abs_diff for t in report.tensors}}
 
 
 def ort_available(device: str) -> tuple[bool, str]:

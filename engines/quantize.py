@@ -30,7 +30,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -52,42 +52,18 @@ from latentrt.manifest import (
 )
 from latentrt.manifest_checks import sealed
 from latentrt.outputs import check_replaceable, output_lock, removed_if_failed, written_files
+from latentrt.parity import Tolerance, compare, merge
 from latentrt.paths import inside
+
+from .calibration import Feed
+from .recipes import CALIBRATION, DEFAULT_RECIPE, METHODS, RECIPES, Int8Recipe
+
+__all__ = ["CALIBRATION", "DEFAULT_RECIPE", "METHODS", "RECIPES", "Feed", "Int8Recipe", "compare_outputs",
+           "fuse_attention", "op_counts", "quantize_engine_dir", "quantize_recipe", "quantize_unet_int8"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dynamic", "static")
-CALIBRATION = ("minmax", "percentile", "entropy")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # above this the quantized model is saved with external data (2 GB proto limit)
-Feed = Mapping[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Int8Recipe:
-    """One int8 variant: how the UNet graph is quantized."""
-
-    method: str  # "dynamic" | "static"
-    op_types: tuple[str, ...]  # op types quantized ("MatMul", "Conv")
-    per_channel: bool = True  # one weight scale per output channel (vs one per tensor)
-    fp32_edges: bool = True  # keep conv_in / conv_out (first and last Conv) in fp32
-    fp32_skip_convs: bool = True  # keep Convs fed by a Concat (up-block skip shortcuts) in fp32
-    fuse_attention: bool = False  # fuse attention into com.microsoft.MultiHeadAttention first
-    calibration: str = "minmax"  # static only: "minmax" | "percentile" | "entropy" (the last two hold
-    # every calibration activation in memory: tens of GB for a mid-size UNet and 40 feeds)
-
-
-# The variants the benchmark compares; DEFAULT_RECIPE is the recommended one (see benchmarks/README.md).
-RECIPES: dict[str, Int8Recipe] = {
-    "dynamic-matmul": Int8Recipe("dynamic", ("MatMul",), per_channel=False),
-    "dynamic-matmul-pc": Int8Recipe("dynamic", ("MatMul",), per_channel=True),
-    "dynamic-conv-matmul-pc": Int8Recipe("dynamic", ("Conv", "MatMul"), per_channel=True),
-    "static-qdq-conv": Int8Recipe("static", ("Conv",)),
-    "static-qdq": Int8Recipe("static", ("Conv", "MatMul")),
-    "static-qdq-int8-skips": Int8Recipe("static", ("Conv", "MatMul"), fp32_skip_convs=False),
-    "static-qdq-mha": Int8Recipe("static", ("Conv", "MatMul"), fuse_attention=True),
-    "static-qdq-all-convs": Int8Recipe("static", ("Conv", "MatMul"), fp32_edges=False, fp32_skip_convs=False),
-}
-DEFAULT_RECIPE = "static-qdq-mha"
 
 
 class FeedReader(CalibrationDataReader):
@@ -274,7 +250,11 @@ def quantize_recipe(onnx_path: str | os.PathLike[str], out_path: str | os.PathLi
 
 def compare_outputs(fp32_path: str | os.PathLike[str], int8_path: str | os.PathLike[str], feeds: Sequence[Feed],
                     threads: int | None = None) -> dict[str, float]:
-    """Max |diff|, max |diff| / max |fp32| and mean relative L2 error of two UNets on the same feeds (first output)."""
+    """Max |diff|, max |diff| / max |fp32| and mean relative L2 error of two UNets on the same feeds (first output).
+
+    Each feed is compared with `latentrt.parity.compare` (the int8 UNet against the fp32 one); there is no
+    pass/fail bound here (int8 is lossy by design), only a BuildError for non-finite int8 outputs.
+    """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -283,16 +263,16 @@ def compare_outputs(fp32_path: str | os.PathLike[str], int8_path: str | os.PathL
         so.intra_op_num_threads = threads
     a = ort.InferenceSession(str(fp32_path), so, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(int8_path), so, providers=["CPUExecutionProvider"])
-    worst, scale, l2 = 0.0, 0.0, []
-    for feed in feeds:
-        ya = np.asarray(a.run(None, dict(feed))[0], dtype=np.float64)
-        yb = np.asarray(b.run(None, dict(feed))[0], dtype=np.float64)
-        if not np.isfinite(yb).all():
-            raise BuildError(f"{int8_path} produced non-finite outputs")
-        worst = max(worst, float(np.max(np.abs(ya - yb))))
-        scale = max(scale, float(np.max(np.abs(ya))))
-        l2.append(float(np.linalg.norm(ya - yb) / max(float(np.linalg.norm(ya)), 1e-12)))
-    return {"max_abs_diff": worst, "relative": worst / max(scale, 1e-12), "rel_l2_mean": float(np.mean(l2))}
+    name = a.get_outputs()[0].name
+    reports = [compare({name: b.run(None, dict(feed))[0]}, {name: a.run(None, dict(feed))[0]}, Tolerance(),
+                       context=f"int8 vs fp32 UNet, feed {i}") for i, feed in enumerate(feeds)]
+    tensors = [r.tensor(name) for r in reports]
+    if any(not np.isfinite(t.max_abs_diff) for t in tensors):
+        raise BuildError(f"{int8_path} produced non-finite outputs ({merge(reports).context})")
+    worst = max((t.max_abs_diff for t in tensors), default=0.0)
+    scale = max((t.max_abs_ref for t in tensors), default=0.0)
+    return {"max_abs_diff": worst, "relative": worst / max(scale, 1e-12),
+            "rel_l2_mean": float(np.mean([t.rel_l2 for t in tensors]))}
 
 
 # ---------------------------------------------------------------------------- engine folders

@@ -20,6 +20,13 @@ class BuildBackend(str, Enum):
     TENSORRT = "tensorrt"
 
 
+class Device(str, Enum):
+    """Where ONNX Runtime engines run (and what `latentrt build` prepares them for)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"

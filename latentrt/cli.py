@@ -25,7 +25,7 @@ from .errors import LatentRTError
 
 VERBS = {
     "export": ("latentrt.export.cli", "export a checkpoint (diffusers folder, hub id, tiny:<family>) to ONNX"),
-    "build": ("latentrt.engines.cli", "build engines (TensorRT fp16 or ONNX Runtime) from an ONNX export"),
+    "build": ("latentrt.workflows.build", "build engines (TensorRT fp16 or ONNX Runtime) from an ONNX export"),
     "generate": ("latentrt.runtime.cli_generate", "generate images with built engines"),
     "demo": ("latentrt.workflows.demo", "export, build and run a built-in tiny model on the CPU, end to end"),
     "bench": ("latentrt.runtime.cli_bench", "profile latency per stage and compare backends side by side"),
