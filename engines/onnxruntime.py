@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from latentrt.errors import BackendUnavailable, BuildError
+from latentrt.onnxruntime_support import ort_level
 from latentrt.tensors import ComponentIO, dummy_inputs
 
 from .tensorrt import layer_kind
@@ -30,23 +31,9 @@ log = logging.getLogger(__name__)
 
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
-LEVELS = ("disable", "basic", "extended", "all")
 CHECK_DIMS = ("batch", "unet_batch", "latent_height", "latent_width")  # checked at their minimum (cheap)
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}  # max |diff| relative to max |reference|
 NodeFilter = Callable[[str, str], bool]  # (node name, kind from `layer_kind(op_type)`) -> keep in fp32
-
-
-def ort_level(name: str) -> Any:
-    """The `GraphOptimizationLevel` for 'disable' | 'basic' | 'extended' | 'all'."""
-    import onnxruntime as ort
-
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    if name not in levels:
-        raise BuildError(f"unknown graph optimization level {name!r}; choose one of {', '.join(LEVELS)}")
-    return levels[name]
 
 
 def prepare_ort_engine(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, device: str = "cpu",

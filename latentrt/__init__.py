@@ -38,7 +38,7 @@ def generate(*args: Any, **kwargs: Any) -> Any:
 
 
 def bench(*args: Any, **kwargs: Any) -> Any:
-    """Benchmark backends side by side (see `latentrt.runtime.bench.run_bench`)."""
-    from latentrt.runtime.bench import run_bench
+    """Benchmark backends side by side (see `latentrt.workflows.bench.run_bench`)."""
+    from latentrt.workflows.bench import run_bench
 
     return run_bench(*args, **kwargs)
