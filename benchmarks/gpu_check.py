@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from latentrt.engines.tensorrt import tensorrt_available
+    from latentrt.tensorrt_support import tensorrt_available
 
     ok, why = tensorrt_available()
     if not ok:
@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def environment() -> dict[str, Any]:
-    from latentrt.engines.tensorrt import gpu_info
     from latentrt.manifest import tool_versions
+    from latentrt.tensorrt_support import gpu_info
 
     return {"gpu": gpu_info(), "tools": tool_versions()}
 

@@ -41,12 +41,12 @@ from latentrt.runtime.bench import (
     PipelineRunner,
     collect_unet_feeds,
     image_diff,
-    machine_info,
     parse_size,
     percentile_stats,
-    prepare_targets,
     rotated,
 )
+from latentrt.runtime.bench.stats import machine_info
+from latentrt.workflows.bench import prepare_targets
 
 log = logging.getLogger(__name__)
 

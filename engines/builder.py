@@ -62,7 +62,7 @@ class BuildOptions:
     precision: Precision  # the base precision (an int8 build makes fp32 engines, then quantizes the UNet)
     device: Device = Device.CPU  # ONNX Runtime's execution provider
     threads: int | None = None  # ONNX Runtime intra-op threads recorded for sessions
-    graph_optimization_level: str = "extended"  # ONNX Runtime offline level (`engines.onnxruntime.LEVELS`)
+    graph_optimization_level: str = "extended"  # ONNX Runtime offline level (`latentrt.manifest_checks.ORT_LEVELS`)
     fp16_fixed_vae: bool = False  # the SDXL VAE is an fp16-fixed one: build it in fp16
     optimization_level: int = 3  # TensorRT builder optimization level 0..5
     refittable: bool = False

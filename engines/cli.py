@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from latentrt.choices import BuildBackend, Device, Precision, values
+from latentrt.manifest_checks import ORT_LEVELS as LEVELS
 
-from .onnxruntime import LEVELS
 from .profiles import STRATEGIES
 from .recipes import DEFAULT_RECIPE, RECIPES
 

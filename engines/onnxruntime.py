@@ -23,6 +23,7 @@ import numpy as np
 
 from latentrt.choices import Device, Precision, values
 from latentrt.errors import BackendUnavailable, BuildError
+from latentrt.onnxruntime_support import ort_level
 from latentrt.parity import Tolerance, compare
 from latentrt.tensors import ComponentIO, dummy_inputs
 
@@ -32,25 +33,11 @@ log = logging.getLogger(__name__)
 
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
-LEVELS = ("disable", "basic", "extended", "all")
 CHECK_DIMS = ("batch", "unet_batch", "latent_height", "latent_width")  # checked at their minimum (cheap)
 # Engine vs source graph on the same inputs: max |diff| <= atol + rtol * max |reference| (`latentrt.parity`).
 # Never looser than the former bound r * max(1, max |reference|) (r = 1e-3 fp32, 3e-2 fp16): at most 2x stricter.
 TOLERANCE = {Precision.FP32: Tolerance(atol=5e-4, rtol=5e-4), Precision.FP16: Tolerance(atol=1.5e-2, rtol=1.5e-2)}
 NodeFilter = Callable[[str, str], bool]  # (node name, kind from `layer_kind(op_type)`) -> keep in fp32
-
-
-def ort_level(name: str) -> Any:
-    """The `GraphOptimizationLevel` for 'disable' | 'basic' | 'extended' | 'all'."""
-    import onnxruntime as ort
-
-    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-    if name not in levels:
-        raise BuildError(f"unknown graph optimization level {name!r}; choose one of {', '.join(LEVELS)}")
-    return levels[name]
 
 
 def prepare_ort_engine(onnx_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, device: str = "cpu",

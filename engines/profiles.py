@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from latentrt import tensors
-from latentrt.buckets import Size, format_size, nearest_bucket
+from latentrt.buckets import Size, format_size
 from latentrt.errors import UnsupportedShape
 from latentrt.families import FamilySpec
+from latentrt.profile_routing import LATENT_DIMS, covers, select_profile, short_sizes
 from latentrt.tensors import PROMPT_WINDOWS, TIMESTEP_COND, Bounds, ComponentIO, Scaled, profile
 
 Strategy = Literal["dynamic", "per-bucket", "grouped"]
 STRATEGIES: tuple[str, ...] = ("dynamic", "per-bucket", "grouped")
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
-LATENT_DIMS = (tensors.LATENT_H.name, tensors.LATENT_W.name)
 UNET_BATCH = tensors.UNET_BATCH.name
 SEQUENCE = tensors.SEQUENCE.name  # UNet context length: 77 tokens per prompt window
 
@@ -300,75 +300,9 @@ def _aspect_name(sizes: Sequence[Size]) -> str:
 # ---------------------------------------------------------------------------- routing
 
 
-def covers(bounds: Bounds, sizes: Mapping[str, int]) -> bool:
-    """Whether every dim named in both lies within its (min, max)."""
-    return all(bounds[k][0] <= v <= bounds[k][2] for k, v in sizes.items() if k in bounds)
-
-
-def _distance(bounds: Bounds, sizes: Mapping[str, int]) -> float:
-    return sum(abs(math.log(max(v, 1) / max(bounds[k][1], 1))) for k, v in sizes.items() if k in bounds)
-
-
-def select_profile(component: str, profiles: Sequence[Mapping[str, Any]], sizes: Mapping[str, int],
-                   vae_scale_factor: int | None = None) -> int:
-    """Index of the covering profile whose opt is nearest; `profiles` are manifest entries (see `Profile`).
-
-    Raises UnsupportedShape naming each profile's ranges and the planned sizes that are covered.
-    """
-    fits = [i for i, p in enumerate(profiles) if covers(_bounds(p), sizes)]
-    if fits:
-        return min(fits, key=lambda i: (round(_distance(_bounds(profiles[i]), sizes), 9), i))
-    raise UnsupportedShape(_uncovered_message(component, profiles, sizes, vae_scale_factor))
-
-
 def route(plan: ProfilePlan, component: str, sizes: Mapping[str, int]) -> int:
     """The profile that serves a request: covers it, opt nearest (see `select_profile`)."""
     return select_profile(component, plan.entries(component), sizes, plan.vae_scale_factor)
-
-
-def _bounds(entry: Mapping[str, Any]) -> dict[str, tuple[int, int, int]]:
-    return {k: (int(v[0]), int(v[1]), int(v[2])) for k, v in entry["bounds"].items()}
-
-
-def _uncovered_message(component: str, profiles: Sequence[Mapping[str, Any]], sizes: Mapping[str, int],
-                       factor: int | None) -> str:
-    request = ", ".join(f"{k}={v}" for k, v in sizes.items())
-    lines = [f"{component}: no engine profile covers {request}"]
-    if factor and all(k in sizes for k in LATENT_DIMS):
-        px = (sizes["latent_height"] * factor, sizes["latent_width"] * factor)
-        lines[0] += f" ({format_size(px)} px)"
-    for i, p in enumerate(profiles):
-        b = _bounds(p)
-        out = [k for k, v in sizes.items() if k in b and not b[k][0] <= v <= b[k][2]]
-        ranges = ", ".join(f"{k} {b[k][0]}..{b[k][2]}" for k in sizes if k in b)
-        listed = _short_sizes(p.get("sizes", []))
-        lines.append(f"  profile {i} '{p.get('name', i)}' ({listed}): {ranges}; out of range: {', '.join(out)}")
-    hint = _nearest_hint(profiles, sizes, factor)
-    if hint:
-        lines.append(hint)
-    return "\n".join(lines)
-
-
-def _short_sizes(sizes: Sequence[str]) -> str:
-    if not sizes:
-        return "no sizes recorded"
-    return ", ".join(sizes) if len(sizes) <= 4 else f"{len(sizes)} sizes: {sizes[0]} .. {sizes[-1]}"
-
-
-def _nearest_hint(profiles: Sequence[Mapping[str, Any]], sizes: Mapping[str, int], factor: int | None) -> str:
-    if not factor or not all(k in sizes for k in LATENT_DIMS):
-        return ""
-    planned = {}
-    for i, p in enumerate(profiles):
-        for text in p.get("sizes", []):
-            h, w = (int(x) for x in text.split("x"))
-            planned.setdefault((h, w), i)
-    if not planned:
-        return ""
-    px = (sizes["latent_height"] * factor, sizes["latent_width"] * factor)
-    near = nearest_bucket(px, planned)
-    return (f"  nearest planned size: {format_size(near)} (profile {planned[near]}); or rebuild the engines with "
-            f"--sizes including {format_size(px)} (and a --batch range covering the request)")
 
 
 # ---------------------------------------------------------------------------- display
@@ -384,7 +318,7 @@ def format_plan(plan: ProfilePlan) -> str:
     for i, p in enumerate(plan.profiles):
         hs = [s[0] for s in p.sizes]
         ws = [s[1] for s in p.sizes]
-        lines.append(f"profile {i} '{p.name}': {len(p.sizes)} size(s) {_short_sizes([format_size(s) for s in p.sizes])}"
+        lines.append(f"profile {i} '{p.name}': {len(p.sizes)} size(s) {short_sizes([format_size(s) for s in p.sizes])}"
                      f"; pixels H {min(hs)}..{max(hs)} x W {min(ws)}..{max(ws)}; opt {format_size(p.opt_size)}")
         for c in plan.components:
             dims = "  ".join(f"{k} {lo}/{opt}/{hi}" for k, (lo, opt, hi) in p.bounds[c].items())

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import time
 
+from latentrt.families import FAMILIES
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="diffusers folder (with model_index.json), hub id (org/name), tiny:<family> "
                                       "or a single original-layout .safetensors file (with --config)")
     parser.add_argument("-o", "--output", required=True, help="export folder to create")
-    parser.add_argument("--family", help="family id, overriding detection (sd1, sd1-inpaint, sd2, sd2-v, "
-                                         "sd2-inpaint, sdxl, sdxl-refiner, sdxl-turbo, sd-turbo)")
+    parser.add_argument("--family", help="family id, overriding detection ("
+                                         + ", ".join(dict.fromkeys(s.name for s in FAMILIES.values())) + ")")
     parser.add_argument("--config", help="for a single .safetensors file: a local diffusers folder of the same "
                                          "family whose configs and tokenizers describe it (weights not needed), "
                                          "or a hub id; without it, the family's reference configs are fetched")

@@ -17,8 +17,9 @@ def export(*args: Any, **kwargs: Any) -> Any:
 
 
 def build(*args: Any, **kwargs: Any) -> Any:
-    """Build engines from an ONNX export (see `latentrt.engines.build.build_engines`)."""
-    from latentrt.engines.build import build_engines
+    """Build engines from an ONNX export, recording int8 calibration feeds when needed
+    (see `latentrt.workflows.build.build_engines`)."""
+    from latentrt.workflows.build import build_engines
 
     return build_engines(*args, **kwargs)
 
@@ -38,7 +39,7 @@ def generate(*args: Any, **kwargs: Any) -> Any:
 
 
 def bench(*args: Any, **kwargs: Any) -> Any:
-    """Benchmark backends side by side (see `latentrt.runtime.bench.run_bench`)."""
-    from latentrt.runtime.bench import run_bench
+    """Benchmark backends side by side (see `latentrt.workflows.bench.run_bench`)."""
+    from latentrt.workflows.bench import run_bench
 
     return run_bench(*args, **kwargs)

@@ -28,7 +28,7 @@ VERBS = {
     "build": ("latentrt.workflows.build", "build engines (TensorRT fp16 or ONNX Runtime) from an ONNX export"),
     "generate": ("latentrt.runtime.cli_generate", "generate images with built engines"),
     "demo": ("latentrt.workflows.demo", "export, build and run a built-in tiny model on the CPU, end to end"),
-    "bench": ("latentrt.runtime.cli_bench", "profile latency per stage and compare backends side by side"),
+    "bench": ("latentrt.workflows.cli_bench", "profile latency per stage and compare backends side by side"),
     "serve": ("latentrt.runtime.cli_serve", "serve a pipeline over HTTP on 127.0.0.1 (POST /generate, GET /health)"),
     "info": ("latentrt.workflows.info", "say what a folder holds (checkpoint, ONNX export, engines)"),
 }

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from latentrt.choices import Backend, values
 from latentrt.families import SamplerId
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
 SAMPLERS = tuple(s.value for s in SamplerId)  # each maps to a diffusers scheduler class (runtime/scheduler_config.py)
 
 
@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refiner", metavar="DIR", help="SDXL refiner engines: the base hands over its latents")
     parser.add_argument("--denoising-end", type=float,
                         help="with --refiner: fraction of the schedule the base runs before the refiner (default 0.8)")
-    parser.add_argument("--backend", choices=BACKENDS, help="default: what DIR was built for")
+    parser.add_argument("--backend", choices=values(Backend), help="default: what DIR was built for")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 

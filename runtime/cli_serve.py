@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import Any
 
+from latentrt.choices import Backend, values
+
 API_KEY_ENV = "LATENTRT_API_KEY"
 
 
@@ -42,7 +44,7 @@ def positive_int(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", help="engine folder (latentrt build) or ONNX export (latentrt export)")
-    parser.add_argument("--backend", choices=("onnxruntime", "torch", "tensorrt"), default=None,
+    parser.add_argument("--backend", choices=values(Backend), default=None,
                         help="default: the folder's own backend")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--refiner", default=None, help="SDXL refiner engine folder")

@@ -31,8 +31,7 @@ from latentrt.manifest import (
     sha256_tree,
     verify_files,
 )
-from latentrt.paths import check_checkpoint, inside
-from latentrt.reference.models import TINY_PREFIX
+from latentrt.paths import TINY_PREFIX, check_checkpoint, inside
 from latentrt.tensors import ComponentIO, ModelDims, io_from_json
 
 from .backends.base import Engine
@@ -263,7 +262,7 @@ def session_options(ort_info: dict[str, Any]) -> Any:
     opts = default_session_options()
     if not ort_info:
         return opts
-    from latentrt.engines.onnxruntime import ort_level
+    from latentrt.onnxruntime_support import ort_level
 
     opts.graph_optimization_level = ort_level(str(ort_info.get("session_graph_optimization_level", "all")))
     threads = dict(ort_info.get("threads") or {})

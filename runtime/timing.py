@@ -109,6 +109,7 @@ class StageTimer:
         self.cuda = self.device.type == "cuda"
         self.nvtx = nvtx and self.cuda
         self._entries: list[tuple[str, Any, Any]] = []  # (stage, ms, None) or (stage, start event, end event)
+        self._open: dict[str, list[Any]] = {}  # stage -> start times / events of its open entries
         self.prefix = ""  # prepended to stage names inside `prefixed` (e.g. "refiner_")
 
     @contextlib.contextmanager
@@ -123,28 +124,45 @@ class StageTimer:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time the body as one entry of stage `name` (entries are kept in the order stages end)."""
-        name = self.prefix + name
-        if not self.cuda:
-            start = time.perf_counter()
-            try:
-                yield
-            finally:
-                self._entries.append((name, (time.perf_counter() - start) * 1e3, None))
-            return
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        if self.nvtx:
-            torch.cuda.nvtx.range_push(name)
-        begin.record()
+        self.start(name)
         try:
             yield
         finally:
-            end.record()
-            if self.nvtx:
-                torch.cuda.nvtx.range_pop()
-            self._entries.append((name, begin, end))
+            self.stop(name)
+
+    def start(self, name: str) -> None:
+        """Open an entry of stage `name`, for callers that cannot wrap a block (module hooks); `stop` ends it.
+
+        Entries of one name may nest (a stage re-entered inside itself); `stop` ends the latest.
+        """
+        name = self.prefix + name
+        if not self.cuda:
+            self._open.setdefault(name, []).append(time.perf_counter())
+            return
+        begin = torch.cuda.Event(enable_timing=True)
+        if self.nvtx:
+            torch.cuda.nvtx.range_push(name)
+        begin.record()
+        self._open.setdefault(name, []).append(begin)
+
+    def stop(self, name: str) -> None:
+        """End the latest open entry of stage `name` (KeyError when none is open)."""
+        name = self.prefix + name
+        opened = self._open.get(name)
+        if not opened:
+            raise KeyError(f"stage {name!r} was not started")
+        begin = opened.pop()
+        if not self.cuda:
+            self._entries.append((name, (time.perf_counter() - begin) * 1e3, None))
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        if self.nvtx:
+            torch.cuda.nvtx.range_pop()
+        self._entries.append((name, begin, end))
 
     def add(self, stage: str, ms: float) -> None:
-        """Add an externally measured entry (e.g. an engine's own `last_latency_ms`)."""
+        """Add an entry measured elsewhere, in milliseconds."""
         self._entries.append((self.prefix + stage, float(ms), None))
 
     def record(self) -> TimingRecord:

@@ -23,7 +23,7 @@ from latentrt.runtime.bench import (
     rotated,
     sweep_cases,
 )
-from latentrt.runtime.cli_bench import parse_sweeps
+from latentrt.runtime.bench.cli import parse_sweeps
 
 STEPS, RUNS = 2, 2
 BACKENDS = ("reference", "onnxruntime", "onnxruntime-int8")
@@ -181,7 +181,7 @@ def test_sweep_parsing_and_validation() -> None:
 
 
 def test_unknown_backend_is_refused(tmp_path: Path) -> None:
-    from latentrt.runtime.bench import run_bench
+    from latentrt.workflows.bench import run_bench
 
     with pytest.raises(InvalidRequest, match="unknown backend"):
         run_bench("tiny:sd1", backends=["openvino"], out_dir=tmp_path)
@@ -189,7 +189,8 @@ def test_unknown_backend_is_refused(tmp_path: Path) -> None:
 
 def test_bench_takes_a_built_engine_folder_and_finds_its_checkpoint(onnx_export_dir, tmp_path: Path) -> None:
     from latentrt.engines.build import build_engines
-    from latentrt.runtime.bench import read_targets, run_bench
+    from latentrt.runtime.bench import read_targets
+    from latentrt.workflows.bench import run_bench
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -163,7 +163,7 @@ def test_bench_does_not_follow_the_export_path_of_an_engine_manifest(fp32_engine
 def test_bench_int8_from_an_engine_folder_exports_its_checkpoint_instead(fp32_engines: Path, tmp_path: Path) -> None:
     import shutil
 
-    from latentrt.runtime.bench import run_bench
+    from latentrt.workflows.bench import run_bench
 
     engines = Path(shutil.copytree(fp32_engines, tmp_path / "engines"))
     crafted = tmp_path / "crafted"  # a folder bench must not read: its UNet is a symlink out of it

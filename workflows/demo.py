@@ -11,12 +11,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("sd1", "sd1-inpaint", "sd2", "sd2-v", "sdxl", "sdxl-turbo", "sd-turbo")
+from latentrt.families import FAMILIES
+from latentrt.paths import TINY_PREFIX
+
+DEMO_FAMILIES = tuple(dict.fromkeys(spec.name for spec in FAMILIES.values()))  # every registered family has a tiny model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="latentrt-demo", help="working folder (default ./latentrt-demo)")
-    parser.add_argument("--family", default="sd1", choices=FAMILIES, help="which tiny model (default sd1)")
+    parser.add_argument("--family", default="sd1", choices=DEMO_FAMILIES, help="which tiny model (default sd1)")
     parser.add_argument("--prompt", default="a lighthouse on a cliff at sunset, oil painting", help="the prompt")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the family's)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels, a multiple of 64 (default 256)")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_multiple((args.size, args.size))
     root = Path(args.output)
-    model = f"tiny:{args.family}"
+    model = f"{TINY_PREFIX}{args.family}"
     start = time.perf_counter()
     onnx_dir = export_step(model, root / "onnx")
     engines = build_step(onnx_dir, root / "engines")

@@ -1,7 +1,7 @@
 """Native TensorRT backend: serialized plans run on torch CUDA tensors, without host copies.
 
 One execution context per optimization profile; a request is routed to the profile that covers
-it with the nearest opt shapes (`engines.profiles.select_profile`). Inputs and outputs are torch
+it with the nearest opt shapes (`latentrt.profile_routing.select_profile`). Inputs and outputs are torch
 CUDA tensors bound by address (`set_tensor_address`) and the engine runs with `execute_async_v3`
 on torch's current stream, so it composes with the rest of the pipeline without syncs. Contexts
 use user-managed activation memory from a `SharedDeviceMemory` that several engines share (they
@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from latentrt.cache_keys import check_engine
 from latentrt.errors import MissingComponent, StaleArtifact, UnsupportedShape
 from latentrt.manifest import ENGINE_KIND, read_manifest, sha256_tree
+from latentrt.profile_routing import covers, select_profile
+from latentrt.tensorrt_support import LogTail, gpu_info, make_logger, require_tensorrt, trt_version
 from latentrt.tensors import ComponentIO, Sizes, io_from_json, shape_of
 
-from ...engines.cache import check_engine
-from ...engines.profiles import covers, select_profile
-from ...engines.tensorrt import LogTail, gpu_info, make_logger, require_tensorrt, trt_version
 from .base import TORCH_DTYPES, Engine
 
 if TYPE_CHECKING:

@@ -1,4 +1,5 @@
-"""`latentrt bench MODEL|DIR -o OUT`: per-stage latency of backends side by side, with a tqdm progress bar."""
+"""The arguments of `latentrt bench MODEL|DIR -o OUT`, checked before anything is built or measured, and its
+tqdm progress bar. The verb itself runs in `latentrt.workflows.cli_bench` (it may export and build)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,11 @@ import argparse
 import sys
 from typing import Any
 
-BACKENDS = ("reference", "torch", "onnxruntime", "onnxruntime-int8", "tensorrt")
+from latentrt.buckets import check_multiple
+from latentrt.choices import Precision
+from latentrt.errors import InvalidRequest
+
+from .cases import BACKENDS, PRECISIONS, SWEEPS, BenchEvent
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="measured rounds per case (interleaved across backends)")
     parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                         help="steps=1,2,4 | size=256x256,512x512 | batch=1,2 (repeatable)")
-    parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
+    parser.add_argument("--precision", choices=PRECISIONS, default=Precision.FP32.value,
                         help="int8: also measure ONNX Runtime engines with an int8 UNet (onnxruntime-int8)")
-    parser.add_argument("--int8-recipe", help="quantization recipe (see latentrt.engines.quantize.RECIPES)")
+    parser.add_argument("--int8-recipe", help="int8 quantization recipe (`latentrt build --help` lists them)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--seed", type=int, default=0, help="seed every run repeats")
     parser.add_argument("--prompt", help="prompt every run repeats")
@@ -37,22 +42,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-SWEEP_KEYS = ("steps", "size", "batch")
-
 
 def parse_sweeps(items: list[str] | None) -> dict[str, list[str]]:
     """['steps=1,2,4', 'size=256x256,512x512'] -> {'steps': ['1', '2', '4'], 'size': [...]}, every value checked
     before the benchmark starts (sizes: positive multiples of 64; steps and batch: whole numbers >= 1)."""
-    from latentrt.errors import InvalidRequest
-
     out: dict[str, list[str]] = {}
     for item in items or []:
         key, sep, values = item.partition("=")
         key = key.strip()
         if not sep or not values.strip():
             raise InvalidRequest(f"cannot read --sweep {item!r}; write KEY=V1,V2 (steps=1,2,4)")
-        if key not in SWEEP_KEYS:
-            raise InvalidRequest(f"cannot sweep {key!r}; choose one of {', '.join(SWEEP_KEYS)}")
+        if key not in SWEEPS:
+            raise InvalidRequest(f"cannot sweep {key!r}; choose one of {', '.join(SWEEPS)}")
         parts = [v.strip() for v in values.split(",")]
         if not all(parts):
             raise InvalidRequest(f"--sweep {item!r} has an empty value; write KEY=V1,V2 (steps=1,2,4)")
@@ -67,9 +68,6 @@ def parse_sweeps(items: list[str] | None) -> dict[str, list[str]]:
 
 def check_size(text: str, what: str = "--size") -> tuple[int, int]:
     """A HEIGHTxWIDTH size whose sides are positive multiples of 64 (with the nearest valid sizes if not)."""
-    from latentrt.buckets import check_multiple
-    from latentrt.errors import InvalidRequest
-
     h, sep, w = text.lower().replace("*", "x").partition("x")
     if not sep or not h.strip().isdigit() or not w.strip().isdigit():
         raise InvalidRequest(f"cannot read {what} {text!r}; write HEIGHTxWIDTH, e.g. 512x512")
@@ -85,7 +83,7 @@ class Bar:
         self.enabled = enabled
         self.bar: Any = None
 
-    def __call__(self, event: Any) -> None:
+    def __call__(self, event: BenchEvent) -> None:
         if not self.enabled:
             if event.message:
                 print(event.message, file=sys.stderr)
@@ -103,24 +101,3 @@ class Bar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def run(args: argparse.Namespace) -> int:
-    from latentrt.runtime.bench import PROMPT, format_markdown, run_bench
-
-    sweep = parse_sweeps(args.sweep)  # every value checked before anything is built or measured
-    sizes = [check_size(s) for s in args.size] if args.size else None
-    bar = Bar(args.progress)
-    try:
-        record = run_bench(args.model, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
-                           steps=args.steps, guidance=args.guidance,
-                           sizes=sizes, batch=args.batch,
-                           warmup=args.warmup, runs=args.runs, sweep=sweep, out_dir=args.output,
-                           progress=bar, precision=args.precision, int8_recipe=args.int8_recipe, device=args.device,
-                           seed=args.seed, prompt=args.prompt or PROMPT, flops=args.flops, plots=args.plots,
-                           build_dir=args.build_dir)
-    finally:
-        bar.close()
-    print(format_markdown(record))
-    print(f"wrote {', '.join(record.files.values())} to {args.output}")
-    return 0

@@ -11,17 +11,16 @@ import resource
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from latentrt.manifest import tool_versions
+from latentrt.parity import compare
 
-if TYPE_CHECKING:
-    from .bench import BenchCase, Sample
+from .cases import INT8, REFERENCE, BenchCase, Sample
 
-INT8 = "onnxruntime-int8"
 PERCENTILES = (50, 90, 99)
 
 
@@ -36,15 +35,15 @@ def percentile_stats(values: Sequence[float]) -> dict[str, float]:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two images in [0, 1] (inf when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+def psnr_db(got: np.ndarray, ref: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two images in [0, 1] (inf when identical), from `latentrt.parity`."""
+    return compare({"image": got}, {"image": ref}, peak=1.0).tensor("image").psnr_db
 
 
-def image_diff(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """max |diff| (in [0, 1] units) and PSNR (dB) between two image batches."""
-    return {"max_abs_diff": round(float(np.max(np.abs(a - b))), 6), "psnr_db": round(psnr_db(a, b), 3)}
+def image_diff(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """max |diff| (in [0, 1] units) and PSNR (dB) between two image batches (`latentrt.parity` report)."""
+    t = compare({"image": got}, {"image": ref}, peak=1.0).tensor("image")
+    return {"max_abs_diff": round(t.max_abs_diff, 6), "psnr_db": round(t.psnr_db, 3)}
 
 
 def stage_stats(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
@@ -154,7 +153,7 @@ def _int8_gemm_seconds(n: int, repeats: int) -> float:
                               [helper.make_tensor_value_info("X", TensorProto.UINT8, [n, n])],
                               [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9  # ONNX Runtime 1.32 reads IR <= 13 (FIELD-NOTES)
+    model.ir_version = 9  # ONNX Runtime 1.32 reads IR versions up to 13
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.integers(0, 255, (n, n)).astype(np.uint8)
     return _best_of(lambda: session.run(None, {"X": x}), repeats)
@@ -164,7 +163,7 @@ def machine_info(device: torch.device, peaks: bool = True) -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
                             "torch_threads": torch.get_num_threads(), "device": str(device),
-                            "tools": tool_versions(), "loadavg_start": _loadavg()}
+                            "tools": tool_versions(), "loadavg_start": loadavg()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     elif peaks:
@@ -172,7 +171,7 @@ def machine_info(device: torch.device, peaks: bool = True) -> dict[str, Any]:
     return info
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     with contextlib.suppress(OSError, AttributeError):
         return [round(x, 2) for x in os.getloadavg()]
     return None
@@ -181,7 +180,8 @@ def _loadavg() -> list[float] | None:
 # ---------------------------------------------------------------------------- cases
 
 
-def _p50(summary: Mapping[str, Any], stage: str, per: str = "per_run") -> float | None:
+def stage_p50(summary: Mapping[str, Any], stage: str, per: str = "per_run") -> float | None:
+    """The median of one stage of a backend's summary (per run, or per call: unet per step); None if absent."""
     entry = summary["stages"].get(stage)
     return None if entry is None or entry.get(per) is None else float(entry[per]["p50"])
 
@@ -191,7 +191,7 @@ def ratios(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, float
     out: dict[str, float] = {}
     for stage in base["stages"]:
         per = "per_call" if stage == "unet" else "per_run"
-        a, b = _p50(base, stage, per), _p50(other, stage, per)
+        a, b = stage_p50(base, stage, per), stage_p50(other, stage, per)
         if a is not None and b:
             out["end_to_end" if stage == "total" else ("unet_per_step" if stage == "unet" else stage)] = round(a / b, 4)
     return out
@@ -203,11 +203,11 @@ def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: flo
     results = {label: summarize(s, case) for label, s in samples.items()}
     out: dict[str, Any] = {"name": case.name, "case": case.__dict__, "latent": list(latent), "unet_batch": unet_batch,
                            "results": results}
-    if "reference" in results:
-        ref_image = samples["reference"][-1].image
-        out["vs_reference"] = {k: ratios(results["reference"], v) for k, v in results.items() if k != "reference"}
+    if REFERENCE in results:
+        ref_image = samples[REFERENCE][-1].image
+        out["vs_reference"] = {k: ratios(results[REFERENCE], v) for k, v in results.items() if k != REFERENCE}
         out["image_vs_reference"] = {k: image_diff(s[-1].image, ref_image) for k, s in samples.items()
-                                     if k != "reference"}
+                                     if k != REFERENCE}
     if INT8 in results and "onnxruntime" in results:
         out["int8_vs_fp32"] = {"speedup": ratios(results["onnxruntime"], results[INT8]),
                                "image": image_diff(samples[INT8][-1].image, samples["onnxruntime"][-1].image)}
@@ -219,7 +219,7 @@ def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: flo
 def _flop_rates(gflop: float, results: Mapping[str, Any], peak_gflops: float | None) -> dict[str, Any]:
     rates = {}
     for label, r in results.items():
-        ms = _p50(r, "unet", "per_call")
+        ms = stage_p50(r, "unet", "per_call")
         if ms:
             rates[label] = round(gflop / (ms / 1e3), 2)
     out: dict[str, Any] = {"unet_gflop_per_call": round(gflop, 3), "unet_gflops": rates,
@@ -264,7 +264,7 @@ def sweep_summary(key: str, cases: Sequence[BenchCase], by_name: Mapping[str, Ma
     for label in first["results"]:
         rows = [by_name[c.name]["results"][label] for c in cases]
         series[label] = {"end_to_end_p50_ms": [r["end_to_end_ms"]["p50"] for r in rows],
-                         "unet_per_step_p50_ms": [_p50(r, "unet", "per_call") for r in rows],
+                         "unet_per_step_p50_ms": [stage_p50(r, "unet", "per_call") for r in rows],
                          "images_per_s": [r["images_per_s"] for r in rows]}
     out: dict[str, Any] = {"x": x, "x_label": {"steps": "steps", "batch": "images per prompt",
                                                "size": "latent pixels (h/8 x w/8)"}[key],

@@ -5,16 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from latentrt.manifest import atomic_write_bytes, atomic_write_json
 
-from .bench_stats import _p50
-
-if TYPE_CHECKING:
-    from .bench import BenchRecord
+from .cases import BenchRecord
+from .stats import stage_p50
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
@@ -22,7 +20,7 @@ def _fmt(v: float | None, digits: int = 1) -> str:
 
 
 def _stage_cell(r: Mapping[str, Any], stages: Sequence[str], per: str = "per_run") -> str:
-    values = [_p50(r, s, per) for s in stages if s in r["stages"]]
+    values = [stage_p50(r, s, per) for s in stages if s in r["stages"]]
     return _fmt(sum(v for v in values if v is not None)) if values else "–"
 
 
@@ -42,8 +40,8 @@ def case_table(case: Mapping[str, Any]) -> list[str]:
         img_cell = f"PSNR {img['psnr_db']:.1f} dB, max {img['max_abs_diff']:.3g}" if img else "–"
         lines.append(f"| {label} | {_fmt(e2e['p50'])} | {_fmt(e2e['p90'])} | {_fmt(e2e['p99'])} | "
                      f"{r['images_per_s']:.3f} | {'1 (baseline)' if label == 'reference' else _fmt(speed, 2) + 'x'} | "
-                     f"{_stage_cell(r, ('text_encoder', 'text_encoder_2'))} | {_fmt(_p50(r, 'unet', 'per_call'))} | "
-                     f"{_fmt(_p50(r, 'unet'))} | {_stage_cell(r, ('vae_decoder',))} | {overhead} | {img_cell} |")
+                     f"{_stage_cell(r, ('text_encoder', 'text_encoder_2'))} | {_fmt(stage_p50(r, 'unet', 'per_call'))} | "
+                     f"{_fmt(stage_p50(r, 'unet'))} | {_stage_cell(r, ('vae_decoder',))} | {overhead} | {img_cell} |")
     if "int8_vs_fp32" in case:
         q = case["int8_vs_fp32"]
         lines += ["", f"int8 vs fp32 ONNX Runtime: end-to-end {_fmt(q['speedup'].get('end_to_end'), 2)}x, UNet/step "

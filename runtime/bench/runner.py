@@ -1,0 +1,252 @@
+"""Runners of `latentrt bench`: a LatentRT pipeline or the diffusers pipeline, one generation -> one `Sample`.
+
+Both are timed with a `StageTimer` (perf_counter on CPU, CUDA events + NVTX ranges on CUDA): the LatentRT
+pipeline times its own stages, the diffusers pipeline is timed from module hooks. The engines' own compute
+time is what the pipeline's timer recorded for the engine components' stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import numpy as np
+import torch
+
+from latentrt.choices import Backend
+from latentrt.errors import InvalidRequest
+from latentrt.families import FamilySpec, TimeIds
+
+from ..backends.base import Engine
+from ..timing import StageTimer, TimingRecord
+from .cases import CALIBRATION_PROMPTS, INT8, REFERENCE, BenchCase, Sample
+from .stats import rss_mb
+from .targets import Targets
+
+REFINER_PREFIX = "refiner_"  # the pipeline's stage names for the SDXL refiner's engines
+
+
+def request_inputs(spec: FamilySpec, case: BenchCase) -> dict[str, Any]:
+    """Extra inputs the family needs for a txt2img-like run: an init image (+ mask) for inpainting / refiner."""
+    from PIL import Image
+
+    if not (spec.is_inpaint or spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC):
+        return {}
+    y, x = np.mgrid[0:case.height, 0:case.width]
+    rgb = np.stack([x / case.width, y / case.height, 0.5 + 0 * x], axis=-1)
+    out: dict[str, Any] = {"image": Image.fromarray((255 * rgb).astype(np.uint8))}
+    if spec.is_inpaint:
+        box = (abs(y - case.height / 2) < case.height / 4) & (abs(x - case.width / 2) < case.width / 4)
+        out["mask"] = Image.fromarray((255 * box).astype(np.uint8))
+    return out
+
+
+def stages_of(record: TimingRecord) -> dict[str, list[float]]:
+    """Stage -> its entries in ms, in the order they were recorded."""
+    stages: dict[str, list[float]] = {}
+    for name, ms in record.entries:
+        stages.setdefault(name, []).append(ms)
+    return stages
+
+
+def engine_ms(record: TimingRecord, components: Collection[str]) -> float:
+    """The engines' own compute: the entries of the engine components' stages (the refiner's included)."""
+    return float(sum(ms for name, ms in record.entries if name.removeprefix(REFINER_PREFIX) in components))
+
+
+class _FeedRecorder:
+    """Stands in for one engine while calibration data is recorded: copies each feed, then runs the engine."""
+
+    def __init__(self, engine: Engine, feeds: list[dict[str, np.ndarray]]):
+        self._engine, self._feeds = engine, feeds
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+    def run(self, feed: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        self._feeds.append({k: v.detach().float().cpu().numpy().copy() for k, v in feed.items()})
+        return self._engine.run(feed, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_feeds(engines: dict[str, Engine], component: str,
+                    feeds: list[dict[str, np.ndarray]]) -> Iterator[None]:
+    """Append every feed `component` runs (float32 numpy copies) to `feeds` while the body runs."""
+    engine = engines[component]
+    engines[component] = cast(Engine, _FeedRecorder(engine, feeds))
+    try:
+        yield
+    finally:
+        engines[component] = engine
+
+
+class PipelineRunner:
+    """A LatentRT pipeline on one backend."""
+
+    def __init__(self, label: str, folder: str | os.PathLike[str], backend: str, device: torch.device):
+        from ..pipeline import load_pipeline
+
+        self.label, self.device = label, device
+        before, start = rss_mb(), time.perf_counter()
+        self.pipe = load_pipeline(folder, backend=backend, device=device)
+        self.load_s = time.perf_counter() - start
+        self.rss_load_mb = rss_mb() - before
+        self.describe = self.pipe.engines.describe()
+
+    def generate(self, case: BenchCase, seed: int, prompt: str, guidance: float) -> Sample:
+        from ..pipeline import GenerationRequest
+
+        _reset_gpu_peak(self.device)
+        request = GenerationRequest(prompt=prompt, steps=case.steps, guidance=guidance, width=case.width,
+                                    height=case.height, seed=seed, num_images_per_prompt=case.batch,
+                                    **request_inputs(self.pipe.spec, case))
+        result = self.pipe.generate(request)
+        assert result.array is not None
+        return Sample(stages_of(result.timing), engine_ms(result.timing, set(self.pipe.engines.engines)),
+                      _gpu_peak(self.device), result.array)
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+class ReferenceRunner:
+    """The diffusers pipeline (eager PyTorch, float32) on the checkpoint's own folder, timed from module hooks."""
+
+    label = REFERENCE
+
+    def __init__(self, checkpoint: str, device: torch.device, family: str | None = None):
+        from diffusers import DiffusionPipeline
+
+        from latentrt.families import get_family
+        from latentrt.reference.models import detect_family, quiet_progress, resolve
+
+        folder, _ = resolve(checkpoint)
+        self.device = device
+        before, start = rss_mb(), time.perf_counter()
+        with quiet_progress():
+            self.pipe: Any = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+        self.pipe.to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.load_s = time.perf_counter() - start
+        self.rss_load_mb = rss_mb() - before
+        self.spec = get_family(family) if family else detect_family(folder)
+        self.timer = StageTimer(device)
+        self._hook()
+        self.describe = [f"diffusers {type(self.pipe).__name__} (eager PyTorch float32) on {device}"]
+
+    def _hook(self) -> None:
+        for name in ("text_encoder", "text_encoder_2", "unet"):
+            module = getattr(self.pipe, name, None)
+            if isinstance(module, torch.nn.Module):
+                module.register_forward_pre_hook(lambda *_, n=name: self.timer.start(n))
+                module.register_forward_hook(lambda *_, n=name: self.timer.stop(n))
+        vae = self.pipe.vae
+        for method, stage in (("decode", "vae_decoder"), ("encode", "vae_encoder")):
+            setattr(vae, method, self._timed(getattr(vae, method), stage))
+
+    def _timed(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.timer.stage(stage):
+                return fn(*args, **kwargs)
+
+        return timed
+
+    def generate(self, case: BenchCase, seed: int, prompt: str, guidance: float) -> Sample:
+        _reset_gpu_peak(self.device)
+        kwargs = request_inputs(self.spec, case)
+        if "mask" in kwargs:
+            kwargs["mask_image"] = kwargs.pop("mask")
+        generator = torch.Generator("cpu").manual_seed(seed)
+        self.timer = StageTimer(self.device)
+        with self.timer.stage("total"):
+            out = self.pipe(prompt=prompt, num_inference_steps=case.steps, guidance_scale=guidance,
+                            height=case.height, width=case.width, num_images_per_prompt=case.batch,
+                            generator=generator, output_type="np", **kwargs)
+        return Sample(stages_of(self.timer.record()), None, _gpu_peak(self.device),
+                      np.asarray(out.images, dtype=np.float32))
+
+    def close(self) -> None:
+        self.pipe = None
+
+
+def _reset_gpu_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _gpu_peak(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+Runner = PipelineRunner | ReferenceRunner
+
+
+def make_runner(label: str, t: Targets, device: torch.device) -> Runner:
+    """The runner of one benchmark label, over the folder `t` holds for it."""
+    if label == REFERENCE:
+        if t.checkpoint is None:
+            raise InvalidRequest("the reference backend needs the source checkpoint, which the folder does not name")
+        return ReferenceRunner(t.checkpoint, device, t.family)
+    backend = Backend.ONNXRUNTIME.value if label == INT8 else label
+    return PipelineRunner(label, t.folders[label], backend, device)
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+def rotated(labels: Sequence[str], i: int) -> list[str]:
+    """Round i's order: the labels rotated by i (every backend takes every position equally often)."""
+    k = i % len(labels)
+    return list(labels[k:]) + list(labels[:k])
+
+
+def measure_case(runners: Mapping[str, Runner], case: BenchCase, *, warmup: int, runs: int, seed: int, prompt: str,
+                 guidance: float, tick: Callable[[], None]) -> dict[str, list[Sample]]:
+    """`warmup` unrecorded rounds, then `runs` measured rounds interleaved across backends."""
+    labels = list(runners)
+    for i in range(warmup):
+        for label in rotated(labels, i):
+            runners[label].generate(case, seed, prompt, guidance)
+            tick()
+    samples: dict[str, list[Sample]] = {label: [] for label in labels}
+    for i in range(runs):
+        for label in rotated(labels, i):
+            samples[label].append(runners[label].generate(case, seed, prompt, guidance))
+            tick()
+    return samples
+
+
+# ---------------------------------------------------------------------------- int8 calibration data
+
+
+def collect_unet_feeds(runner: PipelineRunner, case: BenchCase, guidance: float, prompts: Sequence[str],
+                       limit: int = 32, tick: Callable[[], None] | None = None) -> list[dict[str, np.ndarray]]:
+    """UNet inputs seen while `runner` (fp32) samples `prompts` (one seed each): calibration data for static int8,
+    at most `limit` of them, evenly spread over the runs."""
+    feeds: list[dict[str, np.ndarray]] = []
+    with recording_feeds(runner.pipe.engines.engines, "unet", feeds):
+        for seed, prompt in enumerate(prompts):
+            runner.generate(case, seed, prompt, guidance)
+            if tick:
+                tick()
+    if len(feeds) > limit:
+        keep = np.linspace(0, len(feeds) - 1, limit).round().astype(int)
+        feeds = [feeds[i] for i in dict.fromkeys(keep.tolist())]
+    return feeds
+
+
+def calibration_feeds(folder: str | os.PathLike[str], *, height: int, width: int, steps: int,
+                      guidance: float | None = None, prompts: Sequence[str] = CALIBRATION_PROMPTS,
+                      limit: int = 32) -> list[dict[str, np.ndarray]]:
+    """Static-int8 calibration data for the engine builder: UNet inputs recorded while the fp32 engines (or ONNX
+    export) in `folder` sample `prompts` (one seed each) on ONNX Runtime (CPU) at the given size and steps."""
+    ort = Backend.ONNXRUNTIME.value
+    runner = PipelineRunner(ort, folder, ort, torch.device("cpu"))
+    try:
+        scale = runner.pipe.spec.sampling.guidance if guidance is None else float(guidance)
+        return collect_unet_feeds(runner, BenchCase(height, width, 1, steps), scale, prompts, limit=limit)
+    finally:
+        runner.close()
