@@ -157,10 +157,12 @@ def timings(engine: Any, module: Any, feed: dict[str, Any], repeats: int) -> dic
     """Median GPU milliseconds: the TensorRT engine vs PyTorch fp16 autocast on the same inputs."""
     import torch
 
-    trt_ms = []
+    from latentrt.runtime.timing import StageTimer
+
+    timer = StageTimer(engine.device)
     for _ in range(repeats):
-        engine.run(feed)
-        trt_ms.append(engine.last_latency_ms)
+        engine.run(feed, timer)
+    trt_ms = timer.record().times(engine.component)
     torch_ms = []
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         for _ in range(repeats + 2):

@@ -41,6 +41,7 @@ from latentrt.manifest import (
 )
 from latentrt.manifest_checks import sealed
 from latentrt.outputs import check_replaceable, link_tree, output_lock, removed_if_failed, written_files
+from latentrt.parity import ParityReport, Tolerance, compare, merge
 from latentrt.paths import check_checkpoint
 from latentrt.reference.models import (
     CheckpointRef,
@@ -71,18 +72,7 @@ EXPORT_SIZES = {"batch": 2, "unet_batch": 2, "latent_height": 8, "latent_width":
 BOS_ID, EOS_ID = 49406, 49407
 
 
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """Pass if max |onnx - torch| <= atol + rtol * max |torch| (fp32 against fp32)."""
-
-    atol: float = 1e-4
-    rtol: float = 1e-4
-
-    def limit(self, reference: np.ndarray) -> float:
-        return self.atol + self.rtol * float(np.abs(reference).max(initial=0.0))
-
-
-TOLERANCE = Tolerance()
+TOLERANCE = Tolerance(atol=1e-4, rtol=1e-4)  # fp32 ONNX Runtime against fp32 PyTorch
 
 
 def parity_sizes(io: ComponentIO) -> list[dict[str, int]]:
@@ -178,33 +168,41 @@ def _initializer_bytes(model: Any) -> int:
 # ---------------------------------------------------------------------------- parity
 
 
-def check_parity(module: torch.nn.Module, io: ComponentIO, model_path: Path,
-                 tolerance: Tolerance = TOLERANCE) -> list[dict[str, Any]]:
-    """Run ONNX Runtime (CPU) and PyTorch on fresh random inputs at several shapes; raise ExportMismatch."""
+def parity_runs(module: torch.nn.Module, io: ComponentIO, model_path: Path,
+                tolerance: Tolerance = TOLERANCE) -> list[tuple[dict[str, int], ParityReport]]:
+    """Run ONNX Runtime (CPU) and PyTorch on fresh random inputs at several shapes (`latentrt.parity.compare`);
+    ExportMismatch at the first shape where an output differs beyond `tolerance`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-    checks = []
+    runs = []
     for i, sizes in enumerate(parity_sizes(io)):
         feed = example_feed(io, sizes, seed=100 + i)
-        got = [np.asarray(x) for x in session.run(io.output_names, feed)]
+        got = dict(zip(io.output_names, (np.asarray(x) for x in session.run(io.output_names, feed))))
         with torch.no_grad():
-            ref = module(*(torch.from_numpy(feed[n]) for n in io.input_names))
-        diffs = {}
-        for spec, g, r in zip(io.outputs, got, ref):
-            r = r.numpy()
-            shape = describe_sizes(sizes)
-            if g.shape != r.shape or g.shape != shape_of(spec, sizes):
-                raise ExportMismatch(io.component, spec.name, float("inf"), 0.0, f"{shape} (ONNX gave shape "
-                                     f"{g.shape}, PyTorch {r.shape}, spec {describe_shape(spec)})")
-            diff = float(np.abs(g.astype(np.float64) - r).max(initial=0.0))
-            if not diff <= tolerance.limit(r):
-                raise ExportMismatch(io.component, spec.name, diff, tolerance.limit(r), shape)
-            diffs[spec.name] = diff
-        checks.append({"sizes": dict(sizes), "max_abs_diff": diffs})
-    return checks
+            out = module(*(torch.from_numpy(feed[n]) for n in io.input_names))
+        ref = {spec.name: r.numpy() for spec, r in zip(io.outputs, out if isinstance(out, (tuple, list)) else (out,))}
+        where = describe_sizes(sizes)
+        for spec in io.outputs:
+            g, r = got[spec.name], ref.get(spec.name)
+            if r is None or g.shape != r.shape or g.shape != shape_of(spec, sizes):
+                raise ExportMismatch(io.component, spec.name, float("inf"), 0.0, f"{where} (ONNX gave shape "
+                                     f"{g.shape}, PyTorch {None if r is None else r.shape}, spec {describe_shape(spec)})")
+        report = compare(got, ref, tolerance, context=where).raise_if_failed(io.component)
+        runs.append((dict(sizes), report))
+    return runs
+
+
+def check_parity(module: torch.nn.Module, io: ComponentIO, model_path: Path,
+                 tolerance: Tolerance = TOLERANCE) -> list[dict[str, Any]]:
+    """`parity_runs` as the manifest records them: per shape, the sizes and each output's max |diff|."""
+    return [parity_check_json(sizes, report) for sizes, report in parity_runs(module, io, model_path, tolerance)]
+
+
+def parity_check_json(sizes: Sizes, report: ParityReport) -> dict[str, Any]:
+    return {"sizes": dict(sizes), "max_abs_diff": {t.name: t.max_abs_diff for t in report.tensors}}
 
 
 def describe_sizes(sizes: Sizes) -> str:
@@ -313,14 +311,17 @@ def _export_one(loaded: LoadedModel, name: str, stage: Path, *, opset: int, dyna
     start = time.perf_counter()
     path = export_component(module, io, stage / name, opset=opset, dynamo=dynamo, external_data_mb=external_data_mb)
     export_s = time.perf_counter() - start
-    checks = check_parity(module, io, path) if verify else []
-    worst = max((d for c in checks for d in c["max_abs_diff"].values()), default=None)
+    runs = parity_runs(module, io, path) if verify else []
+    checks = [parity_check_json(sizes, report) for sizes, report in runs]
+    report = merge((r for _, r in runs), context=f"ONNX Runtime vs PyTorch at {len(runs)} shapes") if runs else None
+    worst = max((r.max_abs_diff for _, r in runs), default=None)
     size_mb = sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file()) / 2**20
     verdict = f", parity max|diff| {worst:.1e} ✓ ({len(checks)} shapes)" if worst is not None else ", parity not checked"
     say(f"{step} {name} {export_s:.1f} s, {size_mb:.1f} MB{verdict}")
     return {"path": f"{name}/{MODEL_FILE}", "io": io_to_json(io), "sha256": sha256_tree(path.parent),
             "size_mb": round(size_mb, 3), "export_s": round(export_s, 3),
-            "parity": {"tolerance": dataclasses.asdict(TOLERANCE), "checks": checks}}
+            "parity": {"tolerance": dataclasses.asdict(TOLERANCE), "checks": checks,
+                       **({"report": report.to_json()} if report is not None else {})}}
 
 
 def _copy_support_files(loaded: LoadedModel, stage: Path) -> dict[str, str]:

@@ -23,6 +23,7 @@ from latentrt.manifest import MANIFEST
 from latentrt.runtime.backends.onnxruntime import OrtEngine
 from latentrt.runtime.engine_set import load_engines
 from latentrt.runtime.pipeline import GenerationRequest, Pipeline
+from latentrt.runtime.timing import StageTimer
 from latentrt.tensors import dummy_inputs
 
 # ONNX Runtime vs PyTorch on one call, relative to max |reference| (the export's own parity check is ~1e-5).
@@ -58,10 +59,11 @@ def test_io_binding_matches_session_run(onnx_export_dir: Callable[[str], Path]) 
     unet = load_engines(onnx_export_dir("sd1"))["unet"]
     assert isinstance(unet, OrtEngine)
     feed = torch_feed(unet.io, SIZES[0], seed=3)
-    bound = unet.run(feed)["out_sample"].numpy()
+    timer = StageTimer()
+    bound = unet.run(feed, timer)["out_sample"].numpy()
     plain = unet.run_numpy({k: v.numpy() for k, v in feed.items()})["out_sample"]
     assert np.array_equal(bound, plain)
-    assert unet.last_latency_ms > 0
+    assert [stage for stage, _ in timer.record().entries] == ["unet"]
 
 
 def test_describe_and_cuda_fallback(onnx_export_dir: Callable[[str], Path], caplog: pytest.LogCaptureFixture) -> None:

@@ -22,6 +22,7 @@ from latentrt.runtime.backends.tensorrt import (
     check_plan_file,
     load_engines,
 )
+from latentrt.runtime.timing import StageTimer
 from latentrt.tensors import dummy_inputs, io_from_json
 
 HAVE_TRT, WHY = tensorrt_available()
@@ -101,8 +102,9 @@ def test_tensorrt_engines_match_onnxruntime(trt_build: tuple[Path, Path]) -> Non
         for seed, size in enumerate([(512, 512), (512, 768), (768, 512)]):
             sizes = {"batch": 2, "unet_batch": 2, "latent_height": size[0] // 8, "latent_width": size[1] // 8}
             feed = dummy_inputs(engine.io, {k: v for k, v in sizes.items() if k in engine.io.dims}, seed=seed)
-            got = engine.run({k: torch.from_numpy(v).cuda() for k, v in feed.items()})
-            assert math.isfinite(engine.last_latency_ms)
+            timer = StageTimer("cuda")
+            got = engine.run({k: torch.from_numpy(v).cuda() for k, v in feed.items()}, timer)
+            assert [(stage, math.isfinite(ms)) for stage, ms in timer.record().entries] == [(c, True)]
             for (name, y), ref in zip(got.items(), ort_reference(onnx_dir, c, feed)):
                 assert y.is_cuda
                 np.testing.assert_allclose(y.cpu().numpy(), ref, rtol=2e-2, atol=2e-2, err_msg=f"{c}.{name}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ import onnxruntime as ort
 import torch
 
 from latentrt.errors import MissingComponent, StaleArtifact
-from latentrt.tensors import DTYPES, ComponentIO, shape_of
+from latentrt.tensors import DTYPES, ComponentIO, Sizes
 
-from .base import TORCH_DTYPES, Engine
+from .base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -82,27 +81,21 @@ class OrtEngine(Engine):
     def _device_args(self) -> tuple[str, int]:
         return ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
 
-    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Bind inputs and spec-shaped output buffers, run, and return the outputs as torch tensors."""
-        sizes = self.check(feed)
+    def _run(self, inputs: dict[str, torch.Tensor], sizes: Sizes) -> Mapping[str, torch.Tensor]:
+        """Bind the inputs and spec-shaped output buffers by address, run, and return the buffers."""
         kind, index = self._device_args()
         binding = self.session.io_binding()
-        keep: list[torch.Tensor] = []
         for spec in self.io.inputs:
-            x = feed[spec.name].to(device=self.device, dtype=TORCH_DTYPES[spec.dtype]).contiguous()
-            keep.append(x)
+            x = inputs[spec.name]
             binding.bind_input(spec.name, kind, index, DTYPES[spec.dtype], list(x.shape), x.data_ptr())
-        outputs: dict[str, torch.Tensor] = {}
+        outputs = self.empty_outputs(sizes)
         for spec in self.io.outputs:
-            y = torch.empty(shape_of(spec, sizes), dtype=TORCH_DTYPES[spec.dtype], device=self.device)
-            outputs[spec.name] = y
+            y = outputs[spec.name]
             binding.bind_output(spec.name, kind, index, DTYPES[spec.dtype], list(y.shape), y.data_ptr())
         if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        start = time.perf_counter()
+            torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream: inputs must be ready
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
-        self.last_latency_ms = (time.perf_counter() - start) * 1e3
         return outputs
 
     def run_numpy(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

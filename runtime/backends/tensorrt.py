@@ -26,9 +26,9 @@ from latentrt.errors import MissingComponent, StaleArtifact, UnsupportedShape
 from latentrt.manifest import ENGINE_KIND, read_manifest, sha256_tree
 from latentrt.profile_routing import covers, select_profile
 from latentrt.tensorrt_support import LogTail, gpu_info, make_logger, require_tensorrt, trt_version
-from latentrt.tensors import ComponentIO, Sizes, io_from_json, shape_of
+from latentrt.tensors import ComponentIO, Sizes, TensorSpec, io_from_json, shape_of
 
-from .base import TORCH_DTYPES, Engine
+from .base import Engine
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -153,8 +153,6 @@ class TensorRTEngine(Engine):
         self._contexts = [self._context(i, stream) for i in range(self._engine.num_optimization_profiles)]
         self._active: tuple[int, tuple[tuple[str, int], ...]] | None = None
         self._graphs: dict[tuple[int, tuple[tuple[str, int], ...]], _Graph] = {}
-        self._pending: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
-        self._latency_ms = 0.0
 
     @classmethod
     def from_manifest(cls, engine_dir: str | os.PathLike[str], component: str,
@@ -213,7 +211,11 @@ class TensorRTEngine(Engine):
         return any(covers({k: (int(v[0]), int(v[1]), int(v[2])) for k, v in p["bounds"].items()}, sizes)
                    for p in self.profiles)
 
-    def prepare(self, sizes: Sizes) -> None:
+    def tensor_dtype(self, spec: TensorSpec) -> torch.dtype:
+        """The plan's own tensor dtype (an fp16 plan may take and give fp16 where the IO spec says float32)."""
+        return self._dtypes[spec.name]
+
+    def _prepare(self, sizes: Sizes) -> None:
         """Route to a profile and set the input shapes for these dim sizes."""
         import tensorrt as trt
 
@@ -235,19 +237,14 @@ class TensorRTEngine(Engine):
                                     f"{shape_of(t, sizes)}; rebuild the engine")
         self._active = (index, key)
 
-    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Run on CUDA tensors (bound by address); outputs are new CUDA tensors in the IO spec's dtypes."""
-        sizes = self.check(feed)
-        self.prepare(sizes)
+    def _run(self, inputs: dict[str, torch.Tensor], sizes: Sizes) -> Mapping[str, torch.Tensor]:
+        """Run on CUDA tensors bound by address, on torch's current stream (no sync); outputs are new tensors."""
         assert self._active is not None
-        inputs = {t.name: feed[t.name].to(self.device, self._dtypes[t.name]).contiguous() for t in self.io.inputs}
         if self.cuda_graphs:
-            outputs = self._replay(inputs, sizes)
-        else:
-            outputs = {t.name: torch.empty(shape_of(t, sizes), dtype=self._dtypes[t.name], device=self.device)
-                       for t in self.io.outputs}
-            self._execute(self._contexts[self._active[0]], {**inputs, **outputs}, timed=True)
-        return {t.name: outputs[t.name].to(TORCH_DTYPES.get(t.dtype, outputs[t.name].dtype)) for t in self.io.outputs}
+            return self._replay(inputs, sizes)
+        outputs = self.empty_outputs(sizes)
+        self._execute(self._contexts[self._active[0]], {**inputs, **outputs})
+        return outputs
 
     def _bind(self, ctx: trt.IExecutionContext, tensors: Mapping[str, torch.Tensor]) -> None:
         ctx.set_device_memory(self.memory.ptr, self.memory.size)
@@ -255,16 +252,10 @@ class TensorRTEngine(Engine):
             if not ctx.set_tensor_address(name, x.data_ptr()):
                 raise RuntimeError(f"{self.component}: TensorRT rejected the address of '{name}'")
 
-    def _execute(self, ctx: trt.IExecutionContext, tensors: Mapping[str, torch.Tensor], timed: bool) -> None:
+    def _execute(self, ctx: trt.IExecutionContext, tensors: Mapping[str, torch.Tensor]) -> None:
         self._bind(ctx, tensors)
-        stream = torch.cuda.current_stream(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        if not ctx.execute_async_v3(stream.cuda_stream):
+        if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
             raise RuntimeError(f"{self.component}: TensorRT execution failed:\n{self._tail.tail(10)}")
-        end.record(stream)
-        if timed:
-            self._pending = (start, end)
 
     def _replay(self, inputs: Mapping[str, torch.Tensor], sizes: Sizes) -> dict[str, torch.Tensor]:
         """Replay (capturing first if needed) the CUDA graph of the active profile and shapes."""
@@ -275,21 +266,15 @@ class TensorRTEngine(Engine):
             self._graphs[self._active] = g
         for name, x in inputs.items():
             g.inputs[name].copy_(x)
-        stream = torch.cuda.current_stream(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
         g.graph.replay()
-        end.record(stream)
-        self._pending = (start, end)
         return {name: y.clone() for name, y in g.outputs.items()}
 
     def _capture(self, inputs: Mapping[str, torch.Tensor], sizes: Sizes) -> _Graph:
         assert self._active is not None
         ctx = self._contexts[self._active[0]]
         static_in = {n: x.clone() for n, x in inputs.items()}
-        static_out = {t.name: torch.empty(shape_of(t, sizes), dtype=self._dtypes[t.name], device=self.device)
-                      for t in self.io.outputs}
-        self._execute(ctx, {**static_in, **static_out}, timed=False)  # flush TensorRT's deferred shape work
+        static_out = self.empty_outputs(sizes)
+        self._execute(ctx, {**static_in, **static_out})  # flush TensorRT's deferred shape work
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             if not ctx.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
@@ -298,21 +283,6 @@ class TensorRTEngine(Engine):
         return _Graph(graph, static_in, static_out, self.memory.generation)
 
     # ------------------------------------------------------------------ reporting
-
-    @property
-    def last_latency_ms(self) -> float:  # type: ignore[override]
-        """GPU time of the last run (CUDA events); reading it waits for that run to finish."""
-        if self._pending is not None:
-            start, end = self._pending
-            end.synchronize()
-            self._latency_ms = start.elapsed_time(end)
-            self._pending = None
-        return self._latency_ms
-
-    @last_latency_ms.setter
-    def last_latency_ms(self, value: float) -> None:
-        self._latency_ms = value
-        self._pending = None
 
     def describe(self) -> str:
         gpu = torch.cuda.get_device_name(self.device)

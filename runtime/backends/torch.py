@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from latentrt.tensors import ComponentIO
+from latentrt.tensors import ComponentIO, Sizes, TensorSpec
 
 from .base import TORCH_DTYPES, Engine
 
@@ -32,23 +31,16 @@ class TorchEngine(Engine):
 
         return cls(wrap(component, loaded), io, device, dtype)
 
-    def _input(self, name: str, dtype: str, x: torch.Tensor) -> torch.Tensor:
-        want = TORCH_DTYPES[dtype]
-        if want.is_floating_point:
-            want = self.dtype
-        return x.to(device=self.device, dtype=want)
+    def tensor_dtype(self, spec: TensorSpec) -> torch.dtype:
+        """Floating inputs run in the module's dtype (fp16 references); integer ones as the IO spec says."""
+        want = TORCH_DTYPES[spec.dtype]
+        return self.dtype if want.is_floating_point else want
 
-    def run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        self.check(feed)
-        args = [self._input(t.name, t.dtype, feed[t.name]) for t in self.io.inputs]
-        start = time.perf_counter()
+    def _run(self, inputs: dict[str, torch.Tensor], sizes: Sizes) -> Mapping[str, torch.Tensor]:
         with torch.no_grad():
-            out = self.module(*args)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.last_latency_ms = (time.perf_counter() - start) * 1e3
+            out = self.module(*(inputs[n] for n in self.io.input_names))
         outs = out if isinstance(out, (tuple, list)) else (out,)
-        return {t.name: y.float() if y.is_floating_point() else y for t, y in zip(self.io.outputs, outs)}
+        return dict(zip(self.io.output_names, outs))
 
     def describe(self) -> str:
         return f"torch {self.component} on {self.device} ({str(self.dtype).removeprefix('torch.')})"
