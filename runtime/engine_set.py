@@ -400,12 +400,22 @@ def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[
 # ---------------------------------------------------------------------------- pairing
 
 
+# Which families a refiner family continues, first the one it was trained after (a candidate for a
+# `FamilySpec` field: pairing is a fact about the families, not their structure).
+REFINER_BASES: dict[str, tuple[str, ...]] = {
+    "sdxl-refiner": ("sdxl", "sdxl-turbo"),
+}
+
+
 def check_refiner(base: EngineSet, refiner: EngineSet) -> None:
     """InvalidRequest / StaleArtifact when `refiner` cannot continue `base`'s latents."""
-    if refiner.spec.time_ids is not TimeIds.SIZE_CROP_AESTHETIC:
-        raise InvalidRequest(f"--refiner {refiner.folder} is a {refiner.spec.name} model, not an SDXL refiner")
-    if not base.spec.has_pooled or base.spec.time_ids is not TimeIds.SIZE_CROP_TARGET:
-        raise InvalidRequest(f"a refiner continues SDXL base latents; {base.folder} is {base.spec.name}")
+    bases = REFINER_BASES.get(refiner.spec.name, ())
+    if not bases:
+        raise InvalidRequest(f"--refiner {refiner.folder} is a {refiner.spec.name} model, not an SDXL refiner "
+                             f"(refiners: {', '.join(REFINER_BASES)})")
+    if base.spec.name not in bases:
+        raise InvalidRequest(f"a refiner continues {get_family(bases[0]).title} latents; {base.folder} is "
+                             f"{base.spec.name} ({refiner.spec.name} continues {', '.join(bases)})")
     if base.latent_channels != refiner.latent_channels or base.vae_scale_factor != refiner.vae_scale_factor:
         raise StaleArtifact(f"base {base.folder} and refiner {refiner.folder} have different latent spaces "
                             f"({base.latent_channels} vs {refiner.latent_channels} channels, VAE factor "

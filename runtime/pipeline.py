@@ -15,85 +15,58 @@ the seeded CPU generator, so the same seed gives the same image on every backend
 from __future__ import annotations
 
 import logging
-import math
 import os
-import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from latentrt.buckets import SideRanges, check_multiple, format_size, nearest_bucket, nearest_valid
+from latentrt.buckets import SideRanges
+from latentrt.choices import Mode, OutputType
 from latentrt.configs import check_scheduler_config
-from latentrt.errors import InvalidRequest, UnsupportedShape
+from latentrt.errors import InvalidRequest
+from latentrt.families import MASK, MASKED_IMAGE_LATENTS
 from latentrt.memory import architecture, available_bytes, check_fits, estimate_bytes
 from latentrt.tensors import (
-    ENCODER_HIDDEN_STATES,
     IMAGES,
     LATENT,
     LATENT_PARAMETERS,
     OUT_SAMPLE,
     SAMPLE,
-    TEXT_EMBEDS,
-    TIME_IDS,
     TIMESTEP,
-    TIMESTEP_COND,
     context_windows,
     shape_of,
 )
 
-from .conditioning import (
-    SizeConditioning,
-    TextConditioning,
-    as_list,
-    encode_prompts,
-    guidance_embedding,
-    time_ids,
-)
-from .denoisers import Model, guided, needs_cfg
+from .conditioning import TextConditioning, encode_prompts
+from .denoisers import Model, guided
 from .engine_set import EngineSet, check_refiner, load_engines
-from .images import ImageInput, float_to_pil, image_to_tensor, load_image, mask_to_tensor, tensor_to_float
-from .plan import check_fraction, plan_from_scheduler_config
+from .images import float_to_pil, image_to_tensor, mask_to_tensor, tensor_to_float
+from .plan import plan_from_scheduler_config
+from .providers import FeedContext, concat_channels, conditioning_feed, runs_cfg
+from .request import (  # noqa: F401 (re-exported: the request API has always been importable from here)
+    DEFAULT_IMG2IMG_STRENGTH,
+    PIXEL_MULTIPLE,
+    GenerationRequest,
+    ResolvedRequest,
+    check_request,
+    covers,
+    parse_aspect,
+    pixel_ranges,
+    request_from_kwargs,
+    resolve,
+)
 from .samplers import SeededNoise
-from .scheduler_config import parse_sampler, pipeline_fixes
+from .scheduler_config import pipeline_fixes
 from .timing import StageTimer, TimingRecord
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, steps in this stage)
-DEFAULT_IMG2IMG_STRENGTH = 0.8
 DEFAULT_REFINER_SWITCH = 0.8  # fraction of the noise schedule the base denoises before the refiner takes over
-PIXEL_MULTIPLE = 64  # SD UNets need latent sides that are multiples of 8 (FIELD-NOTES)
-
-
-@dataclass
-class GenerationRequest:
-    """What to generate. `None` fields take the family's defaults."""
-
-    prompt: str | list[str]
-    negative_prompt: str | list[str] | None = None  # None: no negative (SDXL: zero embeddings)
-    steps: int | None = None  # denoising steps of the full schedule (img2img runs int(steps * strength))
-    guidance: float | None = None  # classifier-free guidance scale; <= 1 runs no CFG batch (Turbo: 0)
-    guidance_rescale: float = 0.0  # in [0, 1]: rescale the guided prediction's std (diffusers' rescale_noise_cfg)
-    sampler: str | None = None  # a SamplerId value: euler, euler_a, heun, ddim, pndm, ... (None: the checkpoint's own)
-    width: int | None = None  # pixels; both or neither of width/height
-    height: int | None = None
-    aspect: str | float | None = None  # "16:9" or width/height: snaps to the family's nearest bucket
-    seed: int | None = None  # None: a random seed (reported in the result)
-    num_images_per_prompt: int = 1
-    image: ImageInput | None = None  # img2img / inpainting init image
-    strength: float | None = None  # img2img 0.8, inpainting 1.0 by default
-    mask: ImageInput | None = None  # inpainting: white = repaint
-    latents: torch.Tensor | None = None  # continue from these latents (with denoising_start)
-    denoising_start: float | None = None  # fraction of the schedule already done (refiner)
-    denoising_end: float | None = None  # stop after this fraction (base before a refiner; default 0.8 then)
-    sizes: SizeConditioning = field(default_factory=SizeConditioning)  # SDXL micro-conditioning
-    output_type: str = "pil"  # "pil" (images + array) or "latent" (no VAE decode)
-    refiner: Pipeline | None = None  # SDXL refiner continuing this request's latents
-    prompt_weighting: bool = False  # read the "(word:1.3)" emphasis syntax in prompts (A1111 style)
 
 
 @dataclass
@@ -117,47 +90,6 @@ def _json(obj: Any) -> str:
     import json
 
     return json.dumps(obj, sort_keys=True, default=str)
-
-
-@dataclass
-class ResolvedRequest:
-    """A validated request with every default filled in."""
-
-    prompts: list[str]
-    negative: list[str] | str | None
-    steps: int
-    guidance: float
-    sampler: str | None  # the user's choice; None: each stage's scheduler config's own sampler
-    height: int
-    width: int
-    seed: int
-    num_images_per_prompt: int
-    mode: str  # txt2img | img2img | inpaint | continue
-    strength: float | None
-    denoising_start: float | None
-    denoising_end: float | None
-    sizes: SizeConditioning
-    image: Image.Image | None = None
-    mask: Image.Image | None = None
-    latents: torch.Tensor | None = None
-    guidance_rescale: float = 0.0
-    prompt_weighting: bool = False
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompts) * self.num_images_per_prompt
-
-    def settings(self, pipe: Pipeline) -> dict[str, Any]:
-        es = pipe.engines
-        return {
-            "family": es.spec.name, "model": es.source.get("model"), "backend": es.backend, "mode": self.mode,
-            "prompts": self.prompts, "negative_prompt": self.negative, "steps": self.steps,
-            "guidance": self.guidance, "sampler": self.sampler, "height": self.height, "width": self.width,
-            "seed": self.seed, "num_images_per_prompt": self.num_images_per_prompt, "strength": self.strength,
-            "denoising_start": self.denoising_start, "denoising_end": self.denoising_end,
-            "sizes": asdict(self.sizes) if es.spec.time_ids.width else None,
-            "guidance_rescale": self.guidance_rescale, "prompt_weighting": self.prompt_weighting,
-        }
 
 
 class Pipeline:
@@ -188,144 +120,15 @@ class Pipeline:
 
     def resolve(self, request: GenerationRequest) -> tuple[ResolvedRequest, list[str]]:
         """Validate a request and fill in defaults; returns the settings and notes for the user."""
-        spec, notes = self.spec, []
-        check_request(request)
-        prompts = as_list(request.prompt)
-        guidance = spec.sampling.guidance if request.guidance is None else float(request.guidance)
-        if not math.isfinite(guidance) or guidance < 0:
-            raise InvalidRequest(f"guidance must be >= 0 (0 or 1 disables classifier-free guidance), got {guidance}")
-        sampler = None if request.sampler is None else parse_sampler(request.sampler).value
-        if request.num_images_per_prompt < 1:
-            raise InvalidRequest(f"num_images_per_prompt must be >= 1, got {request.num_images_per_prompt}")
-        image = load_image(request.image, "init image") if request.image is not None else None
-        mask = load_image(request.mask, "mask") if request.mask is not None else None
-        mode = self._mode(image, mask, request.latents)
-        if mode == "continue" and request.denoising_start is None:
-            raise InvalidRequest("latents continue a partly denoised run: give denoising_start (the fraction "
-                                 "already denoised, e.g. the base's denoising_end)")
-        strength = self._strength(request.strength, mode)
-        steps = self._steps(request.steps, strength)
-        check_fraction("denoising_start", request.denoising_start)
-        check_fraction("denoising_end", request.denoising_end)
-        height, width = self._size(request, image, request.latents, notes)
-        if mask is not None and image is not None and mask.size != image.size:
-            raise InvalidRequest(f"the mask is {mask.size[1]}x{mask.size[0]} (HxW) but the image is "
-                                 f"{image.size[1]}x{image.size[0]}; give a mask of the image's size")
-        if image is not None and (image.size[1], image.size[0]) != (height, width) and not notes:
-            notes.append(f"resized the {image.size[1]}x{image.size[0]} init image to {height}x{width} (HxW)")
-        seed = random.SystemRandom().randrange(2**32) if request.seed is None else int(request.seed)
-        if not 0 <= seed < 2**64:
-            raise InvalidRequest(f"seed must be in [0, 2^64), got {seed}")
-        negative = request.negative_prompt
-        settings = ResolvedRequest(prompts, negative, steps, guidance, sampler, height, width, seed,
-                                   int(request.num_images_per_prompt), mode, strength, request.denoising_start,
-                                   request.denoising_end, request.sizes, image, mask, request.latents,
-                                   _guidance_rescale(request.guidance_rescale), bool(request.prompt_weighting))
-        self._check_batch(settings)
-        return settings, notes
-
-    def _mode(self, image: Image.Image | None, mask: Image.Image | None, latents: torch.Tensor | None) -> str:
-        if latents is not None:
-            if image is not None or mask is not None:
-                raise InvalidRequest("give either latents or an init image, not both")
-            return "continue"
-        if self.spec.is_inpaint:
-            if image is None or mask is None:
-                raise InvalidRequest(f"{self.spec.name} is an inpainting model: give an init image and a mask")
-            return "inpaint"
-        if mask is not None:
-            raise InvalidRequest(f"a mask needs an inpainting model (9-channel UNet, e.g. sd1-inpaint); "
-                                 f"{self.spec.name} is not one")
-        return "img2img" if image is not None else "txt2img"
-
-    @staticmethod
-    def _strength(strength: float | None, mode: str) -> float | None:
-        if mode in ("txt2img", "continue"):
-            if strength is not None:
-                raise InvalidRequest("strength applies to img2img and inpainting; give an init image")
-            return None
-        value = (1.0 if mode == "inpaint" else DEFAULT_IMG2IMG_STRENGTH) if strength is None else float(strength)
-        if not 0 < value <= 1:
-            raise InvalidRequest(f"strength must be in (0, 1], got {value}")
-        return value
-
-    def _steps(self, steps: int | None, strength: float | None) -> int:
-        minimum = self.spec.min_turbo_steps_x_strength or 1.0
-        if steps is None:
-            steps = self.spec.sampling.steps
-            if strength is not None and int(steps * strength) < 1:  # Turbo img2img: enough steps for one to run
-                steps = math.ceil(minimum / strength)
-        if int(steps) != steps or steps < 1:
-            raise InvalidRequest(f"steps must be a whole number >= 1, got {steps}")
-        steps = int(steps)
-        if strength is not None and int(steps * strength) < 1:
-            raise InvalidRequest(f"steps x strength must be at least 1 so that one denoising step runs "
-                                 f"(got {steps} x {strength} = {steps * strength:g}); with Turbo use e.g. "
-                                 f"--steps {math.ceil(1 / strength)} --strength {strength}")
-        return steps
-
-    def _size(self, request: GenerationRequest, image: Image.Image | None, latents: torch.Tensor | None,
-              notes: list[str]) -> tuple[int, int]:
-        """(height, width) in pixels: explicit if the engines cover it, else the nearest bucket (noted)."""
-        f = self.engines.vae_scale_factor
-        if latents is not None:
-            return int(latents.shape[-2]) * f, int(latents.shape[-1]) * f
-        if (request.width is None) != (request.height is None):
-            raise InvalidRequest("give both width and height, or an aspect ratio")
-        if request.width is not None and request.height is not None:
-            if request.aspect is not None:
-                raise InvalidRequest("give either width and height or an aspect ratio, not both")
-            size = (int(request.height), int(request.width))
-            check_multiple(size, PIXEL_MULTIPLE, self.pixel_ranges())
-            return self._covered(size, notes)
-        if request.aspect is not None:
-            bucket = nearest_bucket((1000, round(1000 * parse_aspect(request.aspect))), self._buckets())
-            notes.append(f"aspect {request.aspect} -> bucket {format_size(bucket)} (HxW)")
-            return bucket
-        if image is not None:
-            size = (image.size[1], image.size[0])
-            if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
-                valid = nearest_valid(size, PIXEL_MULTIPLE, self.pixel_ranges())[0]
-                notes.append(f"resized the {format_size(size)} init image to {format_size(valid)} (HxW; sides must "
-                             f"be multiples of {PIXEL_MULTIPLE})")
-                size = valid
-            return self._covered(size, notes)
-        return self._covered(self.spec.native_size, notes)
+        return resolve(request, self.engines)
 
     def pixel_ranges(self) -> SideRanges:
         """((min, max) height, (min, max) width) in pixels that every engine takes."""
-        (lo_h, hi_h), (lo_w, hi_w) = self.engines.latent_range()
-        f = self.engines.vae_scale_factor
-        return (lo_h * f, hi_h * f), (lo_w * f, hi_w * f)
-
-    def _buckets(self) -> list[tuple[int, int]]:
-        """The family's buckets the engines cover."""
-        covered = [b for b in self.spec.buckets if self._covers(b)]
-        if not covered:
-            (lo_h, hi_h), (lo_w, hi_w) = self.engines.latent_range()
-            f = self.engines.vae_scale_factor
-            raise UnsupportedShape(f"the engines in {self.engines.folder} cover {lo_h * f}-{hi_h * f} x "
-                                   f"{lo_w * f}-{hi_w * f} px (HxW), none of the {self.spec.name} buckets")
-        return covered
+        return pixel_ranges(self.engines)
 
     def _covers(self, size: tuple[int, int]) -> bool:
-        f = self.engines.vae_scale_factor
-        return self.engines.covers(size[0] // f, size[1] // f)
-
-    def _covered(self, size: tuple[int, int], notes: list[str]) -> tuple[int, int]:
-        if self._covers(size):
-            return size
-        bucket = nearest_bucket(size, self._buckets())
-        notes.append(f"snapped {format_size(size)} to bucket {format_size(bucket)} (HxW): the engines do not "
-                     "cover the requested size")
-        return bucket
-
-    def _check_batch(self, s: ResolvedRequest) -> None:
-        unet = self.engines["unet"].io.dims.get("unet_batch")
-        rows = s.batch * (2 if needs_cfg(s.guidance) and not self._guidance_embedded() else 1)
-        if unet is not None and rows > unet.max:
-            raise InvalidRequest(f"{s.batch} images{' with guidance' if rows > s.batch else ''} need a UNet batch of "
-                                 f"{rows}; the engines take at most {unet.max}: generate fewer images per call")
+        """Whether every engine takes images of `size` (height, width) pixels."""
+        return covers(self.engines, size)
 
     # ------------------------------------------------------------------ memory
 
@@ -349,12 +152,12 @@ class Pipeline:
     def check(self, request: GenerationRequest) -> None:
         """Raise what `generate` would raise for a bad request or one beyond memory, without doing any work."""
         settings, _ = self.resolve(request)
-        self.check_memory(settings, request.refiner or self.refiner, decode=request.output_type != "latent")
+        self.check_memory(settings, request.refiner or self.refiner, decode=settings.output_type is OutputType.PIL)
 
     def check_memory(self, s: ResolvedRequest, refiner: Pipeline | None = None, decode: bool = True) -> None:
         """TooLarge before any work when the request needs more memory than is available, with the estimate
         and the largest size of the same aspect that fits."""
-        cfg = needs_cfg(s.guidance)
+        cfg = runs_cfg(self.spec, self.engines["unet"].io, s.guidance)
         pipes = [self] if refiner is None else [self, refiner]
 
         def need(h: int, w: int) -> dict[str, int]:
@@ -395,7 +198,8 @@ class Pipeline:
         settings, notes = self.resolve(request)
         if refiner is not None and settings.denoising_end is None:
             settings.denoising_end = DEFAULT_REFINER_SWITCH
-        self.check_memory(settings, refiner, decode=request.output_type != "latent")
+        decode = settings.output_type is OutputType.PIL
+        self.check_memory(settings, refiner, decode=decode)
         noise = SeededNoise(settings.seed, self.device)
         timer = StageTimer(self.device)
         with timer.stage("total"):
@@ -405,11 +209,11 @@ class Pipeline:
                 pipe = refiner
                 latents, refiner_sampler = refiner.refine(settings, latents, noise, timer, callback)
             array = None
-            if request.output_type != "latent":
+            if decode:
                 with timer.prefixed("refiner_" if pipe is refiner else ""):
                     array = tensor_to_float(pipe.decode(latents, timer))
         images = float_to_pil(array) if array is not None else []
-        result_settings = settings.settings(self) | {"sampler": sampler}
+        result_settings = settings.settings(self.engines) | {"sampler": sampler}
         if refiner is not None:
             result_settings["refiner"] = refiner.engines.source.get("model")
             result_settings["refiner_sampler"] = refiner_sampler
@@ -424,7 +228,7 @@ class Pipeline:
 
         Returns (latents, the sampler that ran): the user's sampler, else the refiner's own scheduler's.
         """
-        settings = replace(base, mode="continue", strength=None, denoising_start=base.denoising_end,
+        settings = replace(base, mode=Mode.CONTINUE, strength=None, denoising_start=base.denoising_end,
                            denoising_end=None, image=None, mask=None, latents=latents)
         with timer.prefixed("refiner_"):
             return self.denoise(settings, noise, timer, callback)
@@ -436,13 +240,8 @@ class Pipeline:
         Returns (latents, the sampler that ran: `s.sampler`, else this model's scheduler config's own).
         """
         es = self.engines
-        cfg = needs_cfg(s.guidance)
-        windows = context_windows(es["unet"].io)
-        cond = encode_prompts(self.spec, es, es.tokenizers, s.prompts, s.negative,
-                              cfg=cfg and not self._guidance_embedded(),
-                              num_images_per_prompt=s.num_images_per_prompt,
-                              zero_empty_negative=es.force_zeros_for_empty_prompt, timer=timer,
-                              weighting=s.prompt_weighting, max_windows=windows[1] if windows else None)
+        cfg = runs_cfg(self.spec, es["unet"].io, s.guidance)
+        text = self._encode_prompts(s, cfg, timer) if self.spec.text_encoders else None
         fixes = self.spec.pipeline_fixes_scheduler
         if fixes:
             for note in pipeline_fixes(es.scheduler_config)[1]:
@@ -450,28 +249,38 @@ class Pipeline:
         plan = plan_from_scheduler_config(es.scheduler_config, s.sampler, s.steps, strength=s.strength,
                                           denoising_start=s.denoising_start, denoising_end=s.denoising_end,
                                           pipeline_fixes_scheduler=fixes)
-        x, extra = self._initial(s, plan, noise, timer, cfg)
-        model = self._unet_model(cond, s, cfg, extra, timer)
+        shape = self.latent_shape(s.batch, s.height, s.width)
+        x, images = self._initial(s, plan, noise, timer, shape)
+        info = es.dims.extra if es.dims else {}
+        model = self._unet_model(FeedContext(s, cfg, info, text, shape, self.device, images=images), timer)
         return plan.run(model, x, noise, callback=_step_callback(callback, plan)), plan.sampler.value
 
+    def _encode_prompts(self, s: ResolvedRequest, cfg: bool, timer: StageTimer) -> TextConditioning:
+        """The prompts' text conditioning (negatives too when `cfg`), in at most the windows the UNet takes."""
+        es = self.engines
+        windows = context_windows(es["unet"].io)
+        return encode_prompts(self.spec, es, es.tokenizers, s.prompts, s.negative, cfg=cfg,
+                              num_images_per_prompt=s.num_images_per_prompt,
+                              zero_empty_negative=es.force_zeros_for_empty_prompt, timer=timer,
+                              weighting=s.prompt_weighting, max_windows=windows[1] if windows else None)
+
     def _initial(self, s: ResolvedRequest, plan: Any, noise: SeededNoise, timer: StageTimer,
-                 cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(initial latents, extra UNet input channels or None), drawing noise in diffusers' order."""
-        shape = self.latent_shape(s.batch, s.height, s.width)
-        if s.mode == "continue":
+                 shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(initial latents, encoded images for the UNet's concatenated pieces), drawing noise in diffusers' order."""
+        if s.mode is Mode.CONTINUE:
             assert s.latents is not None
-            return s.latents.to(self.device, torch.float32), None
-        if s.mode == "txt2img":
-            return plan.initial_latents(noise(shape)), None
+            return s.latents.to(self.device, torch.float32), {}
+        if s.mode is Mode.TXT2IMG:
+            return plan.initial_latents(noise(shape)), {}
         assert s.image is not None
         pixels = image_to_tensor(s.image, s.height, s.width).to(self.device)
-        if s.mode == "img2img":
+        if s.mode is Mode.IMG2IMG:
             image_latents = self.encode(pixels, noise, timer).expand(shape)
-            return plan.noised(image_latents, noise(shape)), None
-        return self._inpaint_initial(s, plan, noise, timer, cfg, pixels, shape)
+            return plan.noised(image_latents, noise(shape)), {}
+        return self._inpaint_initial(s, plan, noise, timer, pixels, shape)
 
-    def _inpaint_initial(self, s: ResolvedRequest, plan: Any, noise: SeededNoise, timer: StageTimer, cfg: bool,
-                         pixels: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inpaint_initial(self, s: ResolvedRequest, plan: Any, noise: SeededNoise, timer: StageTimer,
+                         pixels: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """StableDiffusionInpaintPipeline's order: [image latents], noise, masked-image latents."""
         assert s.mask is not None and s.strength is not None
         full = s.strength >= 1.0
@@ -479,10 +288,8 @@ class Pipeline:
         start = noise(shape)
         x = plan.initial_latents(start) if image_latents is None else plan.noised(image_latents, start)
         mask = mask_to_tensor(s.mask, s.height, s.width).to(self.device)  # (1, 1, H, W), 1 = repaint
-        masked = self.encode(pixels * (mask < 0.5), noise, timer)
-        small = torch.nn.functional.interpolate(mask, size=shape[-2:])  # nearest, as diffusers
-        extra = torch.cat([small.expand(shape[0], -1, -1, -1), masked.expand(shape)], dim=1)
-        return x, torch.cat([extra, extra]) if cfg else extra
+        masked = self.encode(pixels * (mask < 0.5), noise, timer)  # (1, C, h, w)
+        return x, {MASK.name: mask, MASKED_IMAGE_LATENTS.name: masked}
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """The shape of `batch` latents for height x width pixels, read from the decoder's IO spec."""
@@ -490,29 +297,15 @@ class Pipeline:
         sizes = {"batch": batch, "latent_height": height // f, "latent_width": width // f}
         return shape_of(self.engines["vae_decoder"].io.input(LATENT), sizes)
 
-    def _unet_model(self, cond: TextConditioning, s: ResolvedRequest, cfg: bool, extra: torch.Tensor | None,
-                    timer: StageTimer) -> Model:
+    def _unet_model(self, ctx: FeedContext, timer: StageTimer) -> Model:
         """The model the sampler calls: (x * c_in, t) -> eps / v, one UNet call per step (CFG doubled).
 
-        An LCM-distilled UNet (`timestep_cond` input) takes the guidance scale as an embedding and runs
-        no CFG batch, as diffusers' LatentConsistencyModelPipeline does.
+        The feed comes from the family's declared conditioning inputs and concatenated pieces
+        (`latentrt.runtime.providers`); an LCM-distilled UNet embeds the guidance scale and runs no CFG batch.
         """
         engine = self.engines["unet"]
-        cfg = cfg and not self._guidance_embedded()
-        context, pooled = cond.unet_batch(cfg)
-        static: dict[str, torch.Tensor] = {ENCODER_HIDDEN_STATES: context}
-        if pooled is not None:
-            static[TEXT_EMBEDS] = pooled
-        if self._guidance_embedded():
-            width = engine.io.input(TIMESTEP_COND).shape[-1]
-            assert isinstance(width, int)
-            static[TIMESTEP_COND] = guidance_embedding(s.guidance, width, context.shape[0])
-        kind = self.spec.time_ids
-        if kind.width:
-            pos, neg = time_ids(kind, (s.height, s.width), s.sizes, img2img=s.mode != "txt2img")
-            n = cond.context.shape[0]
-            static[TIME_IDS] = torch.cat([neg.expand(n, -1), pos.expand(n, -1)]) if cfg else pos.expand(n, -1)
-        static = {k: v.to(engine.device) for k, v in static.items()}
+        static = {k: v.to(engine.device) for k, v in conditioning_feed(self.spec, engine.io, ctx).items()}
+        extra = concat_channels(self.spec, ctx)  # (rows, channels, h, w) or None
 
         def unet(x: torch.Tensor, t: float) -> torch.Tensor:
             sample = x if extra is None else torch.cat([x, extra], dim=1)
@@ -522,11 +315,7 @@ class Pipeline:
                 out = engine.run(feed)[OUT_SAMPLE]
             return out.to(x.device)
 
-        return guided(unet, s.guidance, s.guidance_rescale) if cfg else unet
-
-    def _guidance_embedded(self) -> bool:
-        """Whether the UNet takes the guidance scale as an input (LCM) instead of running a CFG batch."""
-        return TIMESTEP_COND in self.engines["unet"].io.input_names
+        return guided(unet, ctx.request.guidance, ctx.request.guidance_rescale) if ctx.cfg else unet
 
     # ------------------------------------------------------------------ VAE
 
@@ -561,68 +350,6 @@ def _step_callback(callback: ProgressCallback | None, plan: Any) -> Callable[[in
         callback(i + 1, total)
 
     return on_step
-
-
-INT_FIELDS = ("steps", "width", "height", "seed", "num_images_per_prompt")
-NUMBER_FIELDS = ("guidance", "strength", "denoising_start", "denoising_end", "guidance_rescale")
-
-
-def request_from_kwargs(kwargs: dict[str, Any]) -> GenerationRequest:
-    """A GenerationRequest from keyword settings; InvalidRequest naming unknown or missing ones."""
-    unknown = set(kwargs) - set(GenerationRequest.__dataclass_fields__)
-    if unknown:
-        raise InvalidRequest(f"unknown generation setting(s) {', '.join(sorted(unknown))}")
-    if kwargs.get("prompt") is None:
-        raise InvalidRequest("a generation request needs a prompt: a string or a list of strings")
-    return GenerationRequest(**kwargs)
-
-
-def check_request(request: Any) -> None:
-    """InvalidRequest unless `request` is a GenerationRequest whose settings have the right types."""
-    if not isinstance(request, GenerationRequest):
-        raise InvalidRequest(f"expected a GenerationRequest (or prompt=... keywords), got {type(request).__name__}")
-    if request.prompt is None or not isinstance(request.prompt, (str, list, tuple)):
-        raise InvalidRequest("prompt must be a string or a non-empty list of strings, got "
-                             f"{type(request.prompt).__name__}")
-    for name in INT_FIELDS:
-        value = getattr(request, name)
-        whole = isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer())
-        if value is not None and (isinstance(value, bool) or not whole):
-            raise InvalidRequest(f"{name} must be a whole number, got {value!r}")
-    for name in NUMBER_FIELDS:  # ranges (and NaN) are checked where each setting is resolved
-        value = getattr(request, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.number))):
-            raise InvalidRequest(f"{name} must be a number, got {value!r}")
-    if request.aspect is not None and not isinstance(request.aspect, (str, int, float)):
-        raise InvalidRequest(f"aspect must be a ratio like '16:9' or a number, got {request.aspect!r}")
-    if request.num_images_per_prompt is None:
-        raise InvalidRequest("num_images_per_prompt must be a whole number >= 1, got None")
-    if request.prompt_weighting is not None and not isinstance(request.prompt_weighting, (bool, np.bool_)):
-        raise InvalidRequest(f"prompt_weighting must be True or False, got {request.prompt_weighting!r}")
-
-
-def _guidance_rescale(value: float | None) -> float:
-    """A guidance_rescale in [0, 1], None: 0 (off) (Lin et al. 2023 recommend 0.7 with zero-SNR schedules)."""
-    rescale = float(value or 0.0)
-    if not 0.0 <= rescale <= 1.0:  # also false for NaN
-        raise InvalidRequest(f"guidance_rescale must be in [0, 1] (0: off; 0.7 is the paper's choice), got {value}")
-    return rescale
-
-
-def parse_aspect(aspect: str | float) -> float:
-    """Width / height from '16:9', '16/9', '1.78' or a number."""
-    if isinstance(aspect, (int, float)):
-        value = float(aspect)
-    else:
-        text = aspect.strip().replace("/", ":")
-        try:
-            w, _, h = text.partition(":")
-            value = float(w) / float(h) if h else float(w)
-        except (ValueError, ZeroDivisionError):
-            raise InvalidRequest(f"cannot read aspect ratio {aspect!r}; write it like 16:9") from None
-    if not math.isfinite(value) or value <= 0:
-        raise InvalidRequest(f"aspect ratio must be positive, got {aspect!r}")
-    return value
 
 
 # ---------------------------------------------------------------------------- API
