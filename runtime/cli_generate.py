@@ -102,7 +102,7 @@ def checked_output_paths(output: str, count: int) -> list[Path]:
 
 def request_from_args(args: argparse.Namespace) -> Any:
     from latentrt.errors import InvalidRequest
-    from latentrt.runtime.pipeline import GenerationRequest
+    from latentrt.runtime.request import GenerationRequest
 
     if args.batch < 1:
         raise InvalidRequest(f"--batch must be >= 1, got {args.batch}")

@@ -82,11 +82,7 @@ def _encode_batch(engine: Engine, ids: torch.Tensor, timer: StageTimer | None) -
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, ids.shape[0], limit):
         chunk = ids[start:start + limit].to(engine.device)
-        if timer is None:
-            parts.append(engine.run({INPUT_IDS: chunk}))
-            continue
-        with timer.stage(engine.component):
-            parts.append(engine.run({INPUT_IDS: chunk}))
+        parts.append(engine.run({INPUT_IDS: chunk}, timer))
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 

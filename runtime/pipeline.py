@@ -311,8 +311,7 @@ class Pipeline:
             sample = x if extra is None else torch.cat([x, extra], dim=1)
             feed = {SAMPLE: sample.to(engine.device),
                     TIMESTEP: torch.full((x.shape[0],), t, dtype=torch.float32, device=engine.device), **static}
-            with timer.stage("unet"):
-                out = engine.run(feed)[OUT_SAMPLE]
+            out = engine.run(feed, timer)[OUT_SAMPLE]
             return out.to(x.device)
 
         return guided(unet, ctx.request.guidance, ctx.request.guidance_rescale) if ctx.cfg else unet
@@ -322,8 +321,7 @@ class Pipeline:
     def encode(self, pixels: torch.Tensor, noise: SeededNoise, timer: StageTimer) -> torch.Tensor:
         """Scaled latents of images in [-1, 1]: a posterior sample (mean + std * noise) as diffusers draws it."""
         engine = self.engines["vae_encoder"]
-        with timer.stage("vae_encoder"):
-            params = engine.run({IMAGES: pixels.to(engine.device)})[LATENT_PARAMETERS].to(self.device)
+        params = engine.run({IMAGES: pixels.to(engine.device)}, timer)[LATENT_PARAMETERS].to(self.device)
         mean, logvar = params.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         sample = mean + std * noise(tuple(mean.shape)).to(mean)
@@ -336,8 +334,7 @@ class Pipeline:
         limit = engine.io.dims["batch"].max if "batch" in engine.io.dims else z.shape[0]
         out = []
         for start in range(0, z.shape[0], limit):
-            with timer.stage("vae_decoder"):
-                out.append(engine.run({LATENT: z[start:start + limit].to(engine.device)})[IMAGES].to(self.device))
+            out.append(engine.run({LATENT: z[start:start + limit].to(engine.device)}, timer)[IMAGES].to(self.device))
         return torch.cat(out)
 
 

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .pipeline import Pipeline
 
 DEFAULT_IMG2IMG_STRENGTH = 0.8
-PIXEL_MULTIPLE = 64  # SD UNets need latent sides that are multiples of 8 (FIELD-NOTES)
+PIXEL_MULTIPLE = 64  # SD UNets need latent sides that are multiples of 8 (3 downsamplings of the f=8 latents)
 INT_FIELDS = ("steps", "width", "height", "seed", "num_images_per_prompt")
 NUMBER_FIELDS = ("guidance", "strength", "denoising_start", "denoising_end", "guidance_rescale")
 
