@@ -52,6 +52,13 @@ from latentrt.reference.models import (
 )
 from latentrt.reference.wrappers import wrap
 from latentrt.tensors import (
+    DIM_BATCH,
+    DIM_LATENT_HEIGHT,
+    DIM_LATENT_WIDTH,
+    DIM_SEQUENCE,
+    DIM_TOKENS,
+    DIM_UNET_BATCH,
+    INPUT_IDS,
     ComponentIO,
     Sizes,
     describe_shape,
@@ -68,7 +75,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 EXTERNAL_DATA_MB = 1800.0  # protobuf cannot serialize >= 2 GiB: larger models keep weights in DATA_FILE
 DYNAMO_MIN_OPSET = 18  # the dynamo exporter's opset 17 graphs are rejected by ONNX Runtime (Split num_outputs)
-EXPORT_SIZES = {"batch": 2, "unet_batch": 2, "latent_height": 8, "latent_width": 8}  # tracing example (batch >= 2)
+EXPORT_SIZES = {DIM_BATCH: 2, DIM_UNET_BATCH: 2, DIM_LATENT_HEIGHT: 8, DIM_LATENT_WIDTH: 8}  # tracing (batch >= 2)
 BOS_ID, EOS_ID = 49406, 49407
 
 
@@ -77,26 +84,30 @@ TOLERANCE = Tolerance(atol=1e-4, rtol=1e-4)  # fp32 ONNX Runtime against fp32 Py
 
 def parity_sizes(io: ComponentIO) -> list[dict[str, int]]:
     """The shapes parity is checked at: batch 1 and 2, square and non-square latents, longer context."""
-    if "tokens" in io.dims:
-        t = io.dims["tokens"].max
-        return [{"batch": 1, "tokens": t}, {"batch": 2, "tokens": t}, {"batch": 2, "tokens": min(t, 20)}]
-    if "unet_batch" in io.dims:
-        seq = io.dims["sequence"].min
-        return [{"unet_batch": 1, "latent_height": 16, "latent_width": 16, "sequence": seq},
-                {"unet_batch": 2, "latent_height": 16, "latent_width": 24, "sequence": 2 * seq}]
-    return [{"batch": 1, "latent_height": 16, "latent_width": 16}, {"batch": 2, "latent_height": 24, "latent_width": 16}]
+    if DIM_TOKENS in io.dims:
+        t = io.dims[DIM_TOKENS].max
+        return [{DIM_BATCH: 1, DIM_TOKENS: t}, {DIM_BATCH: 2, DIM_TOKENS: t}, {DIM_BATCH: 2, DIM_TOKENS: min(t, 20)}]
+    if DIM_UNET_BATCH in io.dims:
+        sizes = [{DIM_UNET_BATCH: 1, DIM_LATENT_HEIGHT: 16, DIM_LATENT_WIDTH: 16},
+                 {DIM_UNET_BATCH: 2, DIM_LATENT_HEIGHT: 16, DIM_LATENT_WIDTH: 24}]
+        if DIM_SEQUENCE in io.dims:  # a cross-attention context: one prompt window, then two
+            seq = io.dims[DIM_SEQUENCE].min
+            sizes[0][DIM_SEQUENCE], sizes[1][DIM_SEQUENCE] = seq, 2 * seq
+        return sizes
+    return [{DIM_BATCH: 1, DIM_LATENT_HEIGHT: 16, DIM_LATENT_WIDTH: 16},
+            {DIM_BATCH: 2, DIM_LATENT_HEIGHT: 24, DIM_LATENT_WIDTH: 16}]
 
 
 def example_feed(io: ComponentIO, sizes: Sizes, seed: int) -> dict[str, np.ndarray]:
     """Random inputs; token ids look like real prompts (BOS, words, EOS, padding) so CLIP pools at EOS."""
     feed = dummy_inputs(io, sizes, seed=seed)
-    if "input_ids" in feed:
-        ids = feed["input_ids"] % 49000
+    if INPUT_IDS in feed:
+        ids = feed[INPUT_IDS] % 49000
         rng = np.random.default_rng(seed)
         for row in ids:
             end = int(rng.integers(1, row.shape[0])) if row.shape[0] > 1 else 0
             row[0], row[end:] = BOS_ID, EOS_ID
-        feed["input_ids"] = ids
+        feed[INPUT_IDS] = ids
     return feed
 
 

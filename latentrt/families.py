@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
+from . import names
 from .buckets import SDXL_BUCKETS, Size, scaled_buckets
 from .errors import UnknownFamily
 
@@ -43,6 +45,11 @@ class TextTower(str, Enum):
     CLIP_L = "clip-vit-l-14"  # OpenAI CLIP ViT-L/14 (quick_gelu): SD 1.x, SDXL encoder 1
     OPENCLIP_H = "openclip-vit-h-14"  # OpenCLIP ViT-H/14 (gelu): SD 2.x, SD-Turbo
     OPENCLIP_BIGG = "openclip-vit-bigg-14"  # OpenCLIP ViT-bigG/14 (gelu): SDXL encoder 2, refiner
+
+    @property
+    def hidden_act(self) -> str:
+        """The activation its transformers config names (`hidden_act`): how a checkpoint tells the towers apart."""
+        return "quick_gelu" if self is TextTower.CLIP_L else "gelu"
 
 
 class TimeIds(str, Enum):
@@ -130,13 +137,17 @@ class AutoencoderSpec:
     scaling_factor: float = 0.18215
 
 
+ADDED_COND_KWARGS = "added_cond_kwargs"  # diffusers UNet keyword holding SDXL's added conditions
+
+
 @dataclass(frozen=True)
 class ConditioningInput:
     """One conditioning input the denoiser declares: an ONNX input of the UNet, passed to diffusers by keyword.
 
     `width` is the feature width per row: a number, the name of a `ModelDims` field read from the
-    checkpoint (e.g. "context_dim"), or None for one value per row (class labels). `provider` names
-    the runtime function that builds the tensor for a request (runtime/providers.py).
+    checkpoint (e.g. "context_dim"), or None for one value per row (class labels). `high` bounds an
+    integer input's values to [0, high) the same way (a number or a `ModelDims` field). `provider`
+    names the runtime function that builds the tensor for a request (runtime/providers.py).
     """
 
     name: str  # the UNet's input tensor name (ONNX input, engine feed key)
@@ -146,6 +157,13 @@ class ConditioningInput:
     dtype: str = "float32"
     sequence: bool = False  # (rows, sequence, width): a cross-attention context of prompt windows
     optional: bool = False  # exported only when the checkpoint has it (its width field is non-zero)
+    high: int | str | None = None  # integer inputs: values lie in [0, high)
+
+    @property
+    def added_condition(self) -> str | None:
+        """The `added_cond_kwargs` key diffusers takes this input under (SDXL's text_embeds, time_ids), if any."""
+        head, _, key = self.keyword.partition(".")
+        return key if head == ADDED_COND_KWARGS and key else None
 
 
 @dataclass(frozen=True)
@@ -177,21 +195,27 @@ class DenoiserSpec:
     def conditioning_input(self, name: str) -> ConditioningInput | None:
         return next((c for c in self.conditioning if c.name == name), None)
 
+    @property
+    def added_conditions(self) -> tuple[str, ...]:
+        """The `added_cond_kwargs` keys the UNet takes (("text_embeds", "time_ids") for SDXL), in declared order."""
+        return tuple(key for c in self.conditioning if (key := c.added_condition) is not None)
+
 
 # The conditioning kinds the built-in families use; a new family may declare its own.
-CONTEXT = ConditioningInput("encoder_hidden_states", "encoder_hidden_states", "text_context", width="context_dim",
+CONTEXT = ConditioningInput(names.ENCODER_HIDDEN_STATES, "encoder_hidden_states", "text_context", width="context_dim",
                             sequence=True)
-POOLED = ConditioningInput("text_embeds", "added_cond_kwargs.text_embeds", "text_pooled", width="pooled_dim")
-TIME_IDS_SIZE_CROP_TARGET = ConditioningInput("time_ids", "added_cond_kwargs.time_ids", "time_ids_size_crop_target",
+POOLED = ConditioningInput(names.TEXT_EMBEDS, "added_cond_kwargs.text_embeds", "text_pooled", width="pooled_dim")
+TIME_IDS_SIZE_CROP_TARGET = ConditioningInput(names.TIME_IDS, "added_cond_kwargs.time_ids", "time_ids_size_crop_target",
                                               width=6)  # SDXL base: original (h, w), crop (y, x), target (h, w)
-TIME_IDS_SIZE_CROP_AESTHETIC = ConditioningInput("time_ids", "added_cond_kwargs.time_ids",
+TIME_IDS_SIZE_CROP_AESTHETIC = ConditioningInput(names.TIME_IDS, "added_cond_kwargs.time_ids",
                                                  "time_ids_size_crop_aesthetic",
                                                  width=5)  # SDXL refiner: original (h, w), crop (y, x), score
-GUIDANCE_EMBEDDING = ConditioningInput("timestep_cond", "timestep_cond", "guidance_embedding",
+GUIDANCE_EMBEDDING = ConditioningInput(names.TIMESTEP_COND, "timestep_cond", "guidance_embedding",
                                        width="time_cond_proj_dim", optional=True)  # LCM: w-embedding (config key)
-CLASS_LABEL = ConditioningInput("class_labels", "class_labels", "class_label", dtype="int64")
-MASK = ConcatInput("mask", 1, "inpaint_mask")  # 1 = repaint, at latent resolution
-MASKED_IMAGE_LATENTS = ConcatInput("masked_image_latents", "latent_channels", "masked_image_latents")
+CLASS_LABEL = ConditioningInput(names.CLASS_LABELS, "class_labels", "class_label", dtype="int64",
+                                high="num_class_embeds")  # one class per row, below the UNet's class count
+MASK = ConcatInput(names.MASK, 1, "inpaint_mask")  # 1 = repaint, at latent resolution
+MASKED_IMAGE_LATENTS = ConcatInput(names.MASKED_IMAGE_LATENTS, "latent_channels", "masked_image_latents")
 
 
 @dataclass(frozen=True)
@@ -213,6 +237,10 @@ class FamilySpec:
     # diffusers' StableDiffusion[Img2Img|Inpaint]Pipeline.__init__ rewrites the scheduler config it loads:
     # steps_offset != 1 -> 1 and clip_sample True -> False (SDXL pipelines do not)
     pipeline_fixes_scheduler: bool = False
+    # the diffusers pipeline class the family's checkpoints are saved as (model_index.json `_class_name`; tiny
+    # checkpoints are saved, single files read as it) and the pipeline settings its reference checkpoint has
+    pipeline_class: str = "StableDiffusionPipeline"
+    pipeline_options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def name(self) -> str:
@@ -291,6 +319,8 @@ _SD_INPAINT = DenoiserSpec(Prediction.EPS, (CONTEXT, GUIDANCE_EMBEDDING), (MASK,
 _XL_BASE = DenoiserSpec(Prediction.EPS, (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_TARGET, GUIDANCE_EMBEDDING))
 _XL_REFINER = DenoiserSpec(Prediction.EPS, (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_AESTHETIC, GUIDANCE_EMBEDDING))
 _XL_VAE = AutoencoderSpec(scaling_factor=0.13025)
+_INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
+_XL_PIPELINE = "StableDiffusionXLPipeline"
 
 # keyed by `spec.id`: FamilyId members are str enums, so FAMILIES["sd1"] finds FamilyId.SD1's spec
 FAMILIES: dict[FamilyId | str, FamilySpec] = {
@@ -300,7 +330,7 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
                    pipeline_fixes_scheduler=True,
                    reference_repo="stable-diffusion-v1-5/stable-diffusion-v1-5"),
         FamilySpec(FamilyId.SD1_INPAINT, "Stable Diffusion 1.5 inpainting", (_CLIP_L,), _SD_INPAINT,
-                   (512, 512), _B512, _SD_STEPS, pipeline_fixes_scheduler=True,
+                   (512, 512), _B512, _SD_STEPS, pipeline_fixes_scheduler=True, pipeline_class=_INPAINT_PIPELINE,
                    reference_repo="stable-diffusion-v1-5/stable-diffusion-inpainting"),
         FamilySpec(FamilyId.SD2, "Stable Diffusion 2.x base", (_OPENCLIP_H,), _SD_EPS, (512, 512),
                    _B512, _SD_STEPS, fp32_attention=True, pipeline_fixes_scheduler=True,
@@ -310,17 +340,18 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
                    reference_repo="stabilityai/stable-diffusion-2-1"),
         FamilySpec(FamilyId.SD2_INPAINT, "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), _SD_INPAINT,
                    (512, 512), _B512, _SD_STEPS, fp32_attention=True,
-                   pipeline_fixes_scheduler=True,
+                   pipeline_fixes_scheduler=True, pipeline_class=_INPAINT_PIPELINE,
                    reference_repo="stabilityai/stable-diffusion-2-inpainting"),
         FamilySpec(FamilyId.SDXL, "SDXL base", (_XL_L, _XL_G), _XL_BASE, (1024, 1024), SDXL_BUCKETS,
-                   _XL_STEPS, _XL_VAE, zero_negative_for_empty_prompt=True,
-                   fp16_vae_overflows=True, reference_repo="stabilityai/stable-diffusion-xl-base-1.0"),
+                   _XL_STEPS, _XL_VAE, zero_negative_for_empty_prompt=True, fp16_vae_overflows=True,
+                   pipeline_class=_XL_PIPELINE, reference_repo="stabilityai/stable-diffusion-xl-base-1.0"),
         FamilySpec(FamilyId.SDXL_REFINER, "SDXL refiner", (_XL_G,), _XL_REFINER, (1024, 1024), SDXL_BUCKETS,
-                   _XL_STEPS, _XL_VAE, fp16_vae_overflows=True,
+                   _XL_STEPS, _XL_VAE, fp16_vae_overflows=True, pipeline_class="StableDiffusionXLImg2ImgPipeline",
+                   pipeline_options=(("requires_aesthetics_score", True), ("force_zeros_for_empty_prompt", False)),
                    reference_repo="stabilityai/stable-diffusion-xl-refiner-1.0"),
         FamilySpec(FamilyId.SDXL_TURBO, "SDXL-Turbo", (_XL_L, _XL_G), _XL_BASE, (512, 512), _B512,
-                   _TURBO, _XL_VAE, min_turbo_steps_x_strength=1.0,
-                   fp16_vae_overflows=True, reference_repo="stabilityai/sdxl-turbo"),
+                   _TURBO, _XL_VAE, min_turbo_steps_x_strength=1.0, fp16_vae_overflows=True,
+                   pipeline_class=_XL_PIPELINE, reference_repo="stabilityai/sdxl-turbo"),
         FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), _SD_EPS, (512, 512), _B512, _TURBO,
                    min_turbo_steps_x_strength=1.0, fp32_attention=True, pipeline_fixes_scheduler=True,
                    reference_repo="stabilityai/sd-turbo"),

@@ -26,8 +26,9 @@ from typing import Any
 from .errors import StaleArtifact, UnknownFamily
 from .families import FamilySpec, get_family
 from .manifest import MANIFEST, ONNX_KIND
+from .names import CLASS_LABELS, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS
 from .paths import inside, relative_path
-from .tensors import DTYPES, ComponentIO, Dim, ModelDims, Scaled, component_ios, io_from_json
+from .tensors import DTYPES, ComponentIO, Dim, ModelDims, Scaled, component_ios, dims_value, io_from_json
 
 SEAL = "seal"
 # JSON types of the engine-entry fields the runtime reads (when present)
@@ -133,14 +134,23 @@ def _dims(check: _Check, spec: FamilySpec, raw: Any) -> ModelDims | None:
                          extra=dict(raw.get("extra", {})))
     except TypeError as e:
         raise check.fail(f"'model.dims' is incomplete ({e})") from None
-    problems = [f"{what} {have} != {want}" for what, have, want in (
-        ("text encoders", len(dims.text_hidden), len(spec.text_encoders)),
-        ("unet in_channels", dims.unet_in_channels, spec.unet_in_channels),
-        ("time ids", dims.time_ids, spec.time_ids.width),
-        ("pooled projection", dims.pooled_dim > 0, spec.has_pooled)) if have != want]
+    problems = structure_problems(spec, dims)
     check.require(not problems, f"family {spec.name} does not fit the model it describes ({'; '.join(problems)}; "
                                 "family edited?)")
     return dims
+
+
+def structure_problems(spec: FamilySpec, dims: ModelDims) -> list[str]:
+    """How recorded model widths contradict the family's structure ('unet in_channels 4 != 9'); empty if they fit."""
+    denoiser = spec.denoiser
+    time_ids = denoiser.conditioning_input(TIME_IDS)
+    return [f"{what} {have} != {want}" for what, have, want in (
+        ("text encoders", len(dims.text_hidden), len(spec.text_encoders)),
+        ("unet in_channels", dims.unet_in_channels, denoiser.in_channels(dims.latent_channels)),
+        ("time ids", dims.time_ids, dims_value(time_ids.width, dims) if time_ids is not None else 0),
+        ("pooled projection", dims.pooled_dim > 0, denoiser.takes(TEXT_EMBEDS)),
+        ("cross-attention context", dims.context_dim > 0, denoiser.takes(ENCODER_HIDDEN_STATES)),
+        ("class labels", dims.num_class_embeds > 0, denoiser.takes(CLASS_LABELS))) if have != want]
 
 
 def _component(check: _Check, folder: Path, name: str, entry: Any, expected: ComponentIO | None,
@@ -198,6 +208,8 @@ def _io(check: _Check, name: str, raw: Any) -> ComponentIO:
         for t in tensors:
             check.require(t.get("dtype") in DTYPES, f"{bad} ({t['name']}: dtype {t.get('dtype')!r} is not one of "
                                                    f"{', '.join(DTYPES)})")
+            check.require(t.get("high") is None or _is_int(t["high"], 1),
+                          f"{bad} ({t['name']}: 'high' should be a positive integer)")
             shape = t.get("shape")
             check.require(isinstance(shape, list) and all(_axis_ok(a) for a in shape),
                           f"{bad} ({t['name']}: shape should list sizes or dims with integer min <= opt <= max)")
@@ -222,8 +234,8 @@ def _axis_signature(axis: Any) -> Any:
 
 
 def signature(io: ComponentIO) -> tuple[Any, ...]:
-    """Names, dtypes and axes (sizes or dim names; not ranges, which builds narrow) of a component's tensors."""
-    return tuple(tuple((t.name, t.dtype, tuple(_axis_signature(a) for a in t.shape)) for t in side)
+    """Names, dtypes, axes (sizes or dim names; not ranges, which builds narrow) and integer bounds of its tensors."""
+    return tuple(tuple((t.name, t.dtype, tuple(_axis_signature(a) for a in t.shape), t.high) for t in side)
                  for side in (io.inputs, io.outputs))
 
 

@@ -14,7 +14,32 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsupportedShape
-from .families import FamilySpec
+from .families import AutoencoderKind, ConditioningInput, FamilySpec
+
+# Tensor and dim names are defined in latentrt/names.py; modules that import them from here keep working.
+from .names import CLASS_LABELS as CLASS_LABELS
+from .names import (
+    DIM_BATCH,
+    DIM_IMAGE_HEIGHT,
+    DIM_IMAGE_WIDTH,
+    DIM_LATENT_HEIGHT,
+    DIM_LATENT_WIDTH,
+    DIM_SEQUENCE,
+    DIM_TOKENS,
+    DIM_UNET_BATCH,
+    ENCODER_HIDDEN_STATES,
+    HIDDEN_STATES,
+    IMAGES,
+    INPUT_IDS,
+    LATENT,
+    LATENT_PARAMETERS,
+    OUT_SAMPLE,
+    SAMPLE,
+    TEXT_EMBEDS,
+    TIMESTEP,
+)
+from .names import TIME_IDS as TIME_IDS
+from .names import TIMESTEP_COND as TIMESTEP_COND
 
 
 @dataclass(frozen=True)
@@ -46,26 +71,12 @@ Bounds = Mapping[str, tuple[int, int, int]]  # base dim name -> (min, opt, max)
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32}
 
-# Tensor names, defined once (the exporters, the backends and the pipeline all use these).
-INPUT_IDS = "input_ids"  # text encoders: token ids in
-HIDDEN_STATES = "hidden_states"  # text encoders: the chosen hidden state out
-TEXT_EMBEDS = "text_embeds"  # pooled text projection (text encoder out, SDXL UNet in)
-SAMPLE = "sample"  # UNet: (scaled) noisy latents in
-TIMESTEP = "timestep"
-ENCODER_HIDDEN_STATES = "encoder_hidden_states"
-TIME_IDS = "time_ids"  # SDXL micro-conditioning
-TIMESTEP_COND = "timestep_cond"  # guidance-scale embedding of LCM-distilled UNets (config `time_cond_proj_dim`)
-OUT_SAMPLE = "out_sample"  # UNet: noise / v prediction out
-IMAGES = "images"  # VAE encoder in, VAE decoder out: pixels in [-1, 1]
-LATENT_PARAMETERS = "latent_parameters"  # VAE encoder out: posterior mean and log-variance
-LATENT = "latent"  # VAE decoder in
-
-
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # key of DTYPES
     shape: tuple[Axis, ...]
+    high: int | None = None  # integer inputs whose values lie in [0, high) (class labels); None: no recorded bound
 
     @property
     def dims(self) -> tuple[Dim, ...]:
@@ -155,14 +166,15 @@ def opt_sizes(io: ComponentIO) -> dict[str, int]:
 
 
 def dummy_inputs(io: ComponentIO, sizes: Sizes | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs of the right dtype and shape (token ids stay within `vocab` via `int_high`)."""
+    """Random inputs of the right dtype and shape (integers stay below the tensor's `high`, token ids below the vocab)."""
     rng = np.random.default_rng(seed)
     sizes = dict(opt_sizes(io), **(sizes or {}))
     feed: dict[str, np.ndarray] = {}
     for t in io.inputs:
         shape = shape_of(t, sizes)
         if t.dtype.startswith("int"):
-            feed[t.name] = rng.integers(0, INT_INPUT_HIGH.get(t.name, 1000), size=shape).astype(DTYPES[t.dtype])
+            high = t.high or INT_INPUT_HIGH.get(t.name, 1000)
+            feed[t.name] = rng.integers(0, high, size=shape).astype(DTYPES[t.dtype])
         elif t.name == TIMESTEP:
             feed[t.name] = rng.uniform(0, 999, size=shape).astype(DTYPES[t.dtype])
         else:
@@ -237,14 +249,14 @@ def describe_shape(t: TensorSpec) -> str:
 # ---------------------------------------------------------------------------- per-family IO
 
 
-BATCH = Dim("batch", 1, 1, 8)
-UNET_BATCH = Dim("unet_batch", 1, 2, 16)  # 2x batch with classifier-free guidance
-TOKENS = Dim("tokens", 1, 77, 77)
+BATCH = Dim(DIM_BATCH, 1, 1, 8)
+UNET_BATCH = Dim(DIM_UNET_BATCH, 1, 2, 16)  # 2x batch with classifier-free guidance
+TOKENS = Dim(DIM_TOKENS, 1, 77, 77)
 PROMPT_WINDOWS = 3  # prompt windows (75 tokens + BOS/EOS each) TensorRT profiles cover by default
 MAX_PROMPT_WINDOWS = 64  # windows an export (and so ONNX Runtime / PyTorch) accepts: any multiple of 77 up to 64
-SEQUENCE = Dim("sequence", 77, 77, MAX_PROMPT_WINDOWS * 77)  # UNet context length: 77 tokens per prompt window
-LATENT_H = Dim("latent_height", 8, 64, 256)  # image sides 64..2048 px at a VAE factor of 8
-LATENT_W = Dim("latent_width", 8, 64, 256)
+SEQUENCE = Dim(DIM_SEQUENCE, 77, 77, MAX_PROMPT_WINDOWS * 77)  # UNet context length: 77 tokens per prompt window
+LATENT_H = Dim(DIM_LATENT_HEIGHT, 8, 64, 256)  # image sides 64..2048 px at a VAE factor of 8
+LATENT_W = Dim(DIM_LATENT_WIDTH, 8, 64, 256)
 
 
 @dataclass(frozen=True)
@@ -260,42 +272,66 @@ class ModelDims:
     max_tokens: int = 77
     time_ids: int = 0
     time_cond_proj_dim: int = 0  # UNet config `time_cond_proj_dim` (LCM guidance embedding width; 0: none)
+    num_class_embeds: int = 0  # UNet config `num_class_embeds`: the class labels it embeds (0: none)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def dims_value(value: int | str | None, m: ModelDims) -> int | None:
+    """A spec's width or bound: a number, the `ModelDims` field it names (read from the checkpoint), or None."""
+    if value is None or isinstance(value, int):
+        return value
+    got = getattr(m, value)
+    assert isinstance(got, int) and not isinstance(got, bool), f"ModelDims.{value} is not an integer width"
+    return got
+
+
+def conditioning_tensor(c: ConditioningInput, m: ModelDims, seq: Dim) -> TensorSpec | None:
+    """The UNet input a declared conditioning input becomes (None: an optional one this checkpoint lacks)."""
+    width = dims_value(c.width, m)
+    if c.optional and not width:
+        return None
+    if width is None:
+        shape: tuple[Axis, ...] = (UNET_BATCH,)  # one value per row (class labels)
+    else:
+        shape = (UNET_BATCH, seq, width) if c.sequence else (UNET_BATCH, width)
+    return TensorSpec(c.name, c.dtype, shape, high=dims_value(c.high, m))
+
+
+def unet_io(spec: FamilySpec, m: ModelDims, seq: Dim, lh: Dim, lw: Dim) -> ComponentIO:
+    """sample, timestep, then every conditioning input the denoiser declares, in declared order -> out_sample."""
+    inputs = [TensorSpec(SAMPLE, "float32", (UNET_BATCH, spec.denoiser.in_channels(m.latent_channels), lh, lw)),
+              TensorSpec(TIMESTEP, "float32", (UNET_BATCH,))]
+    inputs += [t for c in spec.denoiser.conditioning if (t := conditioning_tensor(c, m, seq)) is not None]
+    return ComponentIO("unet", tuple(inputs), (TensorSpec(OUT_SAMPLE, "float32", (UNET_BATCH, m.latent_channels, lh, lw)),))
+
+
+def vae_ios(spec: FamilySpec, m: ModelDims, lh: Dim, lw: Dim) -> tuple[ComponentIO, ComponentIO]:
+    """The VAE encoder (KL: posterior mean and log-variance; VQ: latents before quantization) and decoder."""
+    f = m.vae_scale_factor
+    img = TensorSpec(IMAGES, "float32", (BATCH, 3, Scaled(DIM_IMAGE_HEIGHT, lh, f), Scaled(DIM_IMAGE_WIDTH, lw, f)))
+    latent = TensorSpec(LATENT, "float32", (BATCH, m.latent_channels, lh, lw))
+    if spec.autoencoder.kind is AutoencoderKind.VQ:
+        encoded = latent
+    else:
+        encoded = TensorSpec(LATENT_PARAMETERS, "float32", (BATCH, 2 * m.latent_channels, lh, lw))
+    return ComponentIO("vae_encoder", (img,), (encoded,)), ComponentIO("vae_decoder", (latent,), (img,))
+
+
 def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
-    """The IO of every component of a family, derived from its spec and checkpoint widths."""
+    """The IO of every component of a family, derived from its structure and the checkpoint's widths."""
     f = m.vae_scale_factor
     tokens = replace(TOKENS, opt=m.max_tokens, max=m.max_tokens)
     seq = replace(SEQUENCE, min=m.max_tokens, opt=m.max_tokens, max=MAX_PROMPT_WINDOWS * m.max_tokens)
     lh = replace(LATENT_H, opt=spec.native_size[0] // f, max=2048 // f)
     lw = replace(LATENT_W, opt=spec.native_size[1] // f, max=2048 // f)
-    img_h, img_w = Scaled("image_height", lh, f), Scaled("image_width", lw, f)
     ios: dict[str, ComponentIO] = {}
     for te, width in zip(spec.text_encoders, m.text_hidden):
         outs = [TensorSpec(HIDDEN_STATES, "float32", (BATCH, tokens, width))]
         if te.pooled:
             outs.append(TensorSpec(TEXT_EMBEDS, "float32", (BATCH, m.pooled_dim)))
         ios[te.component] = ComponentIO(te.component, (TensorSpec(INPUT_IDS, "int64", (BATCH, tokens)),), tuple(outs))
-    unet_in = [
-        TensorSpec(SAMPLE, "float32", (UNET_BATCH, m.unet_in_channels, lh, lw)),
-        TensorSpec(TIMESTEP, "float32", (UNET_BATCH,)),
-        TensorSpec(ENCODER_HIDDEN_STATES, "float32", (UNET_BATCH, seq, m.context_dim)),
-    ]
-    if spec.has_pooled:
-        unet_in.append(TensorSpec(TEXT_EMBEDS, "float32", (UNET_BATCH, m.pooled_dim)))
-    if spec.time_ids.width:
-        unet_in.append(TensorSpec(TIME_IDS, "float32", (UNET_BATCH, spec.time_ids.width)))
-    if m.time_cond_proj_dim:
-        unet_in.append(TensorSpec(TIMESTEP_COND, "float32", (UNET_BATCH, m.time_cond_proj_dim)))
-    ios["unet"] = ComponentIO("unet", tuple(unet_in),
-                              (TensorSpec(OUT_SAMPLE, "float32", (UNET_BATCH, m.latent_channels, lh, lw)),))
-    ios["vae_encoder"] = ComponentIO(
-        "vae_encoder", (TensorSpec(IMAGES, "float32", (BATCH, 3, img_h, img_w)),),
-        (TensorSpec(LATENT_PARAMETERS, "float32", (BATCH, 2 * m.latent_channels, lh, lw)),))
-    ios["vae_decoder"] = ComponentIO(
-        "vae_decoder", (TensorSpec(LATENT, "float32", (BATCH, m.latent_channels, lh, lw)),),
-        (TensorSpec(IMAGES, "float32", (BATCH, 3, img_h, img_w)),))
+    ios["unet"] = unet_io(spec, m, seq, lh, lw)
+    ios["vae_encoder"], ios["vae_decoder"] = vae_ios(spec, m, lh, lw)
     return {c: ios[c] for c in spec.components}
 
 
@@ -322,13 +358,14 @@ def _axis_from_json(d: Any) -> Axis:
 
 def io_to_json(io: ComponentIO) -> dict[str, Any]:
     def t(x: TensorSpec) -> dict[str, Any]:
-        return {"name": x.name, "dtype": x.dtype, "shape": [_axis_to_json(a) for a in x.shape]}
+        out = {"name": x.name, "dtype": x.dtype, "shape": [_axis_to_json(a) for a in x.shape]}
+        return out if x.high is None else {**out, "high": x.high}  # recorded only where set: older IO stays as it was
 
     return {"component": io.component, "inputs": [t(x) for x in io.inputs], "outputs": [t(x) for x in io.outputs]}
 
 
 def io_from_json(d: Mapping[str, Any]) -> ComponentIO:
     def t(x: Mapping[str, Any]) -> TensorSpec:
-        return TensorSpec(x["name"], x["dtype"], tuple(_axis_from_json(a) for a in x["shape"]))
+        return TensorSpec(x["name"], x["dtype"], tuple(_axis_from_json(a) for a in x["shape"]), x.get("high"))
 
     return ComponentIO(d["component"], tuple(t(x) for x in d["inputs"]), tuple(t(x) for x in d["outputs"]))

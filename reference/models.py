@@ -18,11 +18,13 @@ from typing import Any
 import torch
 
 from latentrt.configs import check_scheduler_config, config_int, config_ints
-from latentrt.errors import CheckpointError, InvalidRequest, UnknownFamily
-from latentrt.families import FamilyId, FamilySpec, Prediction, Spacing, TimeIds, get_family
+from latentrt.errors import CheckpointError, InvalidRequest
+from latentrt.families import FAMILIES, FamilySpec, Prediction, Spacing, get_family
 from latentrt.manifest import sha256_tree
+from latentrt.names import ENCODER_HIDDEN_STATES, TIME_IDS
 from latentrt.tensors import ComponentIO, ModelDims, component_ios
 
+from .structure import CheckpointFacts, match_family, mismatches
 from .tiny import tiny_folder
 
 log = logging.getLogger(__name__)
@@ -92,37 +94,57 @@ def part_config(folder: Path, part: str) -> dict[str, Any]:
     return read_json(folder / part / name, part)
 
 
+def text_parts() -> tuple[str, ...]:
+    """The text encoder components any registered family has ('text_encoder', 'text_encoder_2')."""
+    return tuple(sorted({te.component for s in FAMILIES.values() for te in s.text_encoders}))
+
+
+def _int(config: dict[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(config: dict[str, Any], key: str, default: str | None = None) -> str | None:
+    value = config.get(key, default)
+    return value if isinstance(value, str) else None if value is None else repr(value)
+
+
+def unet_cross_attention(unet: dict[str, Any]) -> bool:
+    """Whether any UNet block attends to a context (diffusers' defaults where the config omits the block types)."""
+    blocks = [*(unet.get("down_block_types") or ("CrossAttnDownBlock2D",)),
+              *(unet.get("up_block_types") or ("CrossAttnUpBlock2D",)),
+              unet.get("mid_block_type", "UNetMidBlock2DCrossAttn")]
+    return any(isinstance(b, str) and "CrossAttn" in b for b in blocks)
+
+
+def folder_facts(folder: Path, index: dict[str, Any]) -> CheckpointFacts:
+    """The structural facts of a diffusers folder, read from its configs (no weights)."""
+    unet, vae, sched = (part_config(folder, p) for p in ("unet", "vae", "scheduler"))
+    texts = {c: part_config(folder, c) for c in text_parts() if _present(index, folder, c)}
+    pooled = frozenset(c for c in texts if str(index[c][1]).endswith("WithProjection"))
+    return CheckpointFacts(
+        text_encoders={c: str(cfg.get("hidden_act")) for c, cfg in texts.items()},
+        unet_in_channels=config_int(unet, "in_channels", str(folder / "unet" / "config.json")),
+        latent_channels=_int(vae, "latent_channels") or 4, unet_out_channels=_int(unet, "out_channels"),
+        cross_attention=unet_cross_attention(unet), context_dim=_int(unet, "cross_attention_dim"),
+        text_hidden={c: h for c, cfg in texts.items() if (h := _int(cfg, "hidden_size")) is not None},
+        pooled_encoders=pooled, pooled_dim=next((_int(texts[c], "projection_dim") or 0 for c in sorted(pooled)), 0),
+        num_class_embeds=_int(unet, "num_class_embeds") or 0, class_embed_type=_str(unet, "class_embed_type"),
+        addition_embed_type=_str(unet, "addition_embed_type"),
+        addition_input_dim=_int(unet, "projection_class_embeddings_input_dim"),
+        addition_time_embed_dim=_int(unet, "addition_time_embed_dim"),
+        autoencoder=str(index["vae"][1]),
+        prediction=_str(sched, "prediction_type", Prediction.EPS.value),
+        spacing=_str(sched, "timestep_spacing", Spacing.LEADING.value),
+        pipeline_options={k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)},
+    )
+
+
 def detect_family(folder: str | Path) -> FamilySpec:
-    """The family of a diffusers folder, read from its configs (no weights are loaded)."""
+    """The registered family whose structure a diffusers folder's configs fit (no weights are loaded)."""
     folder = Path(folder)
     index = model_index(folder)
-    unet = part_config(folder, "unet")
-    sched = part_config(folder, "scheduler")
-    in_ch = config_int(unet, "in_channels", str(folder / "unet" / "config.json"))
-    trailing = sched.get("timestep_spacing") == Spacing.TRAILING.value
-    v_pred = sched.get("prediction_type") == Prediction.V.value
-    has_te1, has_te2 = _present(index, folder, "text_encoder"), _present(index, folder, "text_encoder_2")
-    where = f"{folder} ({index['_class_name']}, unet in_channels={in_ch})"
-    if has_te2 or "XL" in index["_class_name"]:
-        if in_ch != 4:
-            raise UnknownFamily(f"{where}: SDXL-type UNets with {in_ch} input channels are not supported")
-        if index.get("requires_aesthetics_score") or not has_te1:
-            return get_family(FamilyId.SDXL_REFINER)
-        return get_family(FamilyId.SDXL_TURBO if trailing else FamilyId.SDXL)
-    if not has_te1:
-        raise UnknownFamily(f"{where}: no text_encoder; unconditional / class-conditional models are not supported")
-    act = part_config(folder, "text_encoder").get("hidden_act")
-    if act == "quick_gelu" and not v_pred:  # OpenAI CLIP-L: SD 1.x
-        family = {4: FamilyId.SD1, 9: FamilyId.SD1_INPAINT}.get(in_ch)  # type: ignore[arg-type]
-    elif act == "gelu":  # OpenCLIP ViT-H: SD 2.x
-        base = FamilyId.SD2_V if v_pred else FamilyId.SD_TURBO if trailing else FamilyId.SD2
-        family = {4: base, 9: FamilyId.SD2_INPAINT}.get(in_ch)  # type: ignore[arg-type]
-    else:
-        family = None
-    if family is None:
-        raise UnknownFamily(f"{where}: text encoder hidden_act={act!r}, prediction_type="
-                            f"{sched.get('prediction_type')!r} matches no supported family; pass --family to choose one")
-    return get_family(family)
+    return match_family(folder_facts(folder, index), f"{folder} ({index['_class_name']})")
 
 
 def unet_attention(unet: dict[str, Any]) -> list[int] | None:
@@ -148,23 +170,27 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
                    for te, c, w in zip(spec.text_encoders, tes, te_where) if te.pooled), 0)
     vae_blocks = config_ints(vae, "block_out_channels", vae_where, [0])
     unet_blocks = config_ints(unet, "block_out_channels", unet_where, [320])
+    time_ids = spec.denoiser.conditioning_input(TIME_IDS)
+
+    def optional_int(key: str) -> int:  # 0 when the config has no such embedding
+        return config_int(unet, key, unet_where, 0, minimum=0) if unet.get(key) is not None else 0
+
     dims = ModelDims(
         text_hidden=tuple(config_int(c, "hidden_size", w) for c, w in zip(tes, te_where)), pooled_dim=int(pooled),
-        context_dim=config_int(unet, "cross_attention_dim", unet_where),
+        context_dim=config_int(unet, "cross_attention_dim", unet_where)
+        if spec.denoiser.takes(ENCODER_HIDDEN_STATES) else 0,
         unet_in_channels=config_int(unet, "in_channels", unet_where),
         latent_channels=config_int(vae, "latent_channels", vae_where, 4),
         vae_scale_factor=2 ** (len(vae_blocks) - 1),
         max_tokens=config_int(tes[0], "max_position_embeddings", te_where[0], 77) if tes else 77,
-        time_ids=spec.time_ids.width,
-        time_cond_proj_dim=config_int(unet, "time_cond_proj_dim", unet_where, 0, minimum=0) if unet.get("time_cond_proj_dim") else 0,
+        time_ids=time_ids.width if time_ids is not None and isinstance(time_ids.width, int) else 0,
+        time_cond_proj_dim=optional_int("time_cond_proj_dim"), num_class_embeds=optional_int("num_class_embeds"),
         extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim"),
                "unet_attention": unet_attention(unet), "unet_channels": unet_blocks[0], "vae_channels": vae_blocks[0]},
     )
-    problems = []
-    if dims.unet_in_channels != spec.unet_in_channels:
-        problems.append(f"unet in_channels {dims.unet_in_channels} != {spec.unet_in_channels}")
-    if dims.context_dim != sum(dims.text_hidden):
-        problems.append(f"unet cross_attention_dim {dims.context_dim} != text width {sum(dims.text_hidden)}")
+    problems = mismatches(spec, folder_facts(folder, model_index(folder)), towers=False)
+    problems += [f"{c.name} needs a non-zero {c.width}" for c in spec.denoiser.conditioning
+                 if isinstance(c.width, str) and not c.optional and not getattr(dims, c.width)]
     if problems:
         raise CheckpointError(f"{folder} does not fit family {spec.name}: {'; '.join(problems)}")
     return dims
@@ -172,8 +198,10 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
 
 def runtime_info(spec: FamilySpec, folder: Path, index: dict[str, Any], sched: dict[str, Any]) -> dict[str, Any]:
     """JSON-able facts the runtime needs, read from the checkpoint's configs."""
-    vae = part_config(folder, "vae")
+    vae, unet = part_config(folder, "vae"), part_config(folder, "unet")
+    classes = _int(unet, "num_class_embeds")  # class-conditional UNets: the runtime checks requested labels
     return {
+        **({"num_class_embeds": classes} if classes else {}),
         "pipeline_class": index["_class_name"],
         "vae_scaling_factor": float(vae.get("scaling_factor", spec.vae_scaling_factor)),
         "vae_shift_factor": vae.get("shift_factor"),
@@ -187,15 +215,6 @@ def runtime_info(spec: FamilySpec, folder: Path, index: dict[str, Any], sched: d
 def checkpoint_sha256(folder: Path) -> str:
     """Hash of the files a LatentRT export reads (model_index.json and the used parts' folders)."""
     return sha256_tree(folder, include=lambda rel: rel.parts[0] in HASHED_PARTS)
-
-
-def pipeline_class_name(spec: FamilySpec) -> str:
-    """The diffusers pipeline class of a family (tiny checkpoints are saved as it, single files read as it)."""
-    if spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC:
-        return "StableDiffusionXLImg2ImgPipeline"
-    if spec.has_pooled:
-        return "StableDiffusionXLPipeline"
-    return "StableDiffusionInpaintPipeline" if spec.is_inpaint else "StableDiffusionPipeline"
 
 
 # ---------------------------------------------------------------------------- loading

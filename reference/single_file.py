@@ -38,9 +38,9 @@ from .models import (
     detect_family,
     load_checkpoint,
     looks_like_hub_id,
-    pipeline_class_name,
     quiet_progress,
 )
+from .structure import CheckpointFacts, mismatches, nearest_mismatch
 from .tiny import cache_root
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,16 @@ MAX_HEADER_BYTES = 100 * 2**20
 
 UNET = "model.diffusion_model."
 UNET_IN = UNET + "input_blocks.0.0.weight"
-# the key prefix of a file's last text tower -> what it says and the towers the file holds
-TEXT_GROUPS: tuple[tuple[str, str, tuple[TextTower, ...]], ...] = (
-    ("conditioner.embedders.1.model.", "SDXL base (CLIP-L + OpenCLIP bigG)", (TextTower.CLIP_L, TextTower.OPENCLIP_BIGG)),
-    ("conditioner.embedders.0.model.", "SDXL refiner (OpenCLIP bigG)", (TextTower.OPENCLIP_BIGG,)),
-    ("cond_stage_model.transformer.", "SD 1.x (CLIP-L)", (TextTower.CLIP_L,)),
-    ("cond_stage_model.model.", "SD 2.x (OpenCLIP ViT-H)", (TextTower.OPENCLIP_H,)),
+UNET_OUT = UNET + "out.2.weight"
+UNET_CLASS_EMBEDDING = UNET + "label_emb.weight"  # nn.Embedding(num_classes, time_embed_dim): class labels
+UNET_ADDITION = UNET + "label_emb.0.0.weight"  # SDXL's ADM: Linear(adm_in_channels, time_embed_dim)
+# the key prefix of a file's last text tower -> what it says and the tower each diffusers text encoder is
+TEXT_GROUPS: tuple[tuple[str, str, dict[str, TextTower]], ...] = (
+    ("conditioner.embedders.1.model.", "SDXL base (CLIP-L + OpenCLIP bigG)",
+     {"text_encoder": TextTower.CLIP_L, "text_encoder_2": TextTower.OPENCLIP_BIGG}),
+    ("conditioner.embedders.0.model.", "SDXL refiner (OpenCLIP bigG)", {"text_encoder_2": TextTower.OPENCLIP_BIGG}),
+    ("cond_stage_model.transformer.", "SD 1.x (CLIP-L)", {"text_encoder": TextTower.CLIP_L}),
+    ("cond_stage_model.model.", "SD 2.x (OpenCLIP ViT-H)", {"text_encoder": TextTower.OPENCLIP_H}),
 )
 # where each diffusers text encoder sits in an original-layout file
 TEXT_HOLDERS = {"text_encoder": ("cond_stage_model.", "conditioner.embedders.0.transformer."),
@@ -89,6 +93,17 @@ class SingleFile:
     def unet_in_channels(self) -> int | None:
         shape = self.shapes.get(UNET_IN)
         return shape[1] if shape and len(shape) == 4 else None
+
+    def facts(self, text_encoders: dict[str, TextTower] | None) -> CheckpointFacts:
+        """The structural facts the tensor names and shapes tell (widths of the configs are not known here)."""
+        out, labels, adm = (self.shapes.get(k) for k in (UNET_OUT, UNET_CLASS_EMBEDDING, UNET_ADDITION))
+        return CheckpointFacts(
+            text_encoders={c: t.value for c, t in text_encoders.items()} if text_encoders is not None else None,
+            unet_in_channels=self.unet_in_channels, unet_out_channels=out[0] if out and len(out) == 4 else None,
+            cross_attention=any(k.startswith(UNET) and ".attn2." in k for k in self.shapes),
+            num_class_embeds=labels[0] if labels and len(labels) == 2 else 0,
+            addition_embed_type="text_time" if adm else None,  # the original layout's ADM is SDXL's
+            addition_input_dim=adm[1] if adm and len(adm) == 2 else None)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -185,17 +200,15 @@ class FamilyChoice:
 
 
 def candidate_families(sf: SingleFile) -> tuple[str, tuple[FamilyId | str, ...]]:
-    """What the file's keys say: a description and the families they allow (usual one first)."""
+    """What the file's keys say: a description and the registered families they fit (usual one first)."""
     in_ch = sf.unet_in_channels
-    for prefix, what, towers in TEXT_GROUPS:
-        if sf.has(prefix):
-            desc = f"{what}, UNet in_channels={in_ch}"
-            fits = tuple(s.id for s in FAMILIES.values()  # registry order: the usual family first
-                         if tuple(te.tower for te in s.text_encoders) == towers and s.unet_in_channels == in_ch)
-            if not fits:
-                raise UnknownFamily(f"{sf.path} holds {desc}: no supported family has that UNet input")
-            return desc, fits
-    return f"no known text encoder, UNet in_channels={in_ch}", ()
+    what, towers = next(((w, t) for prefix, w, t in TEXT_GROUPS if sf.has(prefix)), ("no known text encoder", {}))
+    desc = f"{what}, UNet in_channels={in_ch}"
+    facts = sf.facts(towers)
+    fits = tuple(s.id for s in FAMILIES.values() if not mismatches(s, facts))  # registry order: the usual one first
+    if fits or not towers:  # unknown text encoders: only --family / --config can tell
+        return desc, fits
+    raise UnknownFamily(f"{sf.path} holds {desc}: no supported family has that structure ({nearest_mismatch(facts)})")
 
 
 def choose_family(sf: SingleFile, config: Path | None, family: str | None) -> FamilyChoice:
@@ -305,7 +318,7 @@ def convert_single_file(path: str | Path, *, config: str | Path | None = None,
         check_checkpoint(local)  # its configs and tokenizers are read: no symlink out of it
     choice = choose_family(sf, local if local is not None and local.is_dir() else None, family)
     check_parts(sf, choice.spec)
-    pipeline = pipeline_class_name(choice.spec)
+    pipeline = choice.spec.pipeline_class
     sha256 = file_sha256(sf.path)
     if config is None and (done := previous_conversion(sha256, pipeline)) is not None:
         log.info("reusing the conversion of %s in %s", sf.path, done)

@@ -17,15 +17,18 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from latentrt.families import FamilySpec, Prediction, TextTower, TimeIds, get_family
+from latentrt.families import AutoencoderKind, FamilySpec, Prediction, TextTower, get_family
 from latentrt.manifest import staging_dir
+from latentrt.names import CLASS_LABELS, ENCODER_HIDDEN_STATES, TIME_IDS
 
+from .structure import ADDITION_KEYS, AUTOENCODER_CLASSES
 from .tokenizers import EOS, save_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -111,25 +114,66 @@ def make_text_encoder(t: TinyText, pooled: bool, pad_id: int, seed: int) -> torc
     return _jitter(model, seed)
 
 
+@dataclass(frozen=True)
+class TinyUNetLayout:
+    """Where a two-level tiny UNet attends, after the real model's layout (SDXL has no attention at full resolution)."""
+
+    attention_level: int = 0  # 0: the first (full-resolution) level attends (SD 1.x / 2.x), 1: the second (SDXL)
+    transformer_layers_per_block: tuple[int, ...] | None = None
+
+
+_XL_LAYOUT = TinyUNetLayout(attention_level=1, transformer_layers_per_block=(1, 2))
+UNET_LAYOUTS: dict[str, TinyUNetLayout] = {"sdxl": _XL_LAYOUT, "sdxl-turbo": _XL_LAYOUT, "sdxl-refiner": _XL_LAYOUT}
+TINY_CLASSES = 10  # num_class_embeds of a class-conditional tiny UNet whose family does not fix the count
+
+
+def _blocks(attends: bool, level: int, kind: str) -> tuple[str, str]:
+    """("CrossAttnDownBlock2D", "DownBlock2D")-style block types of a two-level UNet (up blocks mirror down)."""
+    blocks = [f"{kind}Block2D", f"{kind}Block2D"]
+    if attends:
+        blocks[level if kind == "Down" else 1 - level] = f"CrossAttn{kind}Block2D"
+    return blocks[0], blocks[1]
+
+
 def unet_config(spec: FamilySpec, context_dim: int, pooled_dim: int) -> dict[str, Any]:
-    """A two-level UNet2DConditionModel config with the family's structural features."""
-    xl = spec.has_pooled
+    """A two-level UNet2DConditionModel config with the structure the family declares (and its real layout)."""
+    denoiser = spec.denoiser
+    layout = UNET_LAYOUTS.get(spec.name, TinyUNetLayout())
+    context = denoiser.takes(ENCODER_HIDDEN_STATES)
     cfg: dict[str, Any] = dict(
         sample_size=spec.native_size[0] // spec.vae_scale_factor,
-        in_channels=spec.unet_in_channels, out_channels=spec.latent_channels,
-        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-        cross_attention_dim=context_dim, attention_head_dim=(2, 4),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D") if xl else ("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D") if xl else ("UpBlock2D", "CrossAttnUpBlock2D"),
+        in_channels=denoiser.in_channels(spec.latent_channels), out_channels=spec.latent_channels,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=(2, 4),
+        down_block_types=_blocks(context, layout.attention_level, "Down"),
+        up_block_types=_blocks(context, layout.attention_level, "Up"),
         # SD 1.x UNets (CLIP-L context only) project attention with 1x1 convs, SD 2 and SDXL with linear layers
         use_linear_projection=any(te.tower is not TextTower.CLIP_L for te in spec.text_encoders),
         upcast_attention=spec.prediction is Prediction.V,
     )
-    if xl:
-        cfg.update(transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
-                   addition_time_embed_dim=TIME_EMBED_DIM,
-                   projection_class_embeddings_input_dim=pooled_dim + spec.time_ids.width * TIME_EMBED_DIM)
+    if context:
+        cfg.update(cross_attention_dim=context_dim)
+    else:  # no cross-attention anywhere: the mid block attends to itself only
+        cfg.update(mid_block_type="UNetMidBlock2D")
+    if layout.transformer_layers_per_block is not None:
+        cfg.update(transformer_layers_per_block=layout.transformer_layers_per_block)
+    if denoiser.added_conditions:
+        cfg.update(_addition_config(spec, pooled_dim))
+    labels = denoiser.conditioning_input(CLASS_LABELS)
+    if labels is not None:
+        cfg.update(num_class_embeds=labels.high if isinstance(labels.high, int) else TINY_CLASSES)
     return cfg
+
+
+def _addition_config(spec: FamilySpec, pooled_dim: int) -> dict[str, Any]:
+    """The addition embedding that reads the family's added conditions (SDXL's text_time: pooled text + time ids)."""
+    added = set(spec.denoiser.added_conditions)
+    kind = next((k for k, keys in ADDITION_KEYS.items() if k is not None and set(keys) == added), None)
+    if kind is None:
+        raise ValueError(f"no diffusers addition embedding reads {', '.join(sorted(added))} (family {spec.name})")
+    ids = spec.denoiser.conditioning_input(TIME_IDS)
+    width = ids.width if ids is not None and isinstance(ids.width, int) else 0
+    return dict(addition_embed_type=kind, addition_time_embed_dim=TIME_EMBED_DIM,
+                projection_class_embeddings_input_dim=pooled_dim + width * TIME_EMBED_DIM)
 
 
 def make_unet(spec: FamilySpec, context_dim: int, pooled_dim: int, seed: int,
@@ -140,17 +184,31 @@ def make_unet(spec: FamilySpec, context_dim: int, pooled_dim: int, seed: int,
     return _jitter(UNet2DConditionModel(**unet_config(spec, context_dim, pooled_dim), **(overrides or {})), seed)
 
 
+VAE_CHANNELS = (16, 32, 32, 32)  # block_out_channels of the tiny VAE at a factor of 8 (fewer levels for less)
+VQ_CODEBOOK = 64  # num_vq_embeddings of a tiny VQ autoencoder
+
+
+def vae_config(spec: FamilySpec) -> dict[str, Any]:
+    """A small autoencoder config of the family's kind and downsampling factor."""
+    levels = spec.vae_scale_factor.bit_length()  # factor 2 ** (levels - 1)
+    channels = (VAE_CHANNELS + (VAE_CHANNELS[-1],) * levels)[:levels]
+    config: dict[str, Any] = dict(
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=channels, layers_per_block=1, norm_num_groups=8,
+        latent_channels=spec.latent_channels, sample_size=spec.native_size[0],
+        scaling_factor=spec.vae_scaling_factor, force_upcast=spec.fp16_vae_overflows,
+    )
+    if spec.autoencoder.kind is AutoencoderKind.VQ:
+        config.update(num_vq_embeddings=VQ_CODEBOOK, vq_embed_dim=spec.latent_channels)
+    return config
+
+
 def make_vae(spec: FamilySpec, seed: int) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
+    import diffusers
 
     torch.manual_seed(seed)
-    config: dict[str, Any] = dict(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
-        latent_channels=spec.latent_channels, sample_size=spec.native_size[0],
-        scaling_factor=spec.vae_scaling_factor, force_upcast=spec.has_pooled,
-    )
-    return _jitter(AutoencoderKL(**config), seed)
+    cls = getattr(diffusers, AUTOENCODER_CLASSES[spec.autoencoder.kind])
+    return _jitter(cls(**vae_config(spec)), seed)
 
 
 def make_scheduler(spec: FamilySpec, variant: TinyVariant | None = None) -> Any:
@@ -197,8 +255,7 @@ def make_tiny(family: str, folder: Path) -> Path:
     from .models import quiet_progress
 
     with quiet_progress():
-        _pipeline(spec, parts, variant.pipeline_class if variant else None).save_pretrained(
-            str(folder), safe_serialization=True)
+        _save_pipeline(spec, parts, folder, variant.pipeline_class if variant else None)
     shutil.rmtree(folder / ".tmp", ignore_errors=True)
     if variant is None:  # distilled releases ship their own scheduler's config
         _add_released_scheduler_keys(folder / "scheduler" / "scheduler_config.json")
@@ -225,17 +282,33 @@ def _tokenizer(folder: Path, pad_token: str) -> Any:
     return CLIPTokenizer.from_pretrained(str(save_clip_tokenizer(folder, pad_token)))
 
 
-def _pipeline(spec: FamilySpec, parts: dict[str, Any], class_name: str | None = None) -> Any:
-    """The diffusers pipeline object that owns these parts (its class goes into model_index.json)."""
+def _save_pipeline(spec: FamilySpec, parts: dict[str, Any], folder: Path, class_name: str | None = None) -> None:
+    """Save the parts as a diffusers pipeline folder, through the pipeline class the family is saved as.
+
+    A family whose pipeline class does not take these parts (`DiffusionPipeline`: no dedicated diffusers
+    pipeline) gets the generic pipeline's model_index.json and each part saved by its own `save_pretrained`.
+    """
     import diffusers
 
-    from .models import pipeline_class_name
-
-    cls = getattr(diffusers, class_name or pipeline_class_name(spec))
+    cls = getattr(diffusers, class_name or spec.pipeline_class)
     params = inspect.signature(cls.__init__).parameters
+    if set(parts) <= params.keys():
+        _pipeline(spec, cls, params, parts).save_pretrained(str(folder), safe_serialization=True)
+        return
+    generic = diffusers.DiffusionPipeline()
+    generic.register_modules(**parts)
+    for name, part in parts.items():
+        weights = {"safe_serialization": True} if isinstance(part, torch.nn.Module) else {}
+        cast(Any, part).save_pretrained(str(folder / name), **weights)
+    generic.save_config(str(folder))  # model_index.json: the generic class and each part's library and class
+
+
+def _pipeline(spec: FamilySpec, cls: Any, params: Mapping[str, inspect.Parameter], parts: dict[str, Any]) -> Any:
+    """The diffusers pipeline object that owns these parts (its class goes into model_index.json)."""
     extra: dict[str, Any] = {k: None for k in ("safety_checker", "feature_extractor") if k in params}
     extra.update({k: False for k in ("requires_safety_checker", "add_watermarker") if k in params})
-    if spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC:  # the refiner: OpenCLIP bigG only, aesthetic-score time ids
-        extra.update(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
-                     force_zeros_for_empty_prompt=False)
+    # parts the pipeline requires but the family does not have (the refiner's first text encoder)
+    extra.update({k: None for k, p in params.items() if k != "self" and p.default is inspect.Parameter.empty
+                  and p.kind is p.POSITIONAL_OR_KEYWORD and k not in parts and k not in extra})
+    extra.update(dict(spec.pipeline_options))
     return cls(**extra, **parts)

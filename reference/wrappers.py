@@ -5,7 +5,8 @@ text encoders give `last_hidden_state` (SD 1.x / 2.x) or `hidden_states[-2]` wit
 layer norm (SDXL), plus `text_embeds` for the pooled encoder; the UNet gives the noise / v
 prediction; the VAE decoder decodes unscaled latents (the runtime divides by the scaling factor);
 the VAE encoder returns the Gaussian's raw parameters (mean and logvar on channels, diffusers'
-`latent_dist.parameters`, logvar not yet clamped), so sampling stays outside the graph.
+`latent_dist.parameters`, logvar not yet clamped), so sampling stays outside the graph. A VQ
+autoencoder's decoder quantizes inside the graph, its encoder returns the latents before quantization.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from latentrt.families import HiddenState, TextEncoderSpec
-from latentrt.tensors import TEXT_EMBEDS, TIME_IDS, TIMESTEP_COND
+from latentrt.families import AutoencoderKind, DenoiserSpec, HiddenState, TextEncoderSpec
+from latentrt.names import ENCODER_HIDDEN_STATES, SAMPLE, TIMESTEP
 
 if TYPE_CHECKING:
     from .models import LoadedModel
-
-ADDED_COND = (TEXT_EMBEDS, TIME_IDS)  # UNet inputs diffusers takes in `added_cond_kwargs` (SDXL)
 
 
 class TextEncoderWrapper(nn.Module):
@@ -40,28 +39,44 @@ class TextEncoderWrapper(nn.Module):
         return (hidden, out.text_embeds) if self.pooled else (hidden,)
 
 
-class UNetWrapper(nn.Module):
-    """sample, timestep, encoder_hidden_states [, text_embeds, time_ids] [, timestep_cond] -> out_sample.
+def unet_keywords(denoiser: DenoiserSpec, input_names: Sequence[str]) -> tuple[str, ...]:
+    """The diffusers keyword of each UNet input after sample and timestep, from the denoiser's declarations."""
+    assert tuple(input_names[:2]) == (SAMPLE, TIMESTEP), f"UNet inputs start with {input_names[:2]}"
+    keywords = []
+    for name in input_names[2:]:
+        c = denoiser.conditioning_input(name)
+        assert c is not None, f"UNet input {name!r} is not a conditioning input the denoiser declares"
+        keywords.append(c.keyword)
+    return tuple(keywords)
 
-    Inputs after the first three are passed to diffusers' `UNet2DConditionModel.forward` by name:
-    `text_embeds` / `time_ids` inside `added_cond_kwargs` (SDXL), `timestep_cond` as itself (LCM).
+
+def unet_kwargs(keywords: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """diffusers `UNet2DConditionModel.forward` keyword arguments: "a.b" keywords nest into dict `a` (added_cond_kwargs)."""
+    kwargs: dict[str, Any] = {ENCODER_HIDDEN_STATES: None}  # no cross-attention context unless declared
+    for keyword, x in zip(keywords, tensors, strict=True):
+        head, _, key = keyword.partition(".")
+        if key:
+            kwargs.setdefault(head, {})[key] = x
+        else:
+            kwargs[keyword] = x
+    return kwargs
+
+
+class UNetWrapper(nn.Module):
+    """sample, timestep, *conditioning -> out_sample.
+
+    Every input after sample and timestep goes to diffusers' `UNet2DConditionModel.forward` by the
+    keyword its `ConditioningInput` declares (never by position): `encoder_hidden_states`,
+    `text_embeds` / `time_ids` inside `added_cond_kwargs` (SDXL), `timestep_cond` (LCM), `class_labels`.
     """
 
-    def __init__(self, unet: nn.Module, input_names: Sequence[str]):
+    def __init__(self, unet: nn.Module, denoiser: DenoiserSpec, input_names: Sequence[str]):
         super().__init__()
         self.unet: Any = unet  # diffusers UNet2DConditionModel
-        self.extra = tuple(input_names[3:])
-        unknown = set(self.extra) - set(ADDED_COND) - {TIMESTEP_COND}
-        assert not unknown, f"UNet inputs with no diffusers keyword: {unknown}"
+        self.keywords = unet_keywords(denoiser, input_names)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                *extra: torch.Tensor) -> tuple[torch.Tensor]:
-        named = dict(zip(self.extra, extra))
-        kwargs: dict[str, Any] = {"timestep_cond": named[TIMESTEP_COND]} if TIMESTEP_COND in named else {}
-        added = {k: v for k, v in named.items() if k in ADDED_COND}
-        if added:
-            kwargs["added_cond_kwargs"] = added
-        return (self.unet(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0],)
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditioning: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.unet(sample, timestep, return_dict=False, **unet_kwargs(self.keywords, conditioning))[0],)
 
 
 class VaeDecoderWrapper(nn.Module):
@@ -86,15 +101,46 @@ class VaeEncoderWrapper(nn.Module):
         return (self.vae.encode(images, return_dict=True).latent_dist.parameters,)
 
 
+class VqDecoderWrapper(nn.Module):
+    """latent (already divided by the scaling factor) -> images in [-1, 1]; quantizes to the codebook in the graph.
+
+    diffusers' `VQModel.decode` (as LDMPipeline calls it): nearest codebook entry, post-quant conv, decoder.
+    """
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae: Any = vae  # diffusers VQModel
+
+    def forward(self, latent: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.decode(latent, force_not_quantize=False, return_dict=False)[0],)
+
+
+class VqEncoderWrapper(nn.Module):
+    """images in [-1, 1] -> latent (diffusers' `VQModel.encode`: before quantization, which the decoder does)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae: Any = vae  # diffusers VQModel
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.encode(images, return_dict=False)[0],)
+
+
+VAE_WRAPPERS: dict[AutoencoderKind, dict[str, type[nn.Module]]] = {
+    AutoencoderKind.KL: {"vae_encoder": VaeEncoderWrapper, "vae_decoder": VaeDecoderWrapper},
+    AutoencoderKind.VQ: {"vae_encoder": VqEncoderWrapper, "vae_decoder": VqDecoderWrapper},
+}
+
+
 def wrap(component: str, loaded: LoadedModel) -> nn.Module:
     """The flat-IO module of a component ('text_encoder', 'text_encoder_2', 'unet', 'vae_encoder', 'vae_decoder')."""
-    for te in loaded.spec.text_encoders:
+    spec = loaded.spec
+    for te in spec.text_encoders:
         if te.component == component:
             return TextEncoderWrapper(loaded.modules[component], te).eval()
     if component == "unet":
-        return UNetWrapper(loaded.modules["unet"], loaded.ios()["unet"].input_names).eval()
-    if component == "vae_decoder":
-        return VaeDecoderWrapper(loaded.modules["vae"]).eval()
-    if component == "vae_encoder":
-        return VaeEncoderWrapper(loaded.modules["vae"]).eval()
-    raise KeyError(f"{loaded.spec.name} has no component {component!r}; it has {', '.join(loaded.spec.components)}")
+        return UNetWrapper(loaded.modules["unet"], spec.denoiser, loaded.ios()["unet"].input_names).eval()
+    vae = VAE_WRAPPERS[spec.autoencoder.kind].get(component)
+    if vae is not None:
+        return vae(loaded.modules["vae"]).eval()
+    raise KeyError(f"{spec.name} has no component {component!r}; it has {', '.join(spec.components)}")
