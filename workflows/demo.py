@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     from latentrt.buckets import check_multiple
     from latentrt.runtime.cli_generate import StepBar
     from latentrt.runtime.images import save_png
-    from latentrt.runtime.pipeline import GenerationRequest, load_pipeline
+    from latentrt.runtime.pipeline import load_pipeline
+    from latentrt.runtime.request import GenerationRequest
     from latentrt.runtime.timing import format_table
 
     check_multiple((args.size, args.size))
