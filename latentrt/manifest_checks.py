@@ -144,13 +144,14 @@ def structure_problems(spec: FamilySpec, dims: ModelDims) -> list[str]:
     """How recorded model widths contradict the family's structure ('unet in_channels 4 != 9'); empty if they fit."""
     denoiser = spec.denoiser
     time_ids = denoiser.conditioning_input(TIME_IDS)
+    labels = any(c.keyword == CLASS_LABELS for c in denoiser.conditioning)  # by the diffusers keyword, any name
     return [f"{what} {have} != {want}" for what, have, want in (
         ("text encoders", len(dims.text_hidden), len(spec.text_encoders)),
         ("unet in_channels", dims.unet_in_channels, denoiser.in_channels(dims.latent_channels)),
         ("time ids", dims.time_ids, dims_value(time_ids.width, dims) if time_ids is not None else 0),
         ("pooled projection", dims.pooled_dim > 0, denoiser.takes(TEXT_EMBEDS)),
         ("cross-attention context", dims.context_dim > 0, denoiser.takes(ENCODER_HIDDEN_STATES)),
-        ("class labels", dims.num_class_embeds > 0, denoiser.takes(CLASS_LABELS))) if have != want]
+        ("class labels", dims.num_class_embeds > 0, labels)) if have != want]
 
 
 def _component(check: _Check, folder: Path, name: str, entry: Any, expected: ComponentIO | None,

@@ -113,7 +113,7 @@ def _unet_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
 
 
 def _class_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
-    labels = spec.denoiser.conditioning_input(CLASS_LABELS)
+    labels = next((c for c in spec.denoiser.conditioning if c.keyword == CLASS_LABELS), None)  # by keyword, any name
     if f.class_embed_type is not None:
         return [f"unet class_embed_type {f.class_embed_type!r} is not a class embedding LatentRT exports"]
     if f.num_class_embeds is None:

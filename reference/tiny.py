@@ -158,7 +158,7 @@ def unet_config(spec: FamilySpec, context_dim: int, pooled_dim: int) -> dict[str
         cfg.update(transformer_layers_per_block=layout.transformer_layers_per_block)
     if denoiser.added_conditions:
         cfg.update(_addition_config(spec, pooled_dim))
-    labels = denoiser.conditioning_input(CLASS_LABELS)
+    labels = next((c for c in denoiser.conditioning if c.keyword == CLASS_LABELS), None)  # by keyword, any name
     if labels is not None:
         cfg.update(num_class_embeds=labels.high if isinstance(labels.high, int) else TINY_CLASSES)
     return cfg

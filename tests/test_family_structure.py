@@ -1,12 +1,22 @@
-"""A family is its structure: a class-conditional UNet family defined here alone is detected, exported and built.
+"""A family is its structure: a class-conditional family with its own conditioning kind, defined here alone.
 
-The worked example of docs/adding-a-family.md (export half): `CLASS_COND` declares no text encoder, one
-conditioning input (`CLASS_LABEL`, 10 classes), a KL autoencoder and eps prediction. Nothing in
-latentrt/ knows it: its tiny checkpoint comes from `reference/tiny.make_tiny` (the config follows the
-structure), detection, IO, the export wrapper and the ONNX Runtime build derive from the spec.
+The worked example of docs/adding-a-family.md. `CLASS_COND` declares no text encoder, a KL autoencoder,
+eps prediction and one conditioning input of a kind nothing in latentrt/ knows: `LABEL`, a class index
+per row (diffusers keyword `class_labels`, 10 classes) fed by the provider `tiny_class_label`, which this
+module registers with `register_provider` (the null class for classifier-free guidance comes from the
+request, `conditioning["negative_class_labels"]`). Nothing else is edited: the tiny checkpoint comes from
+`reference/tiny.make_tiny` (the config follows the structure); detection, IO, the export wrapper, the
+ONNX Runtime build and the runtime's UNet feed derive from the spec.
 
-Tolerances: the built ONNX Runtime UNet engine against diffusers' `UNet2DConditionModel` called with
-`class_labels` (same weights, fp32, CPU): rtol = atol = 1e-4 (the export's own parity check uses the same).
+Tolerances:
+- the built ONNX Runtime UNet engine against diffusers' `UNet2DConditionModel` called with `class_labels`
+  (same weights, fp32, CPU): rtol = atol = 1e-4 (the export's own parity check uses the same).
+- sampling: our pipeline against a plain diffusers loop we did not write (the scheduler class built with
+  `from_config` from the checkpoint's scheduler_config.json, `set_timesteps`, `scale_model_input`, the
+  diffusers UNet with `class_labels`, `scheduler.step`, the diffusers VAE decode and `VaeImageProcessor`
+  postprocessing; initial latents from `randn_tensor` with `torch.Generator("cpu").manual_seed(seed)`),
+  [0, 1] images max |diff| per pixel: ONNX Runtime engines 1e-3, torch backend 2e-5, the bounds
+  tests/test_pipeline.py uses for every built-in family (measured: ORT <= 1.3e-6, torch <= 1e-6).
 """
 
 from __future__ import annotations
@@ -24,12 +34,12 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from latentrt.errors import CheckpointError, UnknownFamily
+from latentrt.errors import CheckpointError, InvalidRequest, UnknownFamily
 from latentrt.families import (
-    CLASS_LABEL,
     FAMILIES,
     AutoencoderKind,
     AutoencoderSpec,
+    ConditioningInput,
     DenoiserSpec,
     FamilySpec,
     Prediction,
@@ -39,24 +49,58 @@ from latentrt.families import (
     register_family,
 )
 from latentrt.manifest import ONNX_KIND, read_manifest
+from latentrt.runtime.providers import PROVIDERS, FeedContext, register_provider
 from latentrt.tensors import ModelDims, component_ios, describe_shape, dummy_inputs, io_from_json, io_to_json
 
 CLASSES = 10
+# 1. the spec entry: the new conditioning kind and the family that declares it
+LABEL = ConditioningInput("class_labels", keyword="class_labels", provider="tiny_class_label", dtype="int64",
+                          high=CLASSES)
 CLASS_COND = FamilySpec(
     id="tiny-class-cond", title="Class-conditional latent diffusion (test family)", text_encoders=(),
-    denoiser=DenoiserSpec(Prediction.EPS, (replace(CLASS_LABEL, high=CLASSES),)),
+    denoiser=DenoiserSpec(Prediction.EPS, (LABEL,)),
     native_size=(64, 64), buckets=((64, 64),), sampling=SamplingDefaults(SamplerId.DDIM, 10, 1.0, Spacing.LEADING),
     autoencoder=AutoencoderSpec(AutoencoderKind.KL, factor=8, latent_channels=4), pipeline_class="DiffusionPipeline",
 )
 RTOL = ATOL = 1e-4
+IMAGE_TOL = {"onnxruntime": 1e-3, "torch": 2e-5}
+
+
+# 2. the one provider: the UNet-batch rows of the new input for a request
+def _labels(ctx: FeedContext, key: str) -> list[int]:
+    """conditioning[key]: one class index, or one per prompt slot; InvalidRequest otherwise."""
+    value = ctx.request.conditioning.get(key)
+    labels: list[Any] = list(value) if isinstance(value, (list, tuple)) else [value] * len(ctx.request.prompts)
+    if len(labels) != len(ctx.request.prompts) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x < CLASSES for x in labels):
+        raise InvalidRequest(f"conditioning['{key}'] must give a class in 0..{CLASSES - 1} (or one per slot), "
+                             f"got {value!r}")
+    return [int(x) for x in labels]
+
+
+def check_label(inp: ConditioningInput, ctx: FeedContext) -> None:
+    """The request names a class and, with a CFG batch, the null class of the unconditional half."""
+    _labels(ctx, inp.name)
+    if ctx.cfg:
+        _labels(ctx, f"negative_{inp.name}")
+
+
+def label_rows(inp: ConditioningInput, ctx: FeedContext) -> torch.Tensor:
+    """(rows,) int64: each slot's class repeated per image, the null class rows first with CFG."""
+    def rows(key: str) -> torch.Tensor:
+        return torch.tensor(_labels(ctx, key)).repeat_interleave(ctx.request.num_images_per_prompt)
+
+    return ctx.rows(rows(inp.name), rows(f"negative_{inp.name}") if ctx.cfg else None)
 
 
 @pytest.fixture(scope="module")
 def family() -> Iterator[FamilySpec]:
-    """CLASS_COND in the registry for this module only (other modules iterate over the built-in families)."""
+    """CLASS_COND and its provider registered for this module only (other modules iterate over the families)."""
     spec = register_family(CLASS_COND)
+    register_provider(LABEL.provider, label_rows, check=check_label, request_keys=("{name}", "negative_{name}"))
     yield spec
     FAMILIES.pop(spec.id)
+    PROVIDERS.pop(LABEL.provider)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +150,20 @@ def test_detected_from_its_folder(checkpoint: Path, family: FamilySpec) -> None:
     assert unet.config.num_class_embeds == CLASSES
 
 
+def test_structure_follows_the_diffusers_keyword_not_the_input_name(checkpoint: Path, family: FamilySpec) -> None:
+    """An input under another name but the keyword `class_labels` still means a class embedding."""
+    from latentrt.manifest_checks import structure_problems
+    from latentrt.reference.models import folder_facts, model_dims, model_index
+    from latentrt.reference.structure import mismatches
+    from latentrt.reference.tiny import unet_config
+
+    renamed = replace(family, id="tiny-class-cond-y", denoiser=DenoiserSpec(Prediction.EPS, (replace(LABEL, name="y"),)))
+    assert unet_config(renamed, 0, 0)["num_class_embeds"] == CLASSES
+    assert mismatches(renamed, folder_facts(checkpoint, model_index(checkpoint))) == []
+    assert structure_problems(renamed, model_dims(family, checkpoint)) == []
+    assert component_ios(renamed, model_dims(family, checkpoint))["unet"].input_names == ["sample", "timestep", "y"]
+
+
 @pytest.mark.parametrize(("part", "changes", "needle"), [
     ("unet", {"num_class_embeds": 12}, "nearest: tiny-class-cond (unet num_class_embeds 12 != 10 classes)"),
     ("unet", {"in_channels": 9}, "unet in_channels 9 != 4 (4 latent)"),
@@ -134,20 +192,25 @@ def test_a_forced_family_that_does_not_fit_is_refused(checkpoint: Path, family: 
 # ---------------------------------------------------------------------------- export and build
 
 
-def test_exported_and_built_unet_matches_diffusers_with_class_labels(checkpoint: Path, family: FamilySpec,
-                                                                     tmp_path: Path) -> None:
-    from diffusers import UNet2DConditionModel
-
+@pytest.fixture(scope="module")
+def engines(checkpoint: Path, family: FamilySpec, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The family exported (parity checked in ONNX Runtime at 2 shapes) and built for ONNX Runtime."""
     from latentrt.engines.build import build_engines
     from latentrt.export.onnx import export_model
 
+    out = tmp_path_factory.mktemp("class-cond-engines")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        onnx_dir = export_model(checkpoint, tmp_path / "onnx")  # parity checked in ONNX Runtime at 2 shapes
+        onnx_dir = export_model(checkpoint, out / "onnx")
     m = read_manifest(onnx_dir, ONNX_KIND)
     assert m["family"] == family.name and list(m["components"]) == list(family.components)
     assert all(len(c["parity"]["checks"]) >= 2 for c in m["components"].values())
-    engines = build_engines(onnx_dir, tmp_path / "engines", backend="onnxruntime")
+    return build_engines(onnx_dir, out / "engines", backend="onnxruntime")
+
+
+def test_exported_and_built_unet_matches_diffusers_with_class_labels(checkpoint: Path, engines: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
     built = read_manifest(engines)
     session = ort.InferenceSession(str(engines / built["components"]["unet"]["path"]),
                                    providers=["CPUExecutionProvider"])
@@ -165,6 +228,97 @@ def test_exported_and_built_unet_matches_diffusers_with_class_labels(checkpoint:
     with torch.no_grad():  # the labels matter: another class gives another prediction
         other = unet(sample, t, encoder_hidden_states=None, class_labels=(labels + 1) % CLASSES).sample
     assert float((other - ref).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def diffusers_images(checkpoint: Path, sampler: str, labels: list[int], steps: int, seed: int,
+                     guidance: float = 1.0, null_class: int | None = None, size: int = 64) -> np.ndarray:
+    """[0, 1] images (N, H, W, 3) from a plain diffusers loop: the checkpoint's modules, scheduler and postprocessing.
+
+    With guidance > 1 the UNet batch is [null class, class] (uncond first) and the guided prediction
+    is uncond + guidance * (cond - uncond), as classifier-free guidance (Ho & Salimans 2022).
+    """
+    import diffusers
+    from diffusers.image_processor import VaeImageProcessor
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from latentrt.runtime.scheduler_config import SAMPLER_CLASSES
+
+    cls, overrides = SAMPLER_CLASSES[SamplerId(sampler)]
+    config = json.loads((checkpoint / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = getattr(diffusers, cls.name).from_config(config, **overrides)
+    unet: Any = diffusers.UNet2DConditionModel.from_pretrained(str(checkpoint / "unet")).eval()
+    vae: Any = diffusers.AutoencoderKL.from_pretrained(str(checkpoint / "vae")).eval()
+    scheduler.set_timesteps(steps)  # before the latents: init_noise_sigma is the first sigma of the schedule
+    g = torch.Generator("cpu").manual_seed(seed)
+    shape = (len(labels), unet.config.in_channels, size // 8, size // 8)
+    latents = randn_tensor(shape, generator=g, dtype=torch.float32) * scheduler.init_noise_sigma
+    cond = torch.tensor(labels)
+    cfg = guidance > 1
+    class_labels = torch.cat([torch.full_like(cond, int(null_class or 0)), cond]) if cfg else cond
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+            eps = unet(x, t, encoder_hidden_states=None, class_labels=class_labels).sample
+            if cfg:
+                uncond, text = eps.chunk(2)
+                eps = uncond + guidance * (text - uncond)
+            latents = scheduler.step(eps, t, latents, generator=g).prev_sample
+        decoded = vae.decode(latents / vae.config.scaling_factor).sample
+    return np.asarray(VaeImageProcessor(vae_scale_factor=8).postprocess(decoded, output_type="np"))
+
+
+def max_diff(a: Any, b: Any) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+CASES = [  # (id, sampler, labels, steps, guidance, null class)
+    ("ddim", "ddim", [3, 7], 3, 1.0, None),
+    ("euler-cfg", "euler", [5], 3, 4.0, 0),
+]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+@pytest.mark.parametrize(("case", "sampler", "labels", "steps", "guidance", "null"), CASES, ids=[c[0] for c in CASES])
+def test_sampled_like_a_plain_diffusers_loop(checkpoint: Path, engines: Path, backend: str, case: str, sampler: str,
+                                             labels: list[int], steps: int, guidance: float,
+                                             null: int | None) -> None:
+    from latentrt.runtime.pipeline import GenerationRequest, load_pipeline
+
+    conditioning: dict[str, Any] = {"class_labels": labels}
+    if null is not None:
+        conditioning["negative_class_labels"] = null
+    pipe = load_pipeline(engines if backend == "onnxruntime" else checkpoint, backend=backend)
+    try:
+        ours = pipe.generate(GenerationRequest(conditioning=conditioning, sampler=sampler, steps=steps,
+                                               guidance=guidance, seed=11, width=64, height=64))
+    finally:
+        pipe.close()
+    ref = diffusers_images(checkpoint, sampler, labels, steps, 11, guidance, null)
+    assert ours.array is not None and ours.array.shape == ref.shape == (len(labels), 64, 64, 3)
+    diff = max_diff(ours.array, ref)
+    print(f"{case} {backend}: images max |diff| {diff:.2e}")
+    assert diff <= IMAGE_TOL[backend]
+    other = diffusers_images(checkpoint, sampler, [(x + 1) % CLASSES for x in labels], steps, 11, guidance, null)
+    assert max_diff(other, ref) > 10 * IMAGE_TOL[backend]  # the class decides the image
+
+
+def test_the_provider_checks_the_request(engines: Path) -> None:
+    from latentrt.runtime.pipeline import GenerationRequest, load_pipeline
+
+    pipe = load_pipeline(engines)
+    try:
+        with pytest.raises(InvalidRequest, match=r"conditioning\['class_labels'\] must give a class in 0..9"):
+            pipe.generate(GenerationRequest(conditioning={"class_labels": CLASSES}, steps=1, seed=0))
+        with pytest.raises(InvalidRequest, match=r"conditioning\['negative_class_labels'\] must give a class"):
+            pipe.generate(GenerationRequest(conditioning={"class_labels": 1}, guidance=3.0, steps=1, seed=0))
+        with pytest.raises(InvalidRequest, match="takes no conditioning value 'labels'; it takes class_labels, "
+                                                 "negative_class_labels"):
+            pipe.generate(GenerationRequest(conditioning={"labels": 1}, steps=1, seed=0))
+    finally:
+        pipe.close()
 
 
 def test_a_vq_autoencoder_decodes_through_the_codebook(family: FamilySpec) -> None:
