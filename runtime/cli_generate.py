@@ -1,8 +1,14 @@
-"""`latentrt generate DIR --prompt ... -o out.png`: engines -> images, with a progress bar and a timing table."""
+"""`latentrt generate DIR --prompt ... -o out.png`: engines -> images, with a progress bar and a timing table.
+
+Families without a text encoder take no prompt; their inputs come from `--condition NAME=VALUE`
+(e.g. `--condition class_labels=3`, one value per image with `class_labels=3,7`), passed to the
+pipeline as `GenerationRequest.conditioning` and recorded in the PNG metadata.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -11,13 +17,15 @@ from typing import Any
 from latentrt.choices import Backend, values
 from latentrt.families import SamplerId
 
+from .condition_values import is_condition_value
+
 SAMPLERS = tuple(s.value for s in SamplerId)  # each maps to a diffusers scheduler class (runtime/scheduler_config.py)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="engine folder (`latentrt build`), ONNX export (`latentrt "
                                                       "export`), or with --backend torch a checkpoint / tiny:<family>")
-    parser.add_argument("-p", "--prompt", required=True, help="what to draw")
+    parser.add_argument("-p", "--prompt", help="what to draw (needed by every family with a text encoder)")
     parser.add_argument("-n", "--negative-prompt", help="what to avoid (SDXL: none = zero embeddings)")
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write; several images -> out-0.png, ...")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the family's, e.g. 30; Turbo 1)")
@@ -35,7 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, help="pixels, a multiple of 64 (with --width)")
     parser.add_argument("--aspect", help="aspect ratio W:H, e.g. 16:9: snaps to the family's nearest bucket")
     parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
-    parser.add_argument("--batch", type=int, default=1, help="prompts per batch (the prompt repeated)")
+    parser.add_argument("--condition", type=condition, action="append", default=[], metavar="NAME=VALUE",
+                        help="a conditioning value other than text, e.g. class_labels=3 (class-conditional "
+                             "models); VALUE: a number, a comma-separated list (one per image slot) or JSON; "
+                             "negative_NAME=VALUE sets the unconditional half of guidance; repeatable")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="prompts per batch (the prompt, or without one each --condition value, repeated)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--image", help="init image (img2img, inpainting)")
     parser.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8; inpainting 1.0)")
@@ -46,6 +59,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=values(Backend), help="default: what DIR was built for")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _number(text: str) -> int | float:
+    """An int, else a float, from one --condition item; ValueError otherwise."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def condition(text: str) -> tuple[str, int | float | list[int | float]]:
+    """An argparse type: NAME=VALUE with VALUE a number, a comma-separated list of numbers or JSON of those."""
+    name, sep, raw = text.partition("=")
+    name, raw = name.strip(), raw.strip()
+    if not sep or not name.isidentifier() or not raw:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. class_labels=3)")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        try:
+            value = [_number(item.strip()) for item in raw.split(",")] if "," in raw else _number(raw)
+        except ValueError:
+            value = raw
+    if not is_condition_value(value):
+        raise argparse.ArgumentTypeError(f"{name}={raw[:60]!r}: VALUE must be a number, a comma-separated list of "
+                                         "numbers (e.g. 3,7) or a JSON list of numbers")
+    return name, value
+
+
+def conditioning_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The --condition values by name; --batch N repeats each single value N times, as it repeats the prompt."""
+    from latentrt.errors import InvalidRequest
+
+    given: dict[str, Any] = {}
+    for name, value in args.condition:
+        if name in given:
+            raise InvalidRequest(f"--condition {name} is given twice; give it once (a list: {name}=3,7)")
+        given[name] = value
+    if args.batch > 1 and args.prompt is None and not given:
+        raise InvalidRequest(f"--batch {args.batch} repeats the prompt, but none is given: add -p/--prompt, or "
+                             "--condition values for a model without a text encoder")
+    if args.batch == 1:
+        return given
+    for name, value in given.items():
+        if isinstance(value, list) and len(value) != args.batch:
+            raise InvalidRequest(f"--batch {args.batch} but --condition {name} holds {len(value)} values; give one "
+                                 f"value, or {args.batch}, or drop --batch")
+    return {name: value if isinstance(value, list) else [value] * args.batch for name, value in given.items()}
 
 
 def output_paths(output: str | Path, count: int) -> list[Path]:
@@ -111,13 +172,22 @@ def request_from_args(args: argparse.Namespace) -> Any:
     if args.denoising_end is not None and not args.refiner:
         raise InvalidRequest("--denoising-end sets where the base hands over to --refiner; without a refiner the "
                              "image would be left partly denoised: add --refiner DIR or drop --denoising-end")
-    prompt: str | list[str] = args.prompt if args.batch == 1 else [args.prompt] * args.batch
+    conditioning = conditioning_from_args(args)
+    prompt = args.prompt if args.prompt is None or args.batch == 1 else [args.prompt] * args.batch
     return GenerationRequest(
         prompt=prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         sampler=args.sampler, width=args.width, height=args.height, aspect=args.aspect, seed=args.seed,
         num_images_per_prompt=args.num_images, image=args.image, strength=args.strength, mask=args.mask,
         denoising_end=args.denoising_end, guidance_rescale=args.guidance_rescale,
-        prompt_weighting=args.prompt_weighting)
+        prompt_weighting=args.prompt_weighting, conditioning=conditioning)
+
+
+def check_prompt_given(args: argparse.Namespace, spec: Any) -> None:
+    """InvalidRequest naming -p/--prompt when a family conditioned on text gets none."""
+    from latentrt.errors import InvalidRequest
+
+    if args.prompt is None and spec.text_encoders:
+        raise InvalidRequest(f"{spec.name} is conditioned on text: give a prompt with -p/--prompt")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,7 +200,10 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.folder, backend=args.backend, device=args.device, refiner=args.refiner)
     bar = StepBar(args.progress)
     try:
+        check_prompt_given(args, pipe.spec)
         pipe.check(request)  # bad settings and sizes beyond memory are refused before anything runs
+        if args.prompt is None:  # the image count follows the --condition lists: the pipeline counts them
+            checked_output_paths(args.output, pipe.resolve(request)[0].batch)
         for line in pipe.engines.describe():
             print(f"engine: {line}")
         result = pipe.generate(request, callback=bar)

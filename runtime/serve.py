@@ -5,8 +5,11 @@ Endpoints (JSON in, JSON out):
 - ``POST /generate``  -> {"images": [base64 PNG, ...], "seed", "settings", "notes", "timing"}
   Body: the `GenerationRequest` fields that make sense over the wire (prompt, negative_prompt,
   steps, guidance, guidance_rescale, sampler, width, height, aspect, seed, num_images_per_prompt,
-  strength, denoising_end, prompt_weighting) plus optional base64 PNG ``image`` / ``mask``. ``?format=png`` (or an
-  ``Accept: image/png`` header) returns the first image as a PNG instead.
+  strength, denoising_end, prompt_weighting, conditioning) plus optional base64 PNG ``image`` / ``mask``.
+  ``?format=png`` (or an ``Accept: image/png`` header) returns the first image as a PNG instead.
+  ``conditioning`` holds values other than text by UNet input name, each a number or a list of
+  numbers (one per prompt slot): ``{"class_labels": 3}`` for a class-conditional model, whose
+  requests need no prompt (the family decides: one with a text encoder needs one).
 
 Requests are served one at a time on the one pipeline (engines are not re-entrant); the timing
 record is the same one the CLI and `latentrt bench` use.
@@ -46,17 +49,19 @@ from PIL import Image, UnidentifiedImageError
 
 from latentrt.errors import InvalidRequest, LatentRTError, TooLarge, UnsupportedShape
 
+from .condition_values import is_condition_value
 from .images import decoded, png_bytes
 from .pipeline import GenerationRequest, GenerationResult, Pipeline
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 32 << 20
+MAX_NAME_CHARS = 64  # a conditioning name (a UNet input name)
 WIRE_TYPES = {  # field -> the JSON types it accepts ("str[]": a list of strings); null is always accepted
     "prompt": ("str", "str[]"), "negative_prompt": ("str", "str[]"), "sampler": ("str",),
     "steps": ("int",), "seed": ("int",), "width": ("int",), "height": ("int",), "num_images_per_prompt": ("int",),
     "guidance": ("number",), "strength": ("number",), "denoising_end": ("number",), "aspect": ("str", "number"),
-    "guidance_rescale": ("number",), "prompt_weighting": ("bool",),
+    "guidance_rescale": ("number",), "prompt_weighting": ("bool",), "conditioning": ("object",),
 }
 WIRE_FIELDS = set(WIRE_TYPES)
 
@@ -67,9 +72,10 @@ class ServerLimits:
 
     max_body_bytes: int = MAX_BODY_BYTES  # Content-Length above this: 413
     max_prompt_chars: int = 2000  # per prompt / negative prompt (~300 characters fill one 77-token window): 413
-    max_prompts: int = 16  # prompts in one request: 413
+    max_prompts: int = 16  # prompts in one request, and values in one conditioning list: 413
+    max_conditioning: int = 16  # names in the "conditioning" object: 413
     max_image_pixels: int = 4096 * 4096  # init image / mask, checked from the header before decoding: 413
-    max_json_depth: int = 16  # nesting of the JSON body (a request needs 2): 400
+    max_json_depth: int = 16  # nesting of the JSON body (a request needs 3): 400
     max_queue: int = 8  # requests waiting behind the running one; more: 503 + Retry-After
     request_timeout_s: float = 60.0  # a client that stalls mid-request is dropped
     api_key: str | None = None  # required as "Authorization: Bearer KEY" or "X-API-Key: KEY" when set
@@ -100,6 +106,8 @@ def _is(value: Any, kind: str) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind == "bool":
         return isinstance(value, bool)
+    if kind == "object":
+        return isinstance(value, dict)
     if isinstance(value, bool):  # JSON true/false are not numbers
         return False
     return isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
@@ -108,7 +116,7 @@ def _is(value: Any, kind: str) -> bool:
 def check_types(body: dict[str, Any]) -> None:
     """InvalidRequest naming the first wire field whose JSON type is wrong (e.g. "steps": "20")."""
     names = {"str": "a string", "str[]": "a list of strings", "int": "an integer", "number": "a number",
-             "bool": "true or false"}
+             "bool": "true or false", "object": 'an object of input names to values, e.g. {"class_labels": 3}'}
     for key, kinds in WIRE_TYPES.items():
         value = body.get(key)
         if value is not None and not any(_is(value, k) for k in kinds):
@@ -130,6 +138,22 @@ def check_prompts(body: dict[str, Any], limits: ServerLimits) -> None:
                            f"{limits.max_prompt_chars} (latentrt serve --max-prompt-chars)")
 
 
+def check_conditioning(body: dict[str, Any], limits: ServerLimits) -> None:
+    """InvalidRequest unless 'conditioning' maps names to numbers or lists of numbers; TooLarge past the limits."""
+    values = body.get("conditioning") or {}
+    if len(values) > limits.max_conditioning:
+        raise TooLarge(f"'conditioning' holds {len(values)} names; at most {limits.max_conditioning} per request")
+    for name, value in values.items():
+        if not name.isidentifier() or len(name) > MAX_NAME_CHARS:
+            raise InvalidRequest(f"'conditioning' names UNet inputs (e.g. class_labels), got {name[:MAX_NAME_CHARS]!r}")
+        if isinstance(value, list) and len(value) > limits.max_prompts:
+            raise TooLarge(f"conditioning '{name}' holds {len(value)} values; at most {limits.max_prompts} per request")
+        if not is_condition_value(value):
+            shown = json.dumps(value)
+            raise InvalidRequest(f"conditioning '{name}' must be a number or a non-empty list of numbers, got "
+                                 f"{shown if len(shown) <= 80 else shown[:77] + '...'}")
+
+
 def json_depth(value: Any) -> int:
     """Nesting depth of a decoded JSON value (iterative: no recursion on hostile input)."""
     depth, stack = 0, [(value, 1)]
@@ -142,9 +166,7 @@ def json_depth(value: Any) -> int:
 
 
 def request_from_json(body: dict[str, Any], limits: ServerLimits = ServerLimits()) -> GenerationRequest:
-    """Validate the wire fields and build a `GenerationRequest`."""
-    if body.get("prompt") is None:
-        raise InvalidRequest("the request needs a 'prompt'")
+    """Validate the wire fields and build a `GenerationRequest` (whether a prompt is needed is the model's call)."""
     unknown = set(body) - WIRE_FIELDS - {"image", "mask"}
     if unknown:
         names = sorted(str(k)[:40] for k in unknown)[:5]
@@ -152,11 +174,18 @@ def request_from_json(body: dict[str, Any], limits: ServerLimits = ServerLimits(
                              ", image, mask")
     check_types(body)
     check_prompts(body, limits)
+    check_conditioning(body, limits)
     fields = {k: v for k, v in body.items() if k in WIRE_FIELDS and v is not None}  # null: the default
     for key in ("image", "mask"):
         if body.get(key) is not None:
             fields[key] = decode_image(body[key], key, limits.max_image_pixels)
     return GenerationRequest(**fields)
+
+
+def check_prompt_given(request: GenerationRequest, pipeline: Pipeline) -> None:
+    """InvalidRequest in the wire's words when a model conditioned on text gets no prompt (others need none)."""
+    if request.prompt is None and pipeline.spec.text_encoders:
+        raise InvalidRequest(f"the request needs a 'prompt': {pipeline.spec.name} is conditioned on text")
 
 
 def result_to_json(result: GenerationResult) -> dict[str, Any]:
@@ -332,6 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             body = self._read_json()
             request = request_from_json(body, self.server.limits)
+            check_prompt_given(request, self.server.pipeline)
             self.server.pipeline.check(request)  # bad settings and requests beyond memory never wait in the queue
         except LatentRTError as e:
             self._client_error(e)
