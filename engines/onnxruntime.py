@@ -23,6 +23,7 @@ import numpy as np
 
 from latentrt.choices import Device, Precision, values
 from latentrt.errors import BackendUnavailable, BuildError
+from latentrt.names import DIM_BATCH, DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH, DIM_UNET_BATCH
 from latentrt.onnxruntime_support import ort_level
 from latentrt.parity import Tolerance, compare
 from latentrt.tensors import ComponentIO, dummy_inputs
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 MODEL = "model.onnx"
 DATA = "model.onnx.data"
-CHECK_DIMS = ("batch", "unet_batch", "latent_height", "latent_width")  # checked at their minimum (cheap)
+CHECK_DIMS = (DIM_BATCH, DIM_UNET_BATCH, DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH)  # checked at their minimum (cheap)
 # Engine vs source graph on the same inputs: max |diff| <= atol + rtol * max |reference| (`latentrt.parity`).
 # Never looser than the former bound r * max(1, max |reference|) (r = 1e-3 fp32, 3e-2 fp16): at most 2x stricter.
 TOLERANCE = {Precision.FP32: Tolerance(atol=5e-4, rtol=5e-4), Precision.FP16: Tolerance(atol=1.5e-2, rtol=1.5e-2)}

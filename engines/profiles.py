@@ -18,10 +18,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from latentrt import tensors
 from latentrt.buckets import Size, format_size
 from latentrt.errors import UnsupportedShape
 from latentrt.families import FamilySpec
+from latentrt.names import DIM_BATCH, DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH, DIM_SEQUENCE, DIM_UNET_BATCH
 from latentrt.profile_routing import LATENT_DIMS, covers, select_profile, short_sizes
 from latentrt.tensors import PROMPT_WINDOWS, TIMESTEP_COND, Bounds, ComponentIO, Scaled, profile
 
@@ -29,8 +29,6 @@ Strategy = Literal["dynamic", "per-bucket", "grouped"]
 STRATEGIES: tuple[str, ...] = ("dynamic", "per-bucket", "grouped")
 Shape = tuple[int, ...]
 ShapeRange = tuple[Shape, Shape, Shape]  # (min, opt, max)
-UNET_BATCH = tensors.UNET_BATCH.name
-SEQUENCE = tensors.SEQUENCE.name  # UNet context length: 77 tokens per prompt window
 
 
 @dataclass(frozen=True)
@@ -174,7 +172,7 @@ def _check_size(size: Size, factor: int) -> None:
 
 
 def _check_latents_in_io(size: Size, factor: int, ios: Mapping[str, ComponentIO]) -> None:
-    latents = {"latent_height": size[0] // factor, "latent_width": size[1] // factor}
+    latents = {DIM_LATENT_HEIGHT: size[0] // factor, DIM_LATENT_WIDTH: size[1] // factor}
     for io in ios.values():
         for name, value in latents.items():
             d = io.dims.get(name)
@@ -256,20 +254,20 @@ def _component_bounds(io: ComponentIO, members: tuple[Size, ...], opt: Size, fac
     heights = [s[0] // factor for s in members]
     widths = [s[1] // factor for s in members]
     planned = {
-        "latent_height": (min(heights), opt[0] // factor, max(heights)),
-        "latent_width": (min(widths), opt[1] // factor, max(widths)),
-        UNET_BATCH: (batch[0], mult * opt_batch, mult * batch[1]),
+        DIM_LATENT_HEIGHT: (min(heights), opt[0] // factor, max(heights)),
+        DIM_LATENT_WIDTH: (min(widths), opt[1] // factor, max(widths)),
+        DIM_UNET_BATCH: (batch[0], mult * opt_batch, mult * batch[1]),
         # text encoders may run the negative prompt in the same batch; VAEs see per-prompt batches
-        "batch": (batch[0], opt_batch, (mult if _is_text(io) else 1) * batch[1]),
+        DIM_BATCH: (batch[0], opt_batch, (mult if _is_text(io) else 1) * batch[1]),
     }
-    if SEQUENCE in io.dims:  # the export's minimum is one window (77 tokens)
-        window = io.dims[SEQUENCE].min
-        planned[SEQUENCE] = (window, window, windows * window)
+    if DIM_SEQUENCE in io.dims:  # the export's minimum is one window (77 tokens)
+        window = io.dims[DIM_SEQUENCE].min
+        planned[DIM_SEQUENCE] = (window, window, windows * window)
     out = {}
     for name, d in io.dims.items():
         lo, opt_v, hi = planned.get(name, (d.min, d.opt, d.max))
         if hi > d.max or lo < d.min:
-            hint = "lower --prompt-windows" if name == SEQUENCE else "lower --batch or choose smaller sizes"
+            hint = "lower --prompt-windows" if name == DIM_SEQUENCE else "lower --batch or choose smaller sizes"
             raise UnsupportedShape(f"{io.component}: {name} range {lo}..{hi} exceeds what the export supports "
                                    f"({d.min}..{d.max}); {hint}")
         out[name] = (lo, opt_v, hi)

@@ -1,6 +1,7 @@
 """Model families as data: one frozen spec per Stable Diffusion family, and a registry.
 
-Code asks the spec (``spec.uses_cfg``, ``spec.time_ids``) instead of branching on family ids.
+Code asks the spec (``spec.uses_cfg``, ``spec.denoiser.takes(...)``, ``spec.refines``) instead of branching on
+family ids.
 Concrete widths (context, pooled, channels) come from the checkpoint's configs, not from here:
 the spec holds what is true of every checkpoint of the family.
 """
@@ -241,6 +242,9 @@ class FamilySpec:
     # checkpoints are saved, single files read as it) and the pipeline settings its reference checkpoint has
     pipeline_class: str = "StableDiffusionPipeline"
     pipeline_options: tuple[tuple[str, Any], ...] = ()
+    # the families whose latents this one continues (a refiner: same latent space, the later denoising steps),
+    # first the family it was trained after
+    refines: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -265,12 +269,13 @@ class FamilySpec:
 
     @property
     def unet_in_channels(self) -> int:
+        """UNet input channels: the latents plus every concatenated piece the denoiser declares."""
         return self.denoiser.in_channels(self.latent_channels)
 
     @property
     def time_ids(self) -> TimeIds:
-        """The kind of SDXL micro-conditioning the denoiser takes (NONE without `time_ids`)."""
-        ids = self.denoiser.conditioning_input("time_ids")
+        """Which declared `time_ids` input the denoiser takes, as a TimeIds kind (NONE without one)."""
+        ids = self.denoiser.conditioning_input(names.TIME_IDS)
         return {None: TimeIds.NONE, TIME_IDS_SIZE_CROP_TARGET: TimeIds.SIZE_CROP_TARGET,
                 TIME_IDS_SIZE_CROP_AESTHETIC: TimeIds.SIZE_CROP_AESTHETIC}[ids]
 
@@ -278,6 +283,11 @@ class FamilySpec:
     def uses_cfg(self) -> bool:
         """Whether the family's default sampling runs classifier-free guidance (a 2B UNet batch)."""
         return self.sampling.guidance > 1.0
+
+    @property
+    def takes_mask(self) -> bool:
+        """Whether the denoiser takes a mask piece: its requests give an init image and a mask (inpainting mode)."""
+        return self.denoiser.takes(MASK.name)
 
     @property
     def is_inpaint(self) -> bool:
@@ -291,6 +301,7 @@ class FamilySpec:
 
     @property
     def has_pooled(self) -> bool:
+        """Whether the denoiser takes pooled text embeddings (`text_embeds`)."""
         return self.denoiser.takes(POOLED.name)
 
     @property
@@ -348,6 +359,7 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
         FamilySpec(FamilyId.SDXL_REFINER, "SDXL refiner", (_XL_G,), _XL_REFINER, (1024, 1024), SDXL_BUCKETS,
                    _XL_STEPS, _XL_VAE, fp16_vae_overflows=True, pipeline_class="StableDiffusionXLImg2ImgPipeline",
                    pipeline_options=(("requires_aesthetics_score", True), ("force_zeros_for_empty_prompt", False)),
+                   refines=(FamilyId.SDXL.value, FamilyId.SDXL_TURBO.value),
                    reference_repo="stabilityai/stable-diffusion-xl-refiner-1.0"),
         FamilySpec(FamilyId.SDXL_TURBO, "SDXL-Turbo", (_XL_L, _XL_G), _XL_BASE, (512, 512), _B512,
                    _TURBO, _XL_VAE, min_turbo_steps_x_strength=1.0, fp16_vae_overflows=True,

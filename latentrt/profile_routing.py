@@ -13,9 +13,10 @@ from typing import Any
 
 from .buckets import format_size, nearest_bucket
 from .errors import UnsupportedShape
-from .tensors import LATENT_H, LATENT_W, Bounds
+from .names import DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH
+from .tensors import Bounds
 
-LATENT_DIMS = (LATENT_H.name, LATENT_W.name)
+LATENT_DIMS = (DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH)
 
 
 def covers(bounds: Bounds, sizes: Mapping[str, int]) -> bool:
@@ -48,7 +49,7 @@ def _uncovered_message(component: str, profiles: Sequence[Mapping[str, Any]], si
     request = ", ".join(f"{k}={v}" for k, v in sizes.items())
     lines = [f"{component}: no engine profile covers {request}"]
     if factor and all(k in sizes for k in LATENT_DIMS):
-        px = (sizes["latent_height"] * factor, sizes["latent_width"] * factor)
+        px = (sizes[DIM_LATENT_HEIGHT] * factor, sizes[DIM_LATENT_WIDTH] * factor)
         lines[0] += f" ({format_size(px)} px)"
     for i, p in enumerate(profiles):
         b = _bounds(p)
@@ -78,7 +79,7 @@ def _nearest_hint(profiles: Sequence[Mapping[str, Any]], sizes: Mapping[str, int
             planned.setdefault((h, w), i)
     if not planned:
         return ""
-    px = (sizes["latent_height"] * factor, sizes["latent_width"] * factor)
+    px = (sizes[DIM_LATENT_HEIGHT] * factor, sizes[DIM_LATENT_WIDTH] * factor)
     near = nearest_bucket(px, planned)
     return (f"  nearest planned size: {format_size(near)} (profile {planned[near]}); or rebuild the engines with "
             f"--sizes including {format_size(px)} (and a --batch range covering the request)")

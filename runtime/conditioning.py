@@ -20,6 +20,7 @@ import torch
 
 from latentrt.errors import InvalidRequest
 from latentrt.families import FamilySpec, TimeIds
+from latentrt.names import DIM_BATCH
 from latentrt.tensors import HIDDEN_STATES, INPUT_IDS, TEXT_EMBEDS
 
 from .backends.base import Engine
@@ -78,7 +79,7 @@ def check_windows(tokens: Sequence[PromptTokens], max_windows: int | None, windo
 
 def _encode_batch(engine: Engine, ids: torch.Tensor, timer: StageTimer | None) -> dict[str, torch.Tensor]:
     """Run a text encoder on token ids, in chunks no larger than its batch range."""
-    limit = engine.io.dims["batch"].max if "batch" in engine.io.dims else ids.shape[0]
+    limit = engine.io.dims[DIM_BATCH].max if DIM_BATCH in engine.io.dims else ids.shape[0]
     parts: list[dict[str, torch.Tensor]] = []
     for start in range(0, ids.shape[0], limit):
         chunk = ids[start:start + limit].to(engine.device)
@@ -190,32 +191,51 @@ class SizeConditioning:
     negative_aesthetic_score: float = 2.5  # refiner only
 
 
+def size_crop_target_ids(size: Size, cond: SizeConditioning,
+                         img2img: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) SDXL base time ids, each (1, 6): original (h, w), crop (y, x), target (h, w).
+
+    The negative ids follow the diffusers pipeline of the mode. StableDiffusionXLPipeline (txt2img):
+    separate ids only when both negative_original_size and negative_target_size are given (negative
+    crop default (0, 0)), else the positive ids. StableDiffusionXLImg2ImgPipeline (`img2img`):
+    negative sizes default to the positive ones, and the crop is the positive one.
+    """
+    orig, target = tuple(cond.original_size or size), tuple(cond.target_size or size)
+    crop = tuple(cond.crops_coords_top_left)
+    neg_orig, neg_target = tuple(cond.negative_original_size or orig), tuple(cond.negative_target_size or target)
+    pos = [*orig, *crop, *target]
+    if img2img:
+        neg = [*neg_orig, *crop, *neg_target]
+    elif cond.negative_original_size is not None and cond.negative_target_size is not None:
+        neg = [*neg_orig, *tuple(cond.negative_crops_coords_top_left or (0, 0)), *neg_target]
+    else:
+        neg = pos
+    return torch.tensor([pos], dtype=torch.float32), torch.tensor([neg], dtype=torch.float32)
+
+
+def size_crop_aesthetic_ids(size: Size, cond: SizeConditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) SDXL refiner time ids, each (1, 5): original (h, w), crop (y, x), aesthetic score.
+
+    As StableDiffusionXLImg2ImgPipeline with `requires_aesthetics_score` (the refiner runs in no other
+    pipeline): negative sizes default to the positive ones, the negative crop to (0, 0).
+    """
+    orig, crop = tuple(cond.original_size or size), tuple(cond.crops_coords_top_left)
+    neg_orig = tuple(cond.negative_original_size or orig)
+    neg_crop = tuple(cond.negative_crops_coords_top_left or (0, 0))
+    pos = [*orig, *crop, cond.aesthetic_score]
+    neg = [*neg_orig, *neg_crop, cond.negative_aesthetic_score]
+    return torch.tensor([pos], dtype=torch.float32), torch.tensor([neg], dtype=torch.float32)
+
+
 def time_ids(kind: TimeIds, size: Size, cond: SizeConditioning,
              img2img: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive, negative) time ids, each (1, width): base (orig, crop, target) / refiner (orig, crop, score).
+    """(positive, negative) time ids of a TimeIds kind: `size_crop_target_ids` or `size_crop_aesthetic_ids`.
 
-    The negative ids follow the diffusers pipeline of the mode. StableDiffusionXLPipeline (base
-    txt2img): separate ids only when both negative_original_size and negative_target_size are given
-    (negative crop default (0, 0)), else the positive ids. StableDiffusionXLImg2ImgPipeline
-    (`img2img`, and always for the refiner): negative sizes default to the positive ones; the refiner
-    uses the negative crop (default (0, 0)) and score, the base img2img the positive crop.
+    The pipeline's providers call those two directly (one per declared `time_ids` input); NONE gives
+    empty (1, 0) ids.
     """
-    orig = tuple(cond.original_size or size)
-    target = tuple(cond.target_size or size)
-    crop = tuple(cond.crops_coords_top_left)
-    neg_crop = tuple(cond.negative_crops_coords_top_left or (0, 0))
-    neg_orig = tuple(cond.negative_original_size or orig)
-    neg_target = tuple(cond.negative_target_size or target)
+    if kind is TimeIds.SIZE_CROP_TARGET:
+        return size_crop_target_ids(size, cond, img2img)
     if kind is TimeIds.SIZE_CROP_AESTHETIC:
-        pos = [*orig, *crop, cond.aesthetic_score]
-        neg = [*neg_orig, *neg_crop, cond.negative_aesthetic_score]
-    elif kind is TimeIds.SIZE_CROP_TARGET and img2img:
-        pos = [*orig, *crop, *target]
-        neg = [*neg_orig, *crop, *neg_target]
-    elif kind is TimeIds.SIZE_CROP_TARGET:
-        pos = [*orig, *crop, *target]
-        both = cond.negative_original_size is not None and cond.negative_target_size is not None
-        neg = [*neg_orig, *neg_crop, *neg_target] if both else pos
-    else:
-        return torch.zeros(1, 0), torch.zeros(1, 0)
-    return torch.tensor([pos], dtype=torch.float32), torch.tensor([neg], dtype=torch.float32)
+        return size_crop_aesthetic_ids(size, cond)
+    return torch.zeros(1, 0), torch.zeros(1, 0)

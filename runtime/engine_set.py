@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from latentrt.errors import BackendUnavailable, InvalidRequest, MissingComponent, StaleArtifact
-from latentrt.families import FamilySpec, TimeIds, get_family
+from latentrt.families import FAMILIES, FamilySpec, get_family
 from latentrt.manifest import (
     ENGINE_KIND,
     MANIFEST,
@@ -31,6 +31,7 @@ from latentrt.manifest import (
     sha256_tree,
     verify_files,
 )
+from latentrt.names import DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH
 from latentrt.paths import TINY_PREFIX, check_checkpoint, inside
 from latentrt.tensors import ComponentIO, ModelDims, io_from_json
 
@@ -85,8 +86,12 @@ class EngineSet:
 
     @property
     def requires_aesthetics_score(self) -> bool:
-        return bool(self.info.get("requires_aesthetics_score",
-                                  self.spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC))
+        """Whether the checkpoint's pipeline conditions on an aesthetic score (model_index.json, recorded at export).
+
+        Manifests without the record fall back to the family's reference pipeline settings.
+        """
+        default = dict(self.spec.pipeline_options).get("requires_aesthetics_score", False)
+        return bool(self.info.get("requires_aesthetics_score", default))
 
     @property
     def vae_scale_factor(self) -> int:
@@ -101,15 +106,15 @@ class EngineSet:
         lo_h, hi_h, lo_w, hi_w = 0, 1 << 30, 0, 1 << 30
         for engine in self.engines.values():
             dims = engine.io.dims
-            if "latent_height" in dims:
-                lo_h, hi_h = max(lo_h, dims["latent_height"].min), min(hi_h, dims["latent_height"].max)
-            if "latent_width" in dims:
-                lo_w, hi_w = max(lo_w, dims["latent_width"].min), min(hi_w, dims["latent_width"].max)
+            if DIM_LATENT_HEIGHT in dims:
+                lo_h, hi_h = max(lo_h, dims[DIM_LATENT_HEIGHT].min), min(hi_h, dims[DIM_LATENT_HEIGHT].max)
+            if DIM_LATENT_WIDTH in dims:
+                lo_w, hi_w = max(lo_w, dims[DIM_LATENT_WIDTH].min), min(hi_w, dims[DIM_LATENT_WIDTH].max)
         return (lo_h, hi_h), (lo_w, hi_w)
 
     def covers(self, latent_height: int, latent_width: int) -> bool:
         """Whether every engine takes latents of this size."""
-        sizes = {"latent_height": latent_height, "latent_width": latent_width}
+        sizes = {DIM_LATENT_HEIGHT: latent_height, DIM_LATENT_WIDTH: latent_width}
         return all(e.covers(sizes) for e in self.engines.values())
 
     def describe(self) -> list[str]:
@@ -400,19 +405,13 @@ def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[
 # ---------------------------------------------------------------------------- pairing
 
 
-# Which families a refiner family continues, first the one it was trained after (a candidate for a
-# `FamilySpec` field: pairing is a fact about the families, not their structure).
-REFINER_BASES: dict[str, tuple[str, ...]] = {
-    "sdxl-refiner": ("sdxl", "sdxl-turbo"),
-}
-
-
 def check_refiner(base: EngineSet, refiner: EngineSet) -> None:
-    """InvalidRequest / StaleArtifact when `refiner` cannot continue `base`'s latents."""
-    bases = REFINER_BASES.get(refiner.spec.name, ())
+    """InvalidRequest / StaleArtifact when `refiner` cannot continue `base`'s latents (its family's `refines`)."""
+    bases = refiner.spec.refines
     if not bases:
+        refiners = [spec.name for spec in FAMILIES.values() if spec.refines]
         raise InvalidRequest(f"--refiner {refiner.folder} is a {refiner.spec.name} model, not an SDXL refiner "
-                             f"(refiners: {', '.join(REFINER_BASES)})")
+                             f"(refiners: {', '.join(refiners)})")
     if base.spec.name not in bases:
         raise InvalidRequest(f"a refiner continues {get_family(bases[0]).title} latents; {base.folder} is "
                              f"{base.spec.name} ({refiner.spec.name} continues {', '.join(bases)})")

@@ -30,6 +30,7 @@ from latentrt.configs import check_scheduler_config
 from latentrt.errors import InvalidRequest
 from latentrt.families import MASK, MASKED_IMAGE_LATENTS
 from latentrt.memory import architecture, available_bytes, check_fits, estimate_bytes
+from latentrt.names import DIM_BATCH, DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH
 from latentrt.tensors import (
     IMAGES,
     LATENT,
@@ -142,7 +143,7 @@ class Pipeline:
             return {}
         f = es.vae_scale_factor
         decoder = es.engines.get("vae_decoder")
-        chunk = min(batch, decoder.io.dims["batch"].max) if decoder and "batch" in decoder.io.dims else batch
+        chunk = min(batch, decoder.io.dims[DIM_BATCH].max) if decoder and DIM_BATCH in decoder.io.dims else batch
         need = estimate_bytes(architecture(self.spec.name, es.dims.extra if es.dims else None),
                               unet_rows=batch * (2 if cfg else 1), decode_batch=chunk if decode else 0,
                               latent_height=height // f, latent_width=width // f,
@@ -294,7 +295,7 @@ class Pipeline:
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """The shape of `batch` latents for height x width pixels, read from the decoder's IO spec."""
         f = self.engines.vae_scale_factor
-        sizes = {"batch": batch, "latent_height": height // f, "latent_width": width // f}
+        sizes = {DIM_BATCH: batch, DIM_LATENT_HEIGHT: height // f, DIM_LATENT_WIDTH: width // f}
         return shape_of(self.engines["vae_decoder"].io.input(LATENT), sizes)
 
     def _unet_model(self, ctx: FeedContext, timer: StageTimer) -> Model:
@@ -331,7 +332,7 @@ class Pipeline:
         """Images in [-1, 1] (N, 3, H, W) from scaled latents, in chunks the decoder's batch range allows."""
         engine = self.engines["vae_decoder"]
         z = latents / self.engines.vae_scaling_factor + self.engines.vae_shift_factor
-        limit = engine.io.dims["batch"].max if "batch" in engine.io.dims else z.shape[0]
+        limit = engine.io.dims[DIM_BATCH].max if DIM_BATCH in engine.io.dims else z.shape[0]
         out = []
         for start in range(0, z.shape[0], limit):
             out.append(engine.run({LATENT: z[start:start + limit].to(engine.device)}, timer)[IMAGES].to(self.device))

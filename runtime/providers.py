@@ -19,11 +19,11 @@ import torch
 
 from latentrt.choices import Mode
 from latentrt.errors import InvalidRequest, StaleArtifact, UnknownFamily
-from latentrt.families import ConcatInput, ConditioningInput, FamilySpec, TimeIds
+from latentrt.families import ConcatInput, ConditioningInput, FamilySpec
 from latentrt.tensors import ComponentIO, TensorSpec
 
 from .backends.base import TORCH_DTYPES
-from .conditioning import TextConditioning, guidance_embedding, time_ids
+from .conditioning import TextConditioning, guidance_embedding, size_crop_aesthetic_ids, size_crop_target_ids
 from .denoisers import needs_cfg
 
 if TYPE_CHECKING:
@@ -164,14 +164,18 @@ def text_pooled(inp: Input, ctx: FeedContext) -> torch.Tensor:
 # ---------------------------------------------------------------------------- SDXL micro-conditioning
 
 
-def _time_ids(kind: TimeIds) -> Build:
-    def build(inp: Input, ctx: FeedContext) -> torch.Tensor:
-        """time_ids (rows, width) as the diffusers SDXL pipeline of the request's mode computes them."""
-        s = ctx.request
-        pos, neg = time_ids(kind, (s.height, s.width), s.sizes, img2img=s.mode is not Mode.TXT2IMG)
-        return ctx.rows(pos.expand(ctx.batch, -1), neg.expand(ctx.batch, -1))
+def time_ids_size_crop_target(inp: Input, ctx: FeedContext) -> torch.Tensor:
+    """time_ids (rows, 6) of an SDXL base UNet, as the diffusers SDXL pipeline of the request's mode."""
+    s = ctx.request
+    pos, neg = size_crop_target_ids((s.height, s.width), s.sizes, img2img=s.mode is not Mode.TXT2IMG)
+    return ctx.rows(pos.expand(ctx.batch, -1), neg.expand(ctx.batch, -1))
 
-    return build
+
+def time_ids_size_crop_aesthetic(inp: Input, ctx: FeedContext) -> torch.Tensor:
+    """time_ids (rows, 5) of the SDXL refiner's UNet (sizes, crop, aesthetic score), as its diffusers pipeline."""
+    s = ctx.request
+    pos, neg = size_crop_aesthetic_ids((s.height, s.width), s.sizes)
+    return ctx.rows(pos.expand(ctx.batch, -1), neg.expand(ctx.batch, -1))
 
 
 # ---------------------------------------------------------------------------- guidance embedding (LCM)
@@ -262,8 +266,8 @@ def masked_image_latents(inp: Input, ctx: FeedContext) -> torch.Tensor:
 
 register_provider("text_context", text_context)
 register_provider("text_pooled", text_pooled)
-register_provider("time_ids_size_crop_target", _time_ids(TimeIds.SIZE_CROP_TARGET))
-register_provider("time_ids_size_crop_aesthetic", _time_ids(TimeIds.SIZE_CROP_AESTHETIC))
+register_provider("time_ids_size_crop_target", time_ids_size_crop_target)
+register_provider("time_ids_size_crop_aesthetic", time_ids_size_crop_aesthetic)
 register_provider("guidance_embedding", guidance_cond, embeds_guidance=True)
 register_provider("class_label", class_label, check=check_class_label, request_keys=("{name}", "negative_{name}"))
 register_provider("inpaint_mask", inpaint_mask)

@@ -25,6 +25,7 @@ from latentrt.buckets import SideRanges, check_multiple, format_size, nearest_bu
 from latentrt.choices import Mode, OutputType, values
 from latentrt.errors import InvalidRequest, UnsupportedShape
 from latentrt.families import FamilySpec
+from latentrt.names import DIM_UNET_BATCH, TIME_IDS
 
 from .conditioning import SizeConditioning, as_list
 from .images import ImageInput, load_image
@@ -111,7 +112,7 @@ class ResolvedRequest:
             "guidance": self.guidance, "sampler": self.sampler, "height": self.height, "width": self.width,
             "seed": self.seed, "num_images_per_prompt": self.num_images_per_prompt, "strength": self.strength,
             "denoising_start": self.denoising_start, "denoising_end": self.denoising_end,
-            "sizes": asdict(self.sizes) if es.spec.time_ids.width else None,
+            "sizes": asdict(self.sizes) if es.spec.denoiser.takes(TIME_IDS) else None,
             "guidance_rescale": self.guidance_rescale, "prompt_weighting": self.prompt_weighting,
         }
         if self.conditioning:
@@ -252,7 +253,7 @@ def resolve_mode(spec: FamilySpec, image: Image.Image | None, mask: Image.Image 
         if image is not None or mask is not None:
             raise InvalidRequest("give either latents or an init image, not both")
         return Mode.CONTINUE
-    if spec.is_inpaint:
+    if spec.takes_mask:
         if image is None or mask is None:
             raise InvalidRequest(f"{spec.name} is an inpainting model: give an init image and a mask")
         return Mode.INPAINT
@@ -356,7 +357,7 @@ def covered(engines: EngineSet, size: tuple[int, int], notes: list[str]) -> tupl
 def check_batch(engines: EngineSet, s: ResolvedRequest) -> None:
     """InvalidRequest when the UNet batch (doubled with guidance) exceeds the engines' range."""
     io = engines["unet"].io
-    unet = io.dims.get("unet_batch")
+    unet = io.dims.get(DIM_UNET_BATCH)
     rows = s.batch * (2 if runs_cfg(engines.spec, io, s.guidance) else 1)
     if unet is not None and rows > unet.max:
         raise InvalidRequest(f"{s.batch} images{' with guidance' if rows > s.batch else ''} need a UNet batch of "

@@ -93,9 +93,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _request(cls: Any, args: argparse.Namespace, pipe: Any) -> Any:
-    """The demo's request; inpainting families get a synthetic init image and a centre mask."""
+    """The demo's request; a denoiser that takes a mask (inpainting) gets a synthetic init image and a centre mask."""
     image = mask = None
-    if pipe.spec.is_inpaint:
+    if pipe.spec.takes_mask:
         from PIL import Image, ImageDraw
 
         image = Image.new("RGB", (args.size, args.size), (70, 110, 160))

@@ -18,7 +18,7 @@ import torch
 
 from latentrt.choices import Backend
 from latentrt.errors import InvalidRequest
-from latentrt.families import FamilySpec, TimeIds
+from latentrt.families import FamilySpec
 
 from ..backends.base import Engine
 from ..timing import StageTimer, TimingRecord
@@ -30,15 +30,19 @@ REFINER_PREFIX = "refiner_"  # the pipeline's stage names for the SDXL refiner's
 
 
 def request_inputs(spec: FamilySpec, case: BenchCase) -> dict[str, Any]:
-    """Extra inputs the family needs for a txt2img-like run: an init image (+ mask) for inpainting / refiner."""
+    """Extra inputs the family needs for a txt2img-like run: an init image (+ mask) for inpainting / refiner.
+
+    A denoiser that takes a mask needs an init image and a mask; a refiner (its family `refines` others'
+    latents) runs image-to-image on its own, as its diffusers pipeline does, so it gets an init image.
+    """
     from PIL import Image
 
-    if not (spec.is_inpaint or spec.time_ids is TimeIds.SIZE_CROP_AESTHETIC):
+    if not (spec.takes_mask or spec.refines):
         return {}
     y, x = np.mgrid[0:case.height, 0:case.width]
     rgb = np.stack([x / case.width, y / case.height, 0.5 + 0 * x], axis=-1)
     out: dict[str, Any] = {"image": Image.fromarray((255 * rgb).astype(np.uint8))}
-    if spec.is_inpaint:
+    if spec.takes_mask:
         box = (abs(y - case.height / 2) < case.height / 4) & (abs(x - case.width / 2) < case.width / 4)
         out["mask"] = Image.fromarray((255 * box).astype(np.uint8))
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from latentrt.manifest import tool_versions
+from latentrt.names import DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH, DIM_SEQUENCE, DIM_UNET_BATCH
 from latentrt.parity import compare
 
 from .cases import INT8, REFERENCE, BenchCase, Sample
@@ -240,8 +241,8 @@ def unet_gflop(checkpoint: str, family: str | None, case: BenchCase, cfg: bool) 
     loaded = _LOADED.get(checkpoint) or _LOADED.setdefault(checkpoint, load_checkpoint(checkpoint, family))
     io = loaded.ios()["unet"]
     f = loaded.dims.vae_scale_factor
-    sizes = {"unet_batch": case.batch * (2 if cfg else 1), "latent_height": case.height // f,
-             "latent_width": case.width // f, "sequence": loaded.dims.max_tokens}
+    sizes = {DIM_UNET_BATCH: case.batch * (2 if cfg else 1), DIM_LATENT_HEIGHT: case.height // f,
+             DIM_LATENT_WIDTH: case.width // f, DIM_SEQUENCE: loaded.dims.max_tokens}
     feed = [torch.from_numpy(v) for v in dummy_inputs(io, sizes).values()]
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         wrap("unet", loaded)(*feed)
