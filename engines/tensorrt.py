@@ -69,7 +69,6 @@ class BuildResult:
     num_layers: int
     fp32_layers: int
     trt_version: str
-    log_tail: str = ""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -133,7 +132,7 @@ def build_trt_engine(onnx_path: str | os.PathLike[str], out_path: str | os.PathL
     del cache
     memory = _device_memory(trt, logger, data)
     return BuildResult(Path(out_path), round(time.perf_counter() - start, 3), round(len(data) / 2**20, 3),
-                       memory[0], memory[1], network.num_layers, forced, str(trt.__version__), tail.tail(),
+                       memory[0], memory[1], network.num_layers, forced, str(trt.__version__),
                        [line for line in tail.lines if line.startswith("[WARNING]")][-20:])
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 from .errors import UnsupportedShape
 
@@ -91,13 +91,6 @@ def nearest_bucket(size: Size, buckets: Iterable[Size]) -> Size:
         return (round(abs(math.log(b[0] / b[1]) - target), 9), abs(math.log(b[0] * b[1] / (h * w))))
 
     return min(buckets, key=distance)
-
-
-def bucket_for_aspect(aspect: float, buckets: Sequence[Size]) -> Size:
-    """The bucket nearest to a width/height aspect ratio, e.g. 16/9."""
-    if aspect <= 0:
-        raise UnsupportedShape(f"aspect ratio must be positive, got {aspect}")
-    return nearest_bucket((1000, int(round(1000 * aspect))), buckets)
 
 
 def format_size(size: Size) -> str:

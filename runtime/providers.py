@@ -121,10 +121,11 @@ def check_conditioning(spec: FamilySpec, unet: ComponentIO, request: ResolvedReq
         raise InvalidRequest(f"{spec.name} takes no conditioning value {unknown[0]!r}; it takes "
                              f"{', '.join(sorted(keys)) or 'none'}")
     ctx = FeedContext(request, runs_cfg(spec, unet, request.guidance), info)
+    names = set(unet.input_names)
     for inp in inputs:
         check = provider_for(inp, spec).check
         if check is not None:
-            check(inp, ctx)
+            check(inp, replace(ctx, tensor=unet.input(inp.name)) if inp.name in names else ctx)
 
 
 def conditioning_feed(spec: FamilySpec, unet: ComponentIO, ctx: FeedContext) -> dict[str, torch.Tensor]:
@@ -199,7 +200,8 @@ def _labels(value: Any, key: str, ctx: FeedContext) -> list[int]:
     if len(labels) != slots:
         raise InvalidRequest(f"conditioning['{key}'] holds {len(labels)} values for {slots} prompts; give one, or "
                              "one per prompt")
-    limit = ctx.info.get("num_class_embeds")
+    # the class count the exported UNet records (its input's `high`), else a model fact given with the context
+    limit = ctx.tensor.high if ctx.tensor is not None and ctx.tensor.high else ctx.info.get("num_class_embeds")
     for label in labels:
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or label < 0:
             raise InvalidRequest(f"conditioning['{key}'] must hold class indices (whole numbers >= 0), got {label!r}")

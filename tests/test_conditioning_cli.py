@@ -52,10 +52,6 @@ CLASS_COND = FamilySpec(  # as in tests/test_family_structure.py (registering th
     autoencoder=AutoencoderSpec(AutoencoderKind.KL, factor=8, latent_channels=4), pipeline_class="DiffusionPipeline",
 )
 FAST = ["--steps", "2", "--seed", "3", "--no-progress"]
-# The class bound is checked against FeedContext.info["num_class_embeds"], which the runtime fills from
-# ModelDims.extra while the count lives in ModelDims.num_class_embeds: label 10 reaches ONNX Runtime (a
-# Gather error: exit 1 / HTTP 500). Strict, so the fix in runtime/request.py + pipeline.py shows here.
-CLASS_BOUND_UNCHECKED = pytest.mark.xfail(strict=True, reason="class labels beyond num_class_embeds are not refused")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +151,7 @@ def test_guidance_with_a_null_class(engines: Path, tmp_path: Path) -> None:
     (["--batch", "2"], "--batch 2 repeats the prompt, but none is given"),
     ([], "this model is class-conditional: give conditioning={'class_labels': N}"),
     pytest.param(["--condition", "class_labels=10"], "conditioning['class_labels'] = 10 is beyond the model's 10 "
-                 "classes", marks=CLASS_BOUND_UNCHECKED),
+                 "classes"),
     (["--condition", "class_labels=2.5"], "must hold class indices"),
     (["--condition", "colour=3"], "tiny-class-cond takes no conditioning value 'colour'"),
     (["--condition", "class_labels=3", "--guidance", "3"], "needs a null class"),
@@ -230,8 +226,7 @@ def test_server_takes_conditioning_without_a_prompt(server: GenerationServer, pi
     ({"conditioning": {"class_labels": [1] * 5}}, 413, "conditioning 'class_labels' holds 5 values; at most 4"),
     ({"conditioning": {"a": 1, "b": 2, "c": 3}}, 413, "'conditioning' holds 3 names; at most 2"),
     ({"conditioning": {"colour": 3}}, 400, "tiny-class-cond takes no conditioning value 'colour'"),
-    pytest.param({"conditioning": {"class_labels": 10}}, 400, "is beyond the model's 10 classes",
-                 marks=CLASS_BOUND_UNCHECKED),
+    pytest.param({"conditioning": {"class_labels": 10}}, 400, "is beyond the model's 10 classes"),
     ({}, 400, "this model is class-conditional"),
     ({"conditioning": {"class_labels": 3}, "guidance": 3}, 400, "needs a null class"),
 ])
