@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from latentrt.choices import Backend, values
 from latentrt.errors import BackendUnavailable, InvalidRequest, MissingComponent, StaleArtifact
 from latentrt.families import FAMILIES, FamilySpec, get_family
 from latentrt.manifest import (
@@ -39,7 +40,7 @@ from .backends.base import Engine
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = values(Backend)
 
 
 @dataclass

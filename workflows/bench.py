@@ -26,7 +26,6 @@ from latentrt.runtime.bench import (
     PipelineRunner,
     Progress,
     Targets,
-    calibration_feeds,
     collect_unet_feeds,
     make_runner,
     read_targets,
@@ -36,7 +35,7 @@ from latentrt.runtime.bench.runner import Runner
 from latentrt.runtime.bench.session import Reporter, finish, generations, measure
 from latentrt.runtime.bench.stats import machine_info
 
-__all__ = ["calibration_feeds", "prepare_int8", "prepare_targets", "run_bench"]
+__all__ = ["prepare_int8", "prepare_targets", "run_bench"]
 
 ORT, TRT, TORCH = Backend.ONNXRUNTIME.value, Backend.TENSORRT.value, Backend.TORCH.value
 

@@ -26,7 +26,7 @@ class TorchEngine(Engine):
     @classmethod
     def from_loaded(cls, component: str, loaded: Any, io: ComponentIO, device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> TorchEngine:
-        """Wrap one component of a `LoadedModel` (export.models.load_checkpoint) as an engine."""
+        """Wrap one component of a `LoadedModel` (reference.models.load_checkpoint) as an engine."""
         from latentrt.reference.wrappers import wrap
 
         return cls(wrap(component, loaded), io, device, dtype)
