@@ -16,6 +16,7 @@ Without TensorRT or a CUDA GPU it exits with status 2 and says which is missing.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import statistics
@@ -28,8 +29,8 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_FAMILIES = "sd1,sd2,sdxl,sdxl-turbo"
 TINY_SIZES = [(256, 256), (256, 384)]  # two per-bucket profiles: routing is exercised too
-RELATIVE_TOLERANCE = 3e-2  # fp16 engine vs fp32 PyTorch: max |diff| / max |reference|
-FULL_MODELS = ("sd1", "sdxl-turbo")
+RELATIVE_TOLERANCE = 3e-2  # fp16 engine vs fp32 PyTorch: max |diff| <= 3e-2 * max(1, max |reference|)
+WINDOW = 77  # tokens of one prompt window (text encoder input, UNet context)
 
 log = logging.getLogger("gpu_check")
 
@@ -110,6 +111,14 @@ def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int
                        repeats: int) -> list[dict[str, Any]]:
     import torch
 
+    from latentrt.names import (
+        DIM_BATCH,
+        DIM_LATENT_HEIGHT,
+        DIM_LATENT_WIDTH,
+        DIM_SEQUENCE,
+        DIM_TOKENS,
+        DIM_UNET_BATCH,
+    )
     from latentrt.reference.wrappers import wrap
     from latentrt.runtime.backends.tensorrt import load_engines
     from latentrt.tensors import dummy_inputs, prompt_like
@@ -120,8 +129,9 @@ def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int
     for component, engine in engines.items():
         module = wrap(component, loaded).cuda().eval()
         for h, w in sizes:
-            dims = {"batch": batch, "unet_batch": batch * 2 if loaded.spec.uses_cfg else batch,
-                    "latent_height": h // factor, "latent_width": w // factor, "tokens": 77, "sequence": 77}
+            dims = {DIM_BATCH: batch, DIM_UNET_BATCH: batch * 2 if loaded.spec.uses_cfg else batch,
+                    DIM_LATENT_HEIGHT: h // factor, DIM_LATENT_WIDTH: w // factor, DIM_TOKENS: WINDOW,
+                    DIM_SEQUENCE: WINDOW}
             feed_np = prompt_like(dummy_inputs(engine.io, {k: v for k, v in dims.items() if k in engine.io.dims},
                                                seed=h + w), words=11)
             feed = {k: torch.from_numpy(v).cuda() for k, v in feed_np.items()}
@@ -130,7 +140,7 @@ def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int
             got = engine.run(feed)
             rows.append(compare(component, (h, w), engine.io.output_names, got, reference)
                         | timings(engine, module, feed, repeats))
-            log.info("%s %dx%d: %s", component, h, w, rows[-1]["max_abs_diff"])
+            log.info("%s %dx%d: max |diff| %s", component, h, w, rows[-1]["max_abs_diff"])
         del module
         torch.cuda.empty_cache()
     for engine in engines.values():
@@ -138,19 +148,20 @@ def compare_components(engine_dir: Path, loaded: Any, sizes: list[tuple[int, int
     return rows
 
 
-
-
 def compare(component: str, size: tuple[int, int], names: list[str], got: dict[str, Any],
             reference: Any) -> dict[str, Any]:
-    diffs, scales, finite = {}, {}, True
-    for name, ref in zip(names, reference):
-        out = got[name].float()
-        diffs[name] = float((out - ref.float()).abs().max())
-        scales[name] = float(ref.float().abs().max())
-        finite = finite and bool(out.isfinite().all())
-    passed = finite and all(diffs[n] <= RELATIVE_TOLERANCE * max(scales[n], 1.0) for n in names)
-    return {"component": component, "size": f"{size[0]}x{size[1]}", "max_abs_diff": diffs,
-            "max_abs_reference": scales, "finite": finite, "passed": passed}
+    """The engine's outputs against PyTorch's (`latentrt.parity.compare`; non-finite outputs fail)."""
+    from latentrt.parity import Tolerance
+    from latentrt.parity import compare as parity
+
+    def host(t: Any) -> Any:
+        return t.detach().float().cpu().numpy()
+
+    tolerance = Tolerance(atol=0.0, rtol=RELATIVE_TOLERANCE, scale_floor=1.0)
+    report = parity({n: host(got[n]) for n in names}, {n: host(r) for n, r in zip(names, reference)}, tolerance,
+                    context=f"{component} at {size[0]}x{size[1]}")
+    return {"component": component, "size": f"{size[0]}x{size[1]}", "passed": report.ok,
+            "max_abs_diff": {t.name: t.max_abs_diff for t in report.tensors}, "parity": report.to_json()}
 
 
 def timings(engine: Any, module: Any, feed: dict[str, Any], repeats: int) -> dict[str, Any]:
@@ -188,30 +199,27 @@ def make_full_checkpoint(family: str, folder: Path) -> Path:
     from transformers import CLIPTokenizer
 
     from latentrt.families import get_family
-    from latentrt.reference.tiny import TinyText, make_scheduler, make_text_encoder
+    from latentrt.reference.tiny import make_scheduler, make_text_encoder
     from latentrt.reference.tokenizers import EOS, save_clip_tokenizer
 
     spec = get_family(family)
-    xl = spec.has_pooled
-    tok = CLIPTokenizer.from_pretrained(str(save_clip_tokenizer(folder.parent / "tokenizer-src", EOS)))
-    clip_l = make_text_encoder(TinyText(768, "quick_gelu", layers=12, heads=12, projection=768), False,
-                               int(tok.pad_token_id), 1)
+    parts: dict[str, Any] = {}
+    for te in spec.text_encoders:  # the released towers: CLIP ViT-L/14, OpenCLIP ViT-bigG/14 (SDXL encoder 2)
+        tower, seed, pad = _full_towers(EOS)[te.tower]
+        tok = CLIPTokenizer.from_pretrained(str(save_clip_tokenizer(folder.parent / f"{te.tokenizer}-src", pad)))
+        parts[te.tokenizer] = tok
+        parts[te.component] = make_text_encoder(tower, te.pooled, int(tok.pad_token_id), seed)
     torch.manual_seed(2)
-    unet = diffusers.UNet2DConditionModel(**(SDXL_UNET if xl else SD15_UNET)).eval()
+    parts["unet"] = diffusers.UNet2DConditionModel(**FULL_UNETS[spec.name]).eval()
     torch.manual_seed(3)
-    vae = diffusers.AutoencoderKL(**VAE, scaling_factor=spec.vae_scaling_factor, force_upcast=xl).eval()
-    parts: dict[str, Any] = dict(vae=vae, text_encoder=clip_l, tokenizer=tok, unet=unet,
-                                 scheduler=make_scheduler(spec))
-    if xl:
-        tok2 = CLIPTokenizer.from_pretrained(str(save_clip_tokenizer(folder.parent / "tokenizer-2-src", "!")))
-        parts["text_encoder_2"] = make_text_encoder(TinyText(1280, "gelu", layers=32, heads=20, projection=1280),
-                                                    True, int(tok2.pad_token_id), 4)
-        parts["tokenizer_2"] = tok2
-        pipe = diffusers.StableDiffusionXLPipeline(add_watermarker=False, **parts)
-    else:
-        no_safety: dict[str, Any] = {"safety_checker": None, "feature_extractor": None}
-        pipe = diffusers.StableDiffusionPipeline(requires_safety_checker=False, **no_safety, **parts)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    parts["vae"] = diffusers.AutoencoderKL(**VAE, scaling_factor=spec.vae_scaling_factor,
+                                           force_upcast=spec.fp16_vae_overflows).eval()
+    parts["scheduler"] = make_scheduler(spec)
+    pipeline = getattr(diffusers, spec.pipeline_class)
+    takes = inspect.signature(pipeline.__init__).parameters
+    extra: dict[str, Any] = {k: None for k in ("safety_checker", "feature_extractor") if k in takes}
+    extra.update({k: False for k in ("requires_safety_checker", "add_watermarker") if k in takes})
+    pipeline(**extra, **parts).save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 
@@ -229,11 +237,23 @@ SDXL_UNET: dict[str, Any] = dict(  # stabilityai/sdxl-turbo unet/config.json (th
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )
+FULL_UNETS = {"sd1": SD15_UNET, "sdxl-turbo": SDXL_UNET}  # family name -> its released UNet architecture
+FULL_MODELS = tuple(FULL_UNETS)
 VAE: dict[str, Any] = dict(  # the SD / SDXL AutoencoderKL
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
     sample_size=512,
 )
+
+
+
+def _full_towers(eos: str) -> dict[Any, tuple[Any, int, str]]:
+    """Text tower -> (its released size as a `TinyText` recipe, weight seed, pad token: OpenCLIP pads with "!")."""
+    from latentrt.families import TextTower
+    from latentrt.reference.tiny import TinyText
+
+    return {TextTower.CLIP_L: (TinyText(768, "quick_gelu", layers=12, heads=12, projection=768), 1, eos),
+            TextTower.OPENCLIP_BIGG: (TinyText(1280, "gelu", layers=32, heads=20, projection=1280), 4, "!")}
 
 
 # ---------------------------------------------------------------------------- output

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from latentrt.buckets import Size
+from latentrt.cache_keys import digest
 from latentrt.choices import BuildBackend, Device, Precision, values
 from latentrt.errors import BuildError, MissingComponent, OutputConflict, StaleArtifact
 from latentrt.families import FamilySpec
@@ -51,12 +52,12 @@ from .build_int8 import (
 from .build_onnxruntime import OnnxRuntimeBuilder
 from .build_tensorrt import TensorRTBuilder
 from .builder import Builder, BuildEvent, BuildOptions, ComponentPrecision, GpuInfo, Progress, emit
-from .cache import digest
 from .calibration import Calibration, Feed
+from .layers import attention_core
 from .onnx_checks import check_onnx_files
 from .profiles import ProfilePlan, format_plan, plan_profiles
+from .recipes import DEFAULT_RECIPE, RECIPES
 from .source import OnnxExport, copy_files, read_onnx_export, select_components, tree_bytes, verify_export
-from .tensorrt import attention_core
 
 __all__ = ["INT8_CALIBRATION_STEPS", "BuildEvent", "BuildOptions", "Calibration", "ComponentPrecision", "Int8Options",
            "OnnxExport", "Progress", "build_engines", "builder_for", "component_precision", "default_calibration_size",
@@ -182,6 +183,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         raise BuildError(f"unknown device {device!r}; choose one of {', '.join(values(Device))}")
     if precision != Precision.INT8 and int8_recipe is not None:
         raise BuildError("an int8 recipe needs --precision int8")
+    _check_calibration_used(precision, int8_recipe, calibration)
     export = read_onnx_export(onnx_dir)
     int8 = None if precision != Precision.INT8 else int8_options(export.spec, backend, device, int8_recipe,
                                                                  calibration_size, calibration_steps, calibration)
@@ -205,6 +207,19 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
                            prompt_windows=prompt_windows))
     log.info("wrote %s engines for %s to %s", opts.backend.value, export.spec.name, out)
     return out
+
+
+def _check_calibration_used(precision: str | None, recipe: str | None, calibration: object) -> None:
+    """Recorded feeds given to a build that would not use them: BuildError (never silently ignored)."""
+    if calibration is None:
+        return
+    if precision != Precision.INT8:
+        raise BuildError(f"--calibration-feeds needs --precision int8 with a static recipe (got precision "
+                         f"{precision or 'default'})")
+    name = recipe or DEFAULT_RECIPE
+    if name in RECIPES and RECIPES[name].method != "static":
+        raise BuildError(f"--calibration-feeds needs --precision int8 with a static recipe (static-*); {name} "
+                         "quantizes without calibration")
 
 
 def _build_locked(export: OnnxExport, out: Path, plan: ProfilePlan, builder: Builder, gpu: GpuInfo | None,

@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from latentrt.choices import BuildBackend, Device, Precision
+from latentrt.tensorrt_support import gpu_info
 from latentrt.tensors import ComponentIO
 
 from .builder import Builder, ComponentPrecision, GpuInfo
+from .layers import InputProfile
 from .onnxruntime import MODEL, prepare_ort_engine, require_ort, verify_engine
 from .profiles import ProfilePlan
-from .tensorrt import InputProfile, gpu_info
 
 
 class OnnxRuntimeBuilder(Builder):

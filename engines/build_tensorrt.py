@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from latentrt.choices import BuildBackend, Device, Precision
+from latentrt.tensorrt_support import gpu_info, require_tensorrt, trt_version
 from latentrt.tensors import ComponentIO
 
 from .builder import Builder, ComponentPrecision, GpuInfo
+from .layers import InputProfile
 from .profiles import ProfilePlan
-from .tensorrt import InputProfile, build_trt_engine, gpu_info, require_tensorrt, trt_version
+from .tensorrt import build_trt_engine
 
 
 class TensorRTBuilder(Builder):

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from latentrt.cache_keys import key_fields
 from latentrt.choices import BuildBackend, Device, Precision
 from latentrt.tensors import ComponentIO
 
-from .cache import key_fields
+from .layers import InputProfile, LayerFilter
 from .profiles import ProfilePlan
-from .tensorrt import InputProfile, LayerFilter
 
 GpuInfo = Mapping[str, str]  # {name, compute_capability} of the CUDA device a build is for
 
@@ -126,6 +126,6 @@ class Builder(ABC):
 
     def cache_key(self, onnx_sha256: str, precision: ComponentPrecision, profiles: Sequence[Any],
                   gpu: GpuInfo | None) -> dict[str, Any]:
-        """The fields an engine's cache key is computed from (`engines.cache.key_fields`)."""
+        """The fields an engine's cache key is computed from (`latentrt.cache_keys.key_fields`)."""
         return key_fields(onnx_sha256, precision.precision.value, profiles, self.flags(precision),
                           self.tool_version(), (gpu or {}).get("compute_capability"))

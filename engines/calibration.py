@@ -11,12 +11,14 @@ import io
 import json
 import os
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.lib.npyio import NpzFile
 
 from latentrt.buckets import Size
 from latentrt.errors import BuildError
@@ -49,12 +51,8 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Calibration:
-        """Read a file written by `save` (BuildError when it is not one)."""
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                entries = {k: np.asarray(data[k]) for k in data.files}
-        except (OSError, ValueError) as e:
-            raise BuildError(f"cannot read calibration feeds from {path}: {e}") from None
+        """Read a file written by `save` (BuildError when it is not one; never unpickles)."""
+        entries = _read_npz(path)
         meta = _meta(entries.pop(META, None), path)
         feeds: dict[int, dict[str, np.ndarray]] = {}
         for key, array in entries.items():
@@ -65,6 +63,24 @@ class Calibration:
         size = meta.get("size")
         return cls(tuple(feeds[i] for i in sorted(feeds)), (int(size[0]), int(size[1])) if size else None,
                    meta.get("steps"), float(meta.get("seconds") or 0.0))
+
+
+def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """Every array of a `.npz` file, read without pickles; a fixed message for anything else (numpy's own
+    text for object arrays suggests loading the untrusted file with pickles enabled)."""
+    if not os.path.isfile(path):
+        raise BuildError(f"calibration feed file {path} does not exist or is not a file")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, NpzFile):  # a single .npy array
+            raise ValueError("not an .npz archive")
+        with data:
+            return {k: np.asarray(data[k]) for k in data.files}
+    except OSError as e:
+        raise BuildError(f"cannot read calibration feeds from {path}: {e.strerror or 'read error'}") from None
+    except (ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        raise BuildError(f"{path} is not a calibration feed file (an .npz of arrays written by `latentrt build`)") \
+            from None
 
 
 def _meta(entry: np.ndarray | None, path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from latentrt.choices import BuildBackend, Device, Precision
 from latentrt.errors import BuildError, MissingComponent, OutputConflict, StaleArtifact
 from latentrt.manifest import (
     ENGINE_KIND,
@@ -219,7 +220,7 @@ def quantize_unet_int8(onnx_path: str | os.PathLike[str], out_path: str | os.Pat
     counts = op_counts(out)
     log.info("int8 %s UNet written to %s in %.1f s", method, out, seconds)
     return {
-        "precision": "int8",
+        "precision": Precision.INT8.value,
         "recipe": asdict(recipe),
         "calibration_feeds": len(calibration_feeds or ()),
         "fp32_nodes": len(excluded),
@@ -227,7 +228,8 @@ def quantize_unet_int8(onnx_path: str | os.PathLike[str], out_path: str | os.Pat
         "int8_nodes": {op: n for op, n in counts.items()
                        if op in ("QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DequantizeLinear",
                                  "DynamicQuantizeLinear", "QuantizeLinear")},
-        "size_mb": {"fp32": round(model_bytes(src) / 2**20, 2), "int8": round(model_bytes(out) / 2**20, 2)},
+        "size_mb": {Precision.FP32.value: round(model_bytes(src) / 2**20, 2),
+                    Precision.INT8.value: round(model_bytes(out) / 2**20, 2)},
         "quantize_s": round(seconds, 3),
     }
 
@@ -319,7 +321,7 @@ def quantize_engine_dir(engine_dir: str | os.PathLike[str], out_dir: str | os.Pa
     """
     src_dir, out = Path(engine_dir), Path(os.path.abspath(out_dir))  # "." has no name to stage or lock beside
     manifest = read_manifest(src_dir, ENGINE_KIND)
-    if manifest.get("backend") != "onnxruntime":
+    if manifest.get("backend") != BuildBackend.ONNXRUNTIME:
         raise BuildError(f"{src_dir} holds {manifest.get('backend')} engines; int8 quantization is for ONNX Runtime "
                          "engine folders (build one with `latentrt build ONNX_DIR --backend onnxruntime`)")
     if "unet" not in manifest["components"]:
@@ -359,11 +361,12 @@ def _quantize_locked(src_dir: Path, out: Path, manifest: Mapping[str, Any], fp32
                 _link_or_copy(p, tmp / rel)
         dest = tmp / "unet" / "model.onnx"
         info = quantize_recipe(fp32, dest, recipe, calibration_feeds)
-        unet.update(path="unet/model.onnx", precision="int8", sha256=sha256_tree(dest.parent),
+        unet.update(path="unet/model.onnx", precision=Precision.INT8.value, sha256=sha256_tree(dest.parent),
                     size_mb=round(sum(f.stat().st_size for f in dest.parent.iterdir()) / 2**20, 3),
                     size_bytes=dest.stat().st_size, build_s=info["quantize_s"], cache_key=f"int8:{info['recipe_name']}",
-                    int8=info, ort={"device": "cpu", "graph_optimization_level": "none (optimized at session start)"})
-        new = dict(manifest, precision="int8", components={**manifest["components"], "unet": unet},
+                    int8=info,
+                    ort={"device": Device.CPU.value, "graph_optimization_level": "none (optimized at session start)"})
+        new = dict(manifest, precision=Precision.INT8.value, components={**manifest["components"], "unet": unet},
                    int8={"component": "unet", "recipe": info["recipe_name"], "base_engines": str(src_dir.resolve()),
                          "fp32_unet": str(fp32.resolve())})
         atomic_write_json(tmp / MANIFEST, sealed({**new, "written": written_files(tmp)}))

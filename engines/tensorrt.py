@@ -2,61 +2,30 @@
 
 The only module that imports `tensorrt` at build time, and only inside functions: importing
 LatentRT never needs TensorRT, and no TensorRT object is created on a machine without a GPU
-(TensorRT's lean runtime crashes there). Layer selection for fp32 islands is plain Python; the
-availability checks and the log tail the runtime shares live in `latentrt.tensorrt_support`.
+(TensorRT's lean runtime crashes there). Layer selection for fp32 islands is plain Python (`engines.layers`);
+the availability checks and the log tail the runtime shares live in `latentrt.tensorrt_support`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from latentrt.errors import BuildError
 from latentrt.manifest import atomic_write_bytes
-from latentrt.tensorrt_support import (  # noqa: F401 (gpu_info, tensorrt_available, trt_version: re-exported)
-    LogTail,
-    gpu_info,
-    make_logger,
-    require_tensorrt,
-    tensorrt_available,
-    trt_version,
-)
+from latentrt.tensorrt_support import LogTail, make_logger, require_tensorrt
+
+from .layers import InputProfile, LayerFilter, layer_kind
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 log = logging.getLogger(__name__)
-
-Shape = tuple[int, ...]
-InputProfile = Mapping[str, tuple[Shape, Shape, Shape]]  # input name -> (min, opt, max) shape
-LayerFilter = Callable[[str, str], bool]  # (layer or node name, kind: "matmul" | "softmax" | ...) -> keep in fp32
-
-# direct children of an attention module: the QK^T / AV matmuls and the softmax (not to_q/to_k/to_v/to_out)
-_ATTENTION_CORE = re.compile(r"(?:^|/)attn\d*/(?:MatMul|Softmax|Einsum)[^/]*$")
-
-
-def attention_core(name: str, kind: str) -> bool:
-    """Whether a node / layer is an attention score matmul or softmax (kept fp32 where fp16 overflows)."""
-    return kind in ("matmul", "softmax") and bool(_ATTENTION_CORE.search(name))
-
-
-def layer_kind(type_name: str) -> str:
-    """Map ONNX op types and TensorRT LayerType names to a small shared vocabulary."""
-    t = type_name.upper()
-    if t in ("MATMUL", "MATRIX_MULTIPLY", "EINSUM", "GEMM"):
-        return "matmul"
-    if t in ("SOFTMAX", "RAGGED_SOFTMAX"):
-        return "softmax"
-    return t.lower()
-
-
-# ---------------------------------------------------------------------------- build
 
 
 @dataclass

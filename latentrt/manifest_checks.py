@@ -23,6 +23,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from .choices import Device, values
 from .errors import StaleArtifact, UnknownFamily
 from .families import FamilySpec, get_family
 from .manifest import MANIFEST, ONNX_KIND
@@ -184,8 +185,8 @@ def _ort(check: _Check, name: str, ort: Mapping[str, Any]) -> None:
     providers = ort.get("providers")
     check.require(providers is None or isinstance(providers, list) and all(_provider_ok(p) for p in providers),
                   f"component {name!r}: 'ort.providers' should list provider names (or [name, options] pairs)")
-    check.require(ort.get("device") is None or ort["device"] in ("cpu", "cuda"),
-                  f"component {name!r}: 'ort.device' should be cpu or cuda")
+    check.require(ort.get("device") is None or ort["device"] in values(Device),
+                  f"component {name!r}: 'ort.device' should be one of {', '.join(values(Device))}")
 
 
 def _provider_ok(provider: Any) -> bool:

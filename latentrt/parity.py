@@ -1,7 +1,8 @@
 """One comparator: named outputs of two runs (ONNX vs PyTorch, engine vs ONNX, int8 vs fp32, backend vs
 reference images) compared tensor by tensor into a typed `ParityReport`.
 
-A tensor passes when max |got - ref| <= atol + rtol * max |ref| and every value of `got` is finite.
+A tensor passes when max |got - ref| <= atol + rtol * max |ref| (max |ref| floored at `scale_floor` when set)
+and every value of `got` is finite.
 Export parity, engine verification, int8 checks and `latentrt bench` all read the same report.
 """
 
@@ -19,13 +20,18 @@ from .errors import ExportMismatch
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Pass if max |got - ref| <= atol + rtol * max |ref| (e.g. fp32 ONNX against fp32 PyTorch: 1e-4, 1e-4)."""
+    """Pass if max |got - ref| <= atol + rtol * max(scale_floor, max |ref|) (e.g. fp32 ONNX against fp32 PyTorch:
+    1e-4, 1e-4; `scale_floor=1` makes rtol an absolute bound for references smaller than 1)."""
 
     atol: float = 1e-4
     rtol: float = 1e-4
+    scale_floor: float | None = None  # None: the scale is max |ref| itself
 
     def limit(self, reference: np.ndarray) -> float:
-        return self.atol + self.rtol * float(np.abs(reference).max(initial=0.0))
+        scale = float(np.abs(reference).max(initial=0.0))
+        if self.scale_floor is not None:
+            scale = max(self.scale_floor, scale)
+        return self.atol + self.rtol * scale
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class TensorParity:
     name: str
     max_abs_diff: float  # inf when the shapes differ or `got` has non-finite values
     max_abs_ref: float
-    limit: float  # atol + rtol * max |ref|
+    limit: float  # atol + rtol * max |ref| (`Tolerance.limit`)
     rel_l2: float  # ||got - ref|| / ||ref||
     psnr_db: float  # 10 log10(peak^2 / mse), peak = max |ref| (1 for images in [0, 1]); inf when identical
     shape: tuple[int, ...]
@@ -86,7 +92,12 @@ class ParityReport:
 
 
 def _excess(t: TensorParity) -> float:
-    return math.inf if not t.limit > 0 else t.max_abs_diff / t.limit
+    """How far over its limit a tensor is (1 at the limit); an identical tensor scores 0 even when the limit is 0."""
+    if t.shape != t.ref_shape or math.isnan(t.max_abs_diff):
+        return math.inf
+    if t.max_abs_diff == 0:
+        return 0.0
+    return t.max_abs_diff / t.limit if t.limit > 0 else math.inf
 
 
 def _finite(v: Any) -> Any:

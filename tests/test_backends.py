@@ -167,7 +167,7 @@ def test_engine_folder_runs_like_the_onnx_folder(onnx_export_dir: Callable[[str]
 
 def test_tensorrt_folder_without_tensorrt(onnx_export_dir: Callable[[str], Path], tmp_path: Path) -> None:
     """A TensorRT engine folder on a machine without TensorRT: BackendUnavailable, no crash."""
-    from latentrt.engines.tensorrt import tensorrt_available
+    from latentrt.tensorrt_support import tensorrt_available
 
     if tensorrt_available()[0]:
         pytest.skip("TensorRT and a GPU are available here")

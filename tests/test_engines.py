@@ -15,13 +15,14 @@ import onnxruntime as ort
 import pytest
 from test_engines_fakes import make_fake_export
 
+from latentrt.cache_keys import check_engine, digest
 from latentrt.engines.build import build_engines, component_precision, read_onnx_export
-from latentrt.engines.cache import check_engine, digest
+from latentrt.engines.layers import attention_core, layer_kind
 from latentrt.engines.onnxruntime import prepare_ort_engine
-from latentrt.engines.tensorrt import LogTail, attention_core, layer_kind
 from latentrt.errors import BuildError, OutputConflict, StaleArtifact
 from latentrt.families import FAMILIES, FamilyId, get_family
 from latentrt.manifest import ENGINE_KIND, MANIFEST, read_manifest, sha256_tree
+from latentrt.tensorrt_support import LogTail
 from latentrt.tensors import dummy_inputs, io_from_json, io_to_json
 
 ENTRY_KEYS = {"path", "io", "precision", "fp32_islands", "profiles", "cache_key", "key", "sha256", "size_mb",

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from latentrt.engines.cache import cache_key, check_engine, digest, key_fields
+from latentrt.cache_keys import cache_key, check_engine, digest, key_fields
 from latentrt.errors import StaleArtifact
 
 BASE: dict[str, Any] = {

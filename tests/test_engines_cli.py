@@ -10,10 +10,10 @@ import pytest
 from test_engines_fakes import make_fake_export
 
 from latentrt.cli import main
-from latentrt.engines.tensorrt import tensorrt_available
 from latentrt.errors import StaleArtifact
 from latentrt.families import FamilyId, get_family
 from latentrt.manifest import MANIFEST, read_manifest
+from latentrt.tensorrt_support import tensorrt_available
 
 NO_TRT = not tensorrt_available()[0]
 

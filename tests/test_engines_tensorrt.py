@@ -13,7 +13,6 @@ import torch
 from test_engines_fakes import make_fake_export
 
 from latentrt.engines.build import build_engines
-from latentrt.engines.tensorrt import tensorrt_available
 from latentrt.errors import BackendUnavailable, MissingComponent, StaleArtifact
 from latentrt.manifest import MANIFEST
 from latentrt.runtime.backends.tensorrt import (
@@ -23,6 +22,7 @@ from latentrt.runtime.backends.tensorrt import (
     load_engines,
 )
 from latentrt.runtime.timing import StageTimer
+from latentrt.tensorrt_support import tensorrt_available
 from latentrt.tensors import dummy_inputs, io_from_json
 
 HAVE_TRT, WHY = tensorrt_available()
