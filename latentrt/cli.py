@@ -25,6 +25,7 @@ from .errors import LatentRTError
 
 VERBS = {
     "export": ("latentrt.export.cli", "export a checkpoint (diffusers folder, hub id, tiny:<family>) to ONNX"),
+    "import-onnx": ("latentrt.export.cli_import", "import an ONNX folder exported by Hugging Face Optimum as a LatentRT export"),
     "build": ("latentrt.workflows.build", "build engines (TensorRT fp16 or ONNX Runtime) from an ONNX export"),
     "generate": ("latentrt.runtime.cli_generate", "generate images with built engines"),
     "demo": ("latentrt.workflows.demo", "export, build and run a built-in tiny model on the CPU, end to end"),

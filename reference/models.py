@@ -78,6 +78,8 @@ def model_index(folder: Path) -> dict[str, Any]:
     index = read_json(folder / "model_index.json", "pipeline")
     if not isinstance(index.get("_class_name"), str):
         raise CheckpointError(f"{folder / 'model_index.json'} has no '_class_name': not a diffusers pipeline")
+    if (folder / "vae_decoder" / "model.onnx").is_file() and not (folder / "vae").is_dir():
+        raise CheckpointError(f"{folder} is an Optimum ONNX export: run latentrt import-onnx {folder} -o OUT")
     for part in ("unet", "vae", "scheduler"):
         if not _present(index, folder, part):
             raise CheckpointError(f"{folder} has no '{part}' (model_index.json entry and folder are both needed)")
