@@ -24,7 +24,8 @@ SAMPLERS = tuple(s.value for s in SamplerId)  # each maps to a diffusers schedul
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="DIR", help="engine folder (`latentrt build`), ONNX export (`latentrt "
-                                                      "export`), or with --backend torch a checkpoint / tiny:<family>")
+                                                      "export`), or with --backend torch a checkpoint (folder, .safetensors "
+                                                      "file with --config, tiny:<family>)")
     parser.add_argument("-p", "--prompt", help="what to draw (needed by every family with a text encoder)")
     parser.add_argument("-n", "--negative-prompt", help="what to avoid (SDXL: none = zero embeddings)")
     parser.add_argument("-o", "--output", default="out.png", help="PNG to write; several images -> out-0.png, ...")
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--denoising-end", type=float,
                         help="with --refiner: fraction of the schedule the base runs before the refiner (default 0.8)")
     parser.add_argument("--backend", choices=values(Backend), help="default: what DIR was built for")
+    parser.add_argument("--config", help="with --backend torch and a single .safetensors file: a local diffusers "
+                                         "folder of the same family whose configs and tokenizers describe it, or "
+                                         "a hub id (as `latentrt export --config`)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -197,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     checked_output_paths(args.output, args.batch * args.num_images)  # before the work, not after it
-    pipe = load_pipeline(args.folder, backend=args.backend, device=args.device, refiner=args.refiner)
+    pipe = load_pipeline(args.folder, backend=args.backend, device=args.device, refiner=args.refiner,
+                         config=args.config)
     bar = StepBar(args.progress)
     try:
         check_prompt_given(args, pipe.spec)

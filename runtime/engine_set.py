@@ -2,7 +2,8 @@
 
 Accepted folders: built engines (`latentrt.engines` manifest: TensorRT plans or ONNX Runtime models),
 an ONNX export (`latentrt.onnx` manifest, run directly on ONNX Runtime), or, for the PyTorch
-reference backend, a checkpoint (diffusers folder or `tiny:<family>`). Every component file is
+reference backend, a checkpoint (diffusers folder, single `.safetensors` file with its `config`, or
+`tiny:<family>`), loaded as `latentrt export` loads it. Every component file is
 checked against the hash in its manifest before it is used: a changed or foreign file is
 `StaleArtifact`, an absent one `MissingComponent`. Manifests are untrusted: `read_manifest` checks
 their types, family, components and IO, and every path they name must stay inside the folder
@@ -145,17 +146,25 @@ def parse_device(text: torch.device | str) -> torch.device:
 
 
 def load_engines(folder: str | os.PathLike[str], backend: str | None = None, device: torch.device | str = "cpu",
-                 providers: Sequence[Any] | None = None, verify: bool = True) -> EngineSet:
-    """Load a model's engines: an engine folder, an ONNX export, or (backend "torch") a checkpoint."""
+                 providers: Sequence[Any] | None = None, verify: bool = True,
+                 config: str | os.PathLike[str] | None = None) -> EngineSet:
+    """Load a model's engines: an engine folder, an ONNX export, or (backend "torch") a checkpoint.
+
+    `config` (single-file checkpoints only, as `latentrt export --config`): the diffusers folder or hub
+    id whose configs and tokenizers describe the file.
+    """
     if backend is not None and backend not in BACKENDS:
         raise InvalidRequest(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     device = parse_device(device)
     text = os.fspath(folder)
     path = Path(text)
-    if text.startswith(TINY_PREFIX) or not (path / MANIFEST).is_file() and (path / "model_index.json").is_file():
+    if is_checkpoint(text):
         if backend not in (None, "torch"):
-            raise InvalidRequest(f"{text} is a checkpoint; export it (`latentrt export`) to run it on {backend}")
-        return _load_reference(text, device, kind="checkpoint", manifest={})
+            raise InvalidRequest(f"{text} is a checkpoint; export it (`latentrt export`) to run it on {backend}, "
+                                 "or pass --backend torch")
+        return _load_reference(text, device, kind="checkpoint", manifest={}, config=config)
+    if config is not None:
+        raise InvalidRequest(f"--config applies to single-file checkpoints; {text} is not one")
     manifest = read_manifest(path)
     kind = manifest.get("kind")
     if kind == ONNX_KIND:
@@ -163,6 +172,16 @@ def load_engines(folder: str | os.PathLike[str], backend: str | None = None, dev
     if kind == ENGINE_KIND:
         return _load_engine_dir(path, manifest, backend, device, providers, verify)
     raise StaleArtifact(f"{path / MANIFEST} describes {kind!r}, not an ONNX export or built engines")
+
+
+def is_checkpoint(text: str) -> bool:
+    """Whether `text` names a checkpoint (tiny:<family>, a diffusers folder, a single weights file), not an export."""
+    from latentrt.reference.single_file import is_single_file
+
+    path = Path(text)
+    if text.startswith(TINY_PREFIX) or is_single_file(text):
+        return True
+    return not (path / MANIFEST).is_file() and (path / "model_index.json").is_file()
 
 
 def _load_onnx_dir(path: Path, manifest: dict[str, Any], backend: str, device: torch.device,
@@ -378,8 +397,12 @@ def load_scheduler_config(path: Path) -> dict[str, Any]:
 
 
 def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[str, Any],
-                    folder: Path | None = None) -> EngineSet:
-    """The PyTorch reference backend: the checkpoint's own modules behind the engine interface."""
+                    folder: Path | None = None, config: str | os.PathLike[str] | None = None) -> EngineSet:
+    """The PyTorch reference backend: the checkpoint's own modules behind the engine interface.
+
+    Loaded as the export loads it (`latentrt.reference.models.load_checkpoint`): a single file is
+    converted once, with `config`, into a cached diffusers folder.
+    """
     from latentrt.reference.models import load_checkpoint
 
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -390,7 +413,7 @@ def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[
 
     family = manifest.get("family")
     check_checkpoint(model)
-    loaded = load_checkpoint(model, family=family)
+    loaded = load_checkpoint(model, family=family, config=None if config is None else os.fspath(config))
     ios = loaded.ios()
     engines: dict[str, Engine] = {c: TorchEngine.from_loaded(c, loaded, ios[c], device) for c in ios}
     source = source_of(manifest) if manifest else {"model": model, "sha256": loaded.source_sha256}

@@ -8,6 +8,10 @@ the seeded CPU generator, so the same seed gives the same image on every backend
 - img2img: the VAE posterior sample of the init image first, then the noise added to it.
 - inpainting (9-channel UNet): [strength < 1: the init image's posterior sample], the initial
   noise, then the masked image's posterior sample (its latents are a UNet input).
+- legacy inpainting (a mask on a model whose UNet takes none, StableDiffusionInpaintPipeline with a
+  4-channel UNet): the init image's posterior sample, the initial noise, then the masked image's
+  posterior draw (unused). After every step the latents outside the mask are replaced by the image
+  latents noised, with that initial noise, to the next step's level (clean after the last step).
 - SDXL base + refiner: the base stops at `denoising_end`; its latents (not decoded) continue in
   the refiner from the same fraction, with the same generator.
 """
@@ -46,7 +50,7 @@ from .conditioning import TextConditioning, encode_prompts
 from .denoisers import Model, guided
 from .engine_set import EngineSet, check_refiner, load_engines
 from .images import float_to_pil, image_to_tensor, mask_to_tensor, tensor_to_float
-from .plan import plan_from_scheduler_config
+from .plan import SamplingPlan, StepHook, plan_from_scheduler_config
 from .providers import FeedContext, concat_channels, conditioning_feed, runs_cfg
 from .request import (  # noqa: F401 (re-exported: the request API has always been importable from here)
     DEFAULT_IMG2IMG_STRENGTH,
@@ -153,6 +157,7 @@ class Pipeline:
     def check(self, request: GenerationRequest) -> None:
         """Raise what `generate` would raise for a bad request or one beyond memory, without doing any work."""
         settings, _ = self.resolve(request)
+        self._plan(settings)
         self.check_memory(settings, request.refiner or self.refiner, decode=settings.output_type is OutputType.PIL)
 
     def check_memory(self, s: ResolvedRequest, refiner: Pipeline | None = None, decode: bool = True) -> None:
@@ -197,6 +202,9 @@ class Pipeline:
         if refiner is not None and refiner is not self.refiner:
             check_refiner(self.engines, refiner.engines)
         settings, notes = self.resolve(request)
+        if refiner is not None and self._blends(settings):
+            raise InvalidRequest(f"inpainting with {self.spec.name} (no mask input) blends the image back after "
+                                 "every step; the refiner does not: inpaint without --refiner")
         if refiner is not None and settings.denoising_end is None:
             settings.denoising_end = DEFAULT_REFINER_SWITCH
         decode = settings.output_type is OutputType.PIL
@@ -241,20 +249,33 @@ class Pipeline:
         Returns (latents, the sampler that ran: `s.sampler`, else this model's scheduler config's own).
         """
         es = self.engines
+        plan = self._plan(s, log_fixes=True)
         cfg = runs_cfg(self.spec, es["unet"].io, s.guidance)
         text = self._encode_prompts(s, cfg, timer) if self.spec.text_encoders else None
-        fixes = self.spec.pipeline_fixes_scheduler
-        if fixes:
-            for note in pipeline_fixes(es.scheduler_config)[1]:
-                log.info("%s", note)
-        plan = plan_from_scheduler_config(es.scheduler_config, s.sampler, s.steps, strength=s.strength,
-                                          denoising_start=s.denoising_start, denoising_end=s.denoising_end,
-                                          pipeline_fixes_scheduler=fixes)
         shape = self.latent_shape(s.batch, s.height, s.width)
-        x, images = self._initial(s, plan, noise, timer, shape)
+        x, images, blend = self._initial(s, plan, noise, timer, shape)
         info = es.dims.extra if es.dims else {}
         model = self._unet_model(FeedContext(s, cfg, info, text, shape, self.device, images=images), timer)
-        return plan.run(model, x, noise, callback=_step_callback(callback, plan)), plan.sampler.value
+        out = plan.run(model, x, noise, callback=_step_callback(callback, plan), after_step=blend)
+        return out, plan.sampler.value
+
+    def _blends(self, s: ResolvedRequest) -> bool:
+        """Whether `s` is legacy inpainting: a mask for a UNet that takes none (blended after every step)."""
+        return s.mode is Mode.INPAINT and not self.spec.takes_mask
+
+    def _plan(self, s: ResolvedRequest, log_fixes: bool = False) -> SamplingPlan:
+        """The sampling plan of a request, from this model's scheduler config (InvalidRequest if it cannot run)."""
+        fixes = self.spec.pipeline_fixes_scheduler
+        if fixes and log_fixes:
+            for note in pipeline_fixes(self.engines.scheduler_config)[1]:
+                log.info("%s", note)
+        plan = plan_from_scheduler_config(self.engines.scheduler_config, s.sampler, s.steps, strength=s.strength,
+                                          denoising_start=s.denoising_start, denoising_end=s.denoising_end,
+                                          pipeline_fixes_scheduler=fixes)
+        if self._blends(s):
+            plan.check_one_step(f"inpainting with {self.spec.name} (no mask input: the image is blended back "
+                                "after every step, as diffusers does)")
+        return plan
 
     def _encode_prompts(self, s: ResolvedRequest, cfg: bool, timer: StageTimer) -> TextConditioning:
         """The prompts' text conditioning (negatives too when `cfg`), in at most the windows the UNet takes."""
@@ -265,22 +286,45 @@ class Pipeline:
                               zero_empty_negative=es.force_zeros_for_empty_prompt, timer=timer,
                               weighting=s.prompt_weighting, max_windows=windows[1] if windows else None)
 
-    def _initial(self, s: ResolvedRequest, plan: Any, noise: SeededNoise, timer: StageTimer,
-                 shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(initial latents, encoded images for the UNet's concatenated pieces), drawing noise in diffusers' order."""
+    def _initial(self, s: ResolvedRequest, plan: SamplingPlan, noise: SeededNoise, timer: StageTimer,
+                 shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor], StepHook | None]:
+        """(initial latents, encoded images for the UNet's concatenated pieces, the legacy inpainting blend),
+        drawing noise in diffusers' order."""
         if s.mode is Mode.CONTINUE:
             assert s.latents is not None
-            return s.latents.to(self.device, torch.float32), {}
+            return s.latents.to(self.device, torch.float32), {}, None
         if s.mode is Mode.TXT2IMG:
-            return plan.initial_latents(noise(shape)), {}
+            return plan.initial_latents(noise(shape)), {}, None
         assert s.image is not None
         pixels = image_to_tensor(s.image, s.height, s.width).to(self.device)
         if s.mode is Mode.IMG2IMG:
             image_latents = self.encode(pixels, noise, timer).expand(shape)
-            return plan.noised(image_latents, noise(shape)), {}
-        return self._inpaint_initial(s, plan, noise, timer, pixels, shape)
+            return plan.noised(image_latents, noise(shape)), {}, None
+        if self._blends(s):
+            return self._legacy_inpaint_initial(s, plan, noise, timer, pixels, shape)
+        return (*self._inpaint_initial(s, plan, noise, timer, pixels, shape), None)
 
-    def _inpaint_initial(self, s: ResolvedRequest, plan: Any, noise: SeededNoise, timer: StageTimer,
+    def _legacy_inpaint_initial(self, s: ResolvedRequest, plan: SamplingPlan, noise: SeededNoise, timer: StageTimer,
+                                pixels: torch.Tensor, shape: tuple[int, ...]
+                                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], StepHook]:
+        """StableDiffusionInpaintPipeline with a 4-channel UNet: image latents, noise, [masked image draw]; the blend."""
+        assert s.mask is not None and s.strength is not None
+        image_latents = self.encode(pixels, noise, timer).expand(shape)  # drawn whatever the strength
+        start = noise(shape)
+        x = plan.initial_latents(start) if s.strength >= 1.0 else plan.noised(image_latents, start)
+        # diffusers also encodes the masked image (unused by a 4-channel UNet): draw its posterior noise only
+        noise((pixels.shape[0], *shape[1:]))
+        mask = mask_to_tensor(s.mask, s.height, s.width).to(self.device)  # (1, 1, H, W), 1 = repaint
+        repaint = torch.nn.functional.interpolate(mask, size=shape[-2:])  # nearest, as prepare_mask_latents
+        last = plan.steps - 1
+
+        def blend(i: int, _t: float, latents: torch.Tensor) -> torch.Tensor:
+            known = image_latents if i == last else plan.noised(image_latents, start, plan.sigmas[i + 1])
+            return (1 - repaint) * known + repaint * latents
+
+        return x, {}, blend
+
+    def _inpaint_initial(self, s: ResolvedRequest, plan: SamplingPlan, noise: SeededNoise, timer: StageTimer,
                          pixels: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """StableDiffusionInpaintPipeline's order: [image latents], noise, masked-image latents."""
         assert s.mask is not None and s.strength is not None
@@ -355,19 +399,22 @@ def _step_callback(callback: ProgressCallback | None, plan: Any) -> Callable[[in
 
 def load_pipeline(folder: str | os.PathLike[str], backend: str | None = None, device: torch.device | str = "cpu",
                   refiner: str | os.PathLike[str] | Pipeline | None = None,
-                  providers: Sequence[Any] | None = None) -> Pipeline:
-    """A pipeline over the engines in `folder` (engine folder, ONNX export, or checkpoint with backend "torch")."""
+                  providers: Sequence[Any] | None = None, config: str | os.PathLike[str] | None = None) -> Pipeline:
+    """A pipeline over the engines in `folder` (engine folder, ONNX export, or checkpoint with backend "torch").
+
+    `config`: for a single-file checkpoint, the diffusers folder (or hub id) describing it (`load_engines`).
+    """
     if not isinstance(folder, (str, os.PathLike)) or not os.fspath(folder):
         raise InvalidRequest(f"give the folder of an engine set or ONNX export (a path), got {folder!r}")
     if refiner is not None and not isinstance(refiner, (str, os.PathLike, Pipeline)):
         raise InvalidRequest(f"refiner must be a folder path or a Pipeline, got {type(refiner).__name__}")
-    engines = load_engines(folder, backend=backend, device=device, providers=providers)
+    engines = load_engines(folder, backend=backend, device=device, providers=providers, config=config)
     ref = refiner if isinstance(refiner, Pipeline) or refiner is None else \
         Pipeline(load_engines(refiner, backend=backend, device=device, providers=providers))
     return Pipeline(engines, refiner=ref)
 
 
-LOAD_KEYS = ("backend", "device", "refiner", "providers")
+LOAD_KEYS = ("backend", "device", "refiner", "providers", "config")
 
 
 def generate(folder: str | os.PathLike[str], prompt: str | list[str], **kwargs: Any) -> GenerationResult:

@@ -248,7 +248,10 @@ def resolve_prompts(spec: FamilySpec, request: GenerationRequest, notes: list[st
 
 def resolve_mode(spec: FamilySpec, image: Image.Image | None, mask: Image.Image | None,
                  latents: torch.Tensor | None) -> Mode:
-    """What the request does, from what it gives and whether the denoiser takes a mask (inpainting)."""
+    """What the request does, from what it gives and whether the denoiser takes a mask (inpainting).
+
+    A mask for a denoiser that takes none is inpainting too (diffusers' 4-channel "legacy" inpainting).
+    """
     if latents is not None:
         if image is not None or mask is not None:
             raise InvalidRequest("give either latents or an init image, not both")
@@ -257,9 +260,10 @@ def resolve_mode(spec: FamilySpec, image: Image.Image | None, mask: Image.Image 
         if image is None or mask is None:
             raise InvalidRequest(f"{spec.name} is an inpainting model: give an init image and a mask")
         return Mode.INPAINT
-    if mask is not None:
-        raise InvalidRequest(f"a mask needs an inpainting model (9-channel UNet, e.g. sd1-inpaint); "
-                             f"{spec.name} is not one")
+    if mask is not None:  # legacy inpainting: the pipeline blends the image back after every step
+        if image is None:
+            raise InvalidRequest("a mask needs an init image to inpaint: give the image too (--image)")
+        return Mode.INPAINT
     return Mode.IMG2IMG if image is not None else Mode.TXT2IMG
 
 
