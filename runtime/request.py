@@ -258,7 +258,7 @@ def resolve_mode(spec: FamilySpec, image: Image.Image | None, mask: Image.Image 
             raise InvalidRequest(f"{spec.name} is an inpainting model: give an init image and a mask")
         return Mode.INPAINT
     if mask is not None:
-        raise InvalidRequest(f"a mask needs an inpainting model (9-channel UNet, e.g. sd1-inpaint); "
+        raise InvalidRequest(f"a mask needs an inpainting model (a denoiser that takes a mask, e.g. sd1-inpaint); "
                              f"{spec.name} is not one")
     return Mode.IMG2IMG if image is not None else Mode.TXT2IMG
 
