@@ -139,6 +139,12 @@ class AutoencoderSpec:
 
 
 ADDED_COND_KWARGS = "added_cond_kwargs"  # diffusers UNet keyword holding SDXL's added conditions
+UNET_CONFIG = "unet:"  # a width or bound read from the UNet config key after the prefix ("unet:num_class_embeds")
+
+
+def unet_config_key(value: int | str | None) -> str | None:
+    """The UNet config key a width or bound reads ("unet:time_cond_proj_dim" -> "time_cond_proj_dim"), if any."""
+    return value[len(UNET_CONFIG):] if isinstance(value, str) and value.startswith(UNET_CONFIG) else None
 
 
 @dataclass(frozen=True)
@@ -146,9 +152,12 @@ class ConditioningInput:
     """One conditioning input the denoiser declares: an ONNX input of the UNet, passed to diffusers by keyword.
 
     `width` is the feature width per row: a number, the name of a `ModelDims` field read from the
-    checkpoint (e.g. "context_dim"), or None for one value per row (class labels). `high` bounds an
-    integer input's values to [0, high) the same way (a number or a `ModelDims` field). `provider`
-    names the runtime function that builds the tensor for a request (runtime/providers.py).
+    checkpoint (e.g. "context_dim"), a UNet config key prefixed "unet:" (e.g. "unet:time_cond_proj_dim":
+    `model_dims` reads it into `ModelDims.unet_config`), or None for one value per row (class labels).
+    `high` bounds an integer input's values to [0, high) the same way. `unet_config` holds the UNet
+    config settings every checkpoint with this input has (detection compares each, naming the key; a
+    tiny UNet gets them), `tiny_config` the ones only a tiny UNet gets (a count real checkpoints differ
+    in). `provider` names the runtime function that builds the tensor for a request (runtime/providers.py).
     """
 
     name: str  # the UNet's input tensor name (ONNX input, engine feed key)
@@ -159,6 +168,18 @@ class ConditioningInput:
     sequence: bool = False  # (rows, sequence, width): a cross-attention context of prompt windows
     optional: bool = False  # exported only when the checkpoint has it (its width field is non-zero)
     high: int | str | None = None  # integer inputs: values lie in [0, high)
+    unet_config: tuple[tuple[str, Any], ...] = ()  # UNet config settings every checkpoint with it has
+    tiny_config: tuple[tuple[str, Any], ...] = ()  # UNet config settings a tiny checkpoint gets for it
+
+    @property
+    def config_keys(self) -> tuple[str, ...]:
+        """The UNet config keys its width and bound read ("unet:<key>"), in that order."""
+        return tuple(k for v in (self.width, self.high) if (k := unet_config_key(v)) is not None)
+
+    @property
+    def unet_keys(self) -> tuple[str, ...]:
+        """Every UNet config key this input declares: the ones its width / bound read, then its settings."""
+        return tuple(dict.fromkeys((*self.config_keys, *(k for k, _ in self.unet_config))))
 
     @property
     def added_condition(self) -> str | None:
@@ -196,6 +217,10 @@ class DenoiserSpec:
     def conditioning_input(self, name: str) -> ConditioningInput | None:
         return next((c for c in self.conditioning if c.name == name), None)
 
+    def keyword_input(self, keyword: str) -> ConditioningInput | None:
+        """The conditioning input diffusers takes under `keyword` ("encoder_hidden_states"), whatever its name."""
+        return next((c for c in self.conditioning if c.keyword == keyword), None)
+
     @property
     def added_conditions(self) -> tuple[str, ...]:
         """The `added_cond_kwargs` keys the UNet takes (("text_embeds", "time_ids") for SDXL), in declared order."""
@@ -203,20 +228,36 @@ class DenoiserSpec:
 
 
 # The conditioning kinds the built-in families use; a new family may declare its own.
-CONTEXT = ConditioningInput(names.ENCODER_HIDDEN_STATES, "encoder_hidden_states", "text_context", width="context_dim",
-                            sequence=True)
+CONTEXT = ConditioningInput(names.ENCODER_HIDDEN_STATES, names.ENCODER_HIDDEN_STATES_KEYWORD, "text_context",
+                            width="context_dim", sequence=True)
 POOLED = ConditioningInput(names.TEXT_EMBEDS, "added_cond_kwargs.text_embeds", "text_pooled", width="pooled_dim")
 TIME_IDS_SIZE_CROP_TARGET = ConditioningInput(names.TIME_IDS, "added_cond_kwargs.time_ids", "time_ids_size_crop_target",
                                               width=6)  # SDXL base: original (h, w), crop (y, x), target (h, w)
 TIME_IDS_SIZE_CROP_AESTHETIC = ConditioningInput(names.TIME_IDS, "added_cond_kwargs.time_ids",
                                                  "time_ids_size_crop_aesthetic",
                                                  width=5)  # SDXL refiner: original (h, w), crop (y, x), score
-GUIDANCE_EMBEDDING = ConditioningInput(names.TIMESTEP_COND, "timestep_cond", "guidance_embedding",
-                                       width="time_cond_proj_dim", optional=True)  # LCM: w-embedding (config key)
-CLASS_LABEL = ConditioningInput(names.CLASS_LABELS, "class_labels", "class_label", dtype="int64",
-                                high="num_class_embeds")  # one class per row, below the UNet's class count
+GUIDANCE_EMBEDDING = ConditioningInput(names.TIMESTEP_COND, names.TIMESTEP_COND_KEYWORD, "guidance_embedding",
+                                       width="unet:time_cond_proj_dim", optional=True)  # LCM: w-embedding
+# one class per row, below the UNet's class count; a plain embedding table (no class_embed_type)
+CLASS_LABEL = ConditioningInput(names.CLASS_LABELS, names.CLASS_LABELS_KEYWORD, "class_label", dtype="int64",
+                                high="unet:num_class_embeds", unet_config=(("class_embed_type", None),),
+                                tiny_config=(("num_class_embeds", 10),))
 MASK = ConcatInput(names.MASK, 1, "inpaint_mask")  # 1 = repaint, at latent resolution
 MASKED_IMAGE_LATENTS = ConcatInput(names.MASKED_IMAGE_LATENTS, "latent_channels", "masked_image_latents")
+BUILTIN_CONDITIONING = (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_TARGET, TIME_IDS_SIZE_CROP_AESTHETIC, GUIDANCE_EMBEDDING,
+                        CLASS_LABEL)
+TIME_IDS_KINDS = {TIME_IDS_SIZE_CROP_TARGET.provider: TimeIds.SIZE_CROP_TARGET,  # by provider key
+                  TIME_IDS_SIZE_CROP_AESTHETIC.provider: TimeIds.SIZE_CROP_AESTHETIC}
+
+
+@dataclass(frozen=True)
+class ReferenceWidths:
+    """The widths of a family's reference checkpoint (its diffusers configs) the memory estimate falls back on."""
+
+    attention_factor: int = 1  # latent downsampling of the first UNet block with self-attention (SD 1/2: 1, SDXL: 2)
+    attention_heads: int = 8  # heads of that block
+    unet_channels: int = 320  # UNet block_out_channels[0]
+    vae_channels: int = 128  # VAE block_out_channels[0]: the decoder's full-resolution width
 
 
 @dataclass(frozen=True)
@@ -245,6 +286,7 @@ class FamilySpec:
     # the families whose latents this one continues (a refiner: same latent space, the later denoising steps),
     # first the family it was trained after
     refines: tuple[str, ...] = ()
+    reference_widths: ReferenceWidths = ReferenceWidths()  # for memory estimates of exports that record none
 
     @property
     def name(self) -> str:
@@ -274,10 +316,15 @@ class FamilySpec:
 
     @property
     def time_ids(self) -> TimeIds:
-        """Which declared `time_ids` input the denoiser takes, as a TimeIds kind (NONE without one)."""
+        """Which declared `time_ids` input the denoiser takes, as a TimeIds kind (NONE without one), by its provider."""
         ids = self.denoiser.conditioning_input(names.TIME_IDS)
-        return {None: TimeIds.NONE, TIME_IDS_SIZE_CROP_TARGET: TimeIds.SIZE_CROP_TARGET,
-                TIME_IDS_SIZE_CROP_AESTHETIC: TimeIds.SIZE_CROP_AESTHETIC}[ids]
+        if ids is None:
+            return TimeIds.NONE
+        kind = TIME_IDS_KINDS.get(ids.provider)
+        if kind is None:
+            raise ValueError(f"family {self.name}'s time_ids input (provider {ids.provider!r}) is not a built-in "
+                             f"TimeIds kind ({', '.join(TIME_IDS_KINDS)}); read its width from the input instead")
+        return kind
 
     @property
     def uses_cfg(self) -> bool:
@@ -330,6 +377,8 @@ _SD_INPAINT = DenoiserSpec(Prediction.EPS, (CONTEXT, GUIDANCE_EMBEDDING), (MASK,
 _XL_BASE = DenoiserSpec(Prediction.EPS, (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_TARGET, GUIDANCE_EMBEDDING))
 _XL_REFINER = DenoiserSpec(Prediction.EPS, (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_AESTHETIC, GUIDANCE_EMBEDDING))
 _XL_VAE = AutoencoderSpec(scaling_factor=0.13025)
+_SD2_WIDTHS = ReferenceWidths(attention_heads=5)  # SD 2.x / SD-Turbo: attention_head_dim 5, 10, 20, 20
+_XL_WIDTHS = ReferenceWidths(attention_factor=2, attention_heads=10)  # SDXL: no attention at full resolution
 _INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
 _XL_PIPELINE = "StableDiffusionXLPipeline"
 
@@ -345,28 +394,30 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
                    reference_repo="stable-diffusion-v1-5/stable-diffusion-inpainting"),
         FamilySpec(FamilyId.SD2, "Stable Diffusion 2.x base", (_OPENCLIP_H,), _SD_EPS, (512, 512),
                    _B512, _SD_STEPS, fp32_attention=True, pipeline_fixes_scheduler=True,
-                   reference_repo="stabilityai/stable-diffusion-2-1-base"),
+                   reference_widths=_SD2_WIDTHS, reference_repo="stabilityai/stable-diffusion-2-1-base"),
         FamilySpec(FamilyId.SD2_V, "Stable Diffusion 2.x (v-prediction, 768)", (_OPENCLIP_H,), _SD_V,
                    (768, 768), _B768, _SD_STEPS, fp32_attention=True, pipeline_fixes_scheduler=True,
-                   reference_repo="stabilityai/stable-diffusion-2-1"),
+                   reference_widths=_SD2_WIDTHS, reference_repo="stabilityai/stable-diffusion-2-1"),
         FamilySpec(FamilyId.SD2_INPAINT, "Stable Diffusion 2.x inpainting", (_OPENCLIP_H,), _SD_INPAINT,
-                   (512, 512), _B512, _SD_STEPS, fp32_attention=True,
+                   (512, 512), _B512, _SD_STEPS, fp32_attention=True, reference_widths=_SD2_WIDTHS,
                    pipeline_fixes_scheduler=True, pipeline_class=_INPAINT_PIPELINE,
                    reference_repo="stabilityai/stable-diffusion-2-inpainting"),
         FamilySpec(FamilyId.SDXL, "SDXL base", (_XL_L, _XL_G), _XL_BASE, (1024, 1024), SDXL_BUCKETS,
                    _XL_STEPS, _XL_VAE, zero_negative_for_empty_prompt=True, fp16_vae_overflows=True,
-                   pipeline_class=_XL_PIPELINE, reference_repo="stabilityai/stable-diffusion-xl-base-1.0"),
+                   reference_widths=_XL_WIDTHS, pipeline_class=_XL_PIPELINE,
+                   reference_repo="stabilityai/stable-diffusion-xl-base-1.0"),
         FamilySpec(FamilyId.SDXL_REFINER, "SDXL refiner", (_XL_G,), _XL_REFINER, (1024, 1024), SDXL_BUCKETS,
                    _XL_STEPS, _XL_VAE, fp16_vae_overflows=True, pipeline_class="StableDiffusionXLImg2ImgPipeline",
+                   reference_widths=_XL_WIDTHS,
                    pipeline_options=(("requires_aesthetics_score", True), ("force_zeros_for_empty_prompt", False)),
                    refines=(FamilyId.SDXL.value, FamilyId.SDXL_TURBO.value),
                    reference_repo="stabilityai/stable-diffusion-xl-refiner-1.0"),
         FamilySpec(FamilyId.SDXL_TURBO, "SDXL-Turbo", (_XL_L, _XL_G), _XL_BASE, (512, 512), _B512,
                    _TURBO, _XL_VAE, min_turbo_steps_x_strength=1.0, fp16_vae_overflows=True,
-                   pipeline_class=_XL_PIPELINE, reference_repo="stabilityai/sdxl-turbo"),
+                   reference_widths=_XL_WIDTHS, pipeline_class=_XL_PIPELINE, reference_repo="stabilityai/sdxl-turbo"),
         FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), _SD_EPS, (512, 512), _B512, _TURBO,
                    min_turbo_steps_x_strength=1.0, fp32_attention=True, pipeline_fixes_scheduler=True,
-                   reference_repo="stabilityai/sd-turbo"),
+                   reference_widths=_SD2_WIDTHS, reference_repo="stabilityai/sd-turbo"),
     )
 }
 

@@ -27,7 +27,7 @@ from .choices import Device, values
 from .errors import StaleArtifact, UnknownFamily
 from .families import FamilySpec, get_family
 from .manifest import MANIFEST, ONNX_KIND
-from .names import CLASS_LABELS, ENCODER_HIDDEN_STATES, TEXT_EMBEDS, TIME_IDS
+from .names import ENCODER_HIDDEN_STATES_KEYWORD, TEXT_EMBEDS, TIME_IDS
 from .paths import inside, relative_path
 from .tensors import DTYPES, ComponentIO, Dim, ModelDims, Scaled, component_ios, dims_value, io_from_json
 
@@ -37,7 +37,8 @@ ENTRY_TYPES: dict[str, type] = {"precision": str, "profiles": list, "key": dict,
                                 "size_bytes": int}
 _TYPE_NAMES = {str: "string", list: "list", dict: "JSON object", int: "integer"}
 ORT_LEVELS = ("disable", "basic", "extended", "all")
-INT_DIMS = tuple(f.name for f in fields(ModelDims) if f.name not in ("text_hidden", "extra"))  # the integer widths
+INT_DIMS = tuple(f.name for f in fields(ModelDims)
+                 if f.name not in ("text_hidden", "unet_config", "extra"))  # the integer widths
 
 
 def seal_of(manifest: Mapping[str, Any]) -> str:
@@ -130,9 +131,12 @@ def _dims(check: _Check, spec: FamilySpec, raw: Any) -> ModelDims | None:
     for key in INT_DIMS:
         check.require(key not in raw or _is_int(raw[key]), f"'model.dims.{key}' should be a non-negative integer")
     check.require(isinstance(raw.get("extra", {}), dict), "'model.dims.extra' should be a JSON object")
+    unet = raw.get("unet_config", {})
+    check.require(isinstance(unet, dict) and all(isinstance(k, str) and _is_int(v) for k, v in unet.items()),
+                  "'model.dims.unet_config' should map UNet config keys to non-negative integers")
     try:
         dims = ModelDims(text_hidden=tuple(hidden), **{k: raw[k] for k in INT_DIMS if k in raw},
-                         extra=dict(raw.get("extra", {})))
+                         unet_config=dict(unet), extra=dict(raw.get("extra", {})))
     except TypeError as e:
         raise check.fail(f"'model.dims' is incomplete ({e})") from None
     problems = structure_problems(spec, dims)
@@ -145,14 +149,18 @@ def structure_problems(spec: FamilySpec, dims: ModelDims) -> list[str]:
     """How recorded model widths contradict the family's structure ('unet in_channels 4 != 9'); empty if they fit."""
     denoiser = spec.denoiser
     time_ids = denoiser.conditioning_input(TIME_IDS)
-    labels = any(c.keyword == CLASS_LABELS for c in denoiser.conditioning)  # by the diffusers keyword, any name
+    declared = {key for c in denoiser.conditioning for key in c.config_keys}  # the "unet:<key>" widths and bounds
     return [f"{what} {have} != {want}" for what, have, want in (
         ("text encoders", len(dims.text_hidden), len(spec.text_encoders)),
         ("unet in_channels", dims.unet_in_channels, denoiser.in_channels(dims.latent_channels)),
         ("time ids", dims.time_ids, dims_value(time_ids.width, dims) if time_ids is not None else 0),
         ("pooled projection", dims.pooled_dim > 0, denoiser.takes(TEXT_EMBEDS)),
-        ("cross-attention context", dims.context_dim > 0, denoiser.takes(ENCODER_HIDDEN_STATES)),
-        ("class labels", dims.num_class_embeds > 0, labels)) if have != want]
+        ("cross-attention context", dims.context_dim > 0,
+         denoiser.keyword_input(ENCODER_HIDDEN_STATES_KEYWORD) is not None)) if have != want] + [
+        f"unet has no {key}, which input {c.name} reads" for c in denoiser.conditioning if not c.optional
+        for key in c.config_keys if not dims.unet_value(key)] + [
+        f"unet {key} {value}, which no declared input reads" for key, value in dims.unet_config.items()
+        if key not in declared]
 
 
 def _component(check: _Check, folder: Path, name: str, entry: Any, expected: ComponentIO | None,

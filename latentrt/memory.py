@@ -13,42 +13,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import TooLarge
+from .families import FamilySpec, ReferenceWidths, get_family
 
 GIB = 1 << 30
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """The few widths the estimate needs (read from the export's manifest, else the family's reference)."""
-
-    attention_factor: int  # latent downsampling of the first UNet block with self-attention (SD 1/2: 1, SDXL: 2)
-    attention_heads: int  # heads of that block
-    unet_channels: int  # UNet block_out_channels[0]
-    vae_channels: int  # VAE block_out_channels[0]: the decoder's full-resolution width
+Architecture = ReferenceWidths  # the few widths the estimate needs (the manifest's, else the family's reference)
 
 
-REFERENCE = {  # the families' reference checkpoints (diffusers configs)
-    "sd1": Architecture(1, 8, 320, 128),
-    "sd2": Architecture(1, 5, 320, 128),
-    "sdxl": Architecture(2, 10, 320, 128),
-}
-
-
-def reference_architecture(family: str) -> Architecture:
-    """The reference widths of a family id (sd1*, sd2*/sd-turbo, sdxl*)."""
-    if family.startswith("sdxl"):
-        return REFERENCE["sdxl"]
-    return REFERENCE["sd2"] if family.startswith(("sd2", "sd-turbo")) else REFERENCE["sd1"]
-
-
-def architecture(family: str, extra: Mapping[str, Any] | None) -> Architecture:
-    """The widths recorded at export (`dims.extra`), else the family's reference ones."""
-    ref = reference_architecture(family)
+def architecture(spec: FamilySpec | str, extra: Mapping[str, Any] | None) -> Architecture:
+    """The widths recorded at export (`dims.extra`), else the family's reference ones (`spec.reference_widths`)."""
+    ref = (get_family(spec) if isinstance(spec, str) else spec).reference_widths
     extra = extra or {}
     attention = extra.get("unet_attention")
     values = {

@@ -24,6 +24,13 @@ IMAGES = "images"  # VAE encoder in, VAE decoder out: pixels in [-1, 1]
 LATENT_PARAMETERS = "latent_parameters"  # KL VAE encoder out: posterior mean and log-variance
 LATENT = "latent"  # VAE decoder in; VQ VAE encoder out (before quantization)
 
+# ---------------------------------------------------------------------------- diffusers UNet keywords
+# `UNet2DConditionModel.forward` keyword arguments (what a ConditioningInput's `keyword` names), kept apart from the
+# tensor names above even where they are spelled alike: a family may feed a keyword from a tensor of any name
+ENCODER_HIDDEN_STATES_KEYWORD = "encoder_hidden_states"
+TIMESTEP_COND_KEYWORD = "timestep_cond"
+CLASS_LABELS_KEYWORD = "class_labels"
+
 # ---------------------------------------------------------------------------- symbolic dims
 DIM_BATCH = "batch"  # images per request (text encoders, VAE)
 DIM_UNET_BATCH = "unet_batch"  # UNet rows: 2x batch with classifier-free guidance

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsupportedShape
-from .families import AutoencoderKind, ConditioningInput, FamilySpec
+from .families import AutoencoderKind, ConditioningInput, FamilySpec, unet_config_key
 
 # Tensor and dim names are defined in latentrt/names.py; modules that import them from here keep working.
 from .names import CLASS_LABELS as CLASS_LABELS
@@ -271,17 +271,37 @@ class ModelDims:
     vae_scale_factor: int
     max_tokens: int = 77
     time_ids: int = 0
+    # named copies of two `unet_config` values, kept so that manifests and callers from before it still read
     time_cond_proj_dim: int = 0  # UNet config `time_cond_proj_dim` (LCM guidance embedding width; 0: none)
     num_class_embeds: int = 0  # UNet config `num_class_embeds`: the class labels it embeds (0: none)
+    # the UNet config values the conditioning inputs read ("unet:<key>" widths and bounds); absent keys are 0
+    unet_config: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Keep the named copies and `unet_config` in step (either may be given); zero values are left out."""
+        named = {k: getattr(self, k) for k in NAMED_UNET_CONFIG}
+        config = {k: v for k, v in {**named, **self.unet_config}.items() if v}
+        object.__setattr__(self, "unet_config", config)
+        for k in NAMED_UNET_CONFIG:
+            object.__setattr__(self, k, config.get(k, 0))
+
+    def unet_value(self, key: str) -> int:
+        """A UNet config value a conditioning input declares (0: the checkpoint has none)."""
+        return self.unet_config.get(key, 0)
+
+
+NAMED_UNET_CONFIG = ("time_cond_proj_dim", "num_class_embeds")  # UNet config keys ModelDims also has as fields
 
 
 def dims_value(value: int | str | None, m: ModelDims) -> int | None:
-    """A spec's width or bound: a number, the `ModelDims` field it names (read from the checkpoint), or None."""
+    """A spec's width or bound: a number, a `ModelDims` field, a "unet:<key>" config value, or None."""
     if value is None or isinstance(value, int):
         return value
-    got = getattr(m, value)
-    assert isinstance(got, int) and not isinstance(got, bool), f"ModelDims.{value} is not an integer width"
+    key = unet_config_key(value)
+    got = m.unet_value(key) if key is not None else getattr(m, value, None)
+    if not isinstance(got, int) or isinstance(got, bool):
+        raise ValueError(f"{value!r} names no integer width of the model (a ModelDims field or 'unet:<config key>')")
     return got
 
 

@@ -19,9 +19,9 @@ import torch
 
 from latentrt.configs import check_scheduler_config, config_int, config_ints
 from latentrt.errors import CheckpointError, InvalidRequest
-from latentrt.families import FAMILIES, FamilySpec, Prediction, Spacing, get_family
+from latentrt.families import FAMILIES, FamilySpec, Prediction, Spacing, get_family, unet_config_key
 from latentrt.manifest import sha256_tree
-from latentrt.names import ENCODER_HIDDEN_STATES, TIME_IDS
+from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, TIME_IDS
 from latentrt.tensors import ComponentIO, ModelDims, component_ios
 
 from .structure import CheckpointFacts, match_family, mismatches
@@ -131,7 +131,7 @@ def folder_facts(folder: Path, index: dict[str, Any]) -> CheckpointFacts:
         cross_attention=unet_cross_attention(unet), context_dim=_int(unet, "cross_attention_dim"),
         text_hidden={c: h for c, cfg in texts.items() if (h := _int(cfg, "hidden_size")) is not None},
         pooled_encoders=pooled, pooled_dim=next((_int(texts[c], "projection_dim") or 0 for c in sorted(pooled)), 0),
-        num_class_embeds=_int(unet, "num_class_embeds") or 0, class_embed_type=_str(unet, "class_embed_type"),
+        unet_config=unet,
         addition_embed_type=_str(unet, "addition_embed_type"),
         addition_input_dim=_int(unet, "projection_class_embeddings_input_dim"),
         addition_time_embed_dim=_int(unet, "addition_time_embed_dim"),
@@ -180,19 +180,20 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
     dims = ModelDims(
         text_hidden=tuple(config_int(c, "hidden_size", w) for c, w in zip(tes, te_where)), pooled_dim=int(pooled),
         context_dim=config_int(unet, "cross_attention_dim", unet_where)
-        if spec.denoiser.takes(ENCODER_HIDDEN_STATES) else 0,
+        if spec.denoiser.keyword_input(ENCODER_HIDDEN_STATES_KEYWORD) is not None else 0,
         unet_in_channels=config_int(unet, "in_channels", unet_where),
         latent_channels=config_int(vae, "latent_channels", vae_where, 4),
         vae_scale_factor=2 ** (len(vae_blocks) - 1),
         max_tokens=config_int(tes[0], "max_position_embeddings", te_where[0], 77) if tes else 77,
         time_ids=time_ids.width if time_ids is not None and isinstance(time_ids.width, int) else 0,
-        time_cond_proj_dim=optional_int("time_cond_proj_dim"), num_class_embeds=optional_int("num_class_embeds"),
+        unet_config={key: optional_int(key) for c in spec.denoiser.conditioning for key in c.config_keys},
         extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim"),
                "unet_attention": unet_attention(unet), "unet_channels": unet_blocks[0], "vae_channels": vae_blocks[0]},
     )
     problems = mismatches(spec, folder_facts(folder, model_index(folder)), towers=False)
-    problems += [f"{c.name} needs a non-zero {c.width}" for c in spec.denoiser.conditioning
-                 if isinstance(c.width, str) and not c.optional and not getattr(dims, c.width)]
+    problems += [f"{c.name} needs a non-zero {c.width}" for c in spec.denoiser.conditioning  # "unet:<key>": above
+                 if isinstance(c.width, str) and unet_config_key(c.width) is None and not c.optional
+                 and not getattr(dims, c.width)]
     if problems:
         raise CheckpointError(f"{folder} does not fit family {spec.name}: {'; '.join(problems)}")
     return dims

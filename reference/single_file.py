@@ -101,7 +101,8 @@ class SingleFile:
             text_encoders={c: t.value for c, t in text_encoders.items()} if text_encoders is not None else None,
             unet_in_channels=self.unet_in_channels, unet_out_channels=out[0] if out and len(out) == 4 else None,
             cross_attention=any(k.startswith(UNET) and ".attn2." in k for k in self.shapes),
-            num_class_embeds=labels[0] if labels and len(labels) == 2 else 0,
+            unet_config={"num_class_embeds": labels[0] if labels and len(labels) == 2 else None},
+            unet_config_keys=frozenset({"num_class_embeds"}),  # label_emb: the original layout's class embedding
             addition_embed_type="text_time" if adm else None,  # the original layout's ADM is SDXL's
             addition_input_dim=adm[1] if adm and len(adm) == 2 else None)
 

@@ -2,9 +2,11 @@
 
 A checkpoint says what it is through its configs (a diffusers folder) or its tensor names (a single
 file): which text encoders it has and which tower each is, the UNet's input channels, whether it has
-cross-attention, a class embedding or SDXL's added conditions (and how wide the time ids are), the
-autoencoder's kind. `mismatches` compares those facts with a `FamilySpec`'s structure and names each
-difference; a family fits when there is none. Facts a source cannot tell are None and not compared.
+cross-attention or SDXL's added conditions (and how wide the time ids are), the UNet config values
+its conditioning inputs declare (`ConditioningInput.unet_keys`: a class count, a guidance embedding
+width, ...), the autoencoder's kind. `mismatches` compares those facts with a `FamilySpec`'s structure
+and names each difference; a family fits when there is none. Facts a source cannot tell are None (or
+outside `unet_config_keys`) and not compared.
 Among the families that fit, the scheduler's prediction type and timestep spacing (SD 2 eps / v,
 Turbo's trailing spacing) and the pipeline settings pick the usual one; they never exclude a family,
 since the runtime reads them from the checkpoint's own scheduler config.
@@ -17,8 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latentrt.errors import UnknownFamily
-from latentrt.families import FAMILIES, AutoencoderKind, FamilySpec, TextTower
-from latentrt.names import CLASS_LABELS, ENCODER_HIDDEN_STATES, TIME_IDS
+from latentrt.families import BUILTIN_CONDITIONING, FAMILIES, AutoencoderKind, FamilySpec, TextTower
+from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, TIME_IDS
 
 # diffusers' UNet `addition_embed_type` -> the `added_cond_kwargs` keys it reads
 ADDITION_KEYS: dict[str | None, tuple[str, ...]] = {None: (), "text_time": ("text_embeds", "time_ids")}
@@ -38,8 +40,8 @@ class CheckpointFacts:
     text_hidden: Mapping[str, int] = field(default_factory=dict)  # component -> hidden_size
     pooled_encoders: frozenset[str] | None = None  # components with a text projection (CLIPTextModelWithProjection)
     pooled_dim: int | None = None  # their projection width
-    num_class_embeds: int | None = None  # 0: no class embedding
-    class_embed_type: str | None = None
+    unet_config: Mapping[str, Any] = field(default_factory=dict)  # UNet config values; absent: diffusers' None
+    unet_config_keys: frozenset[str] | None = None  # the UNet config keys this source can tell (None: all)
     addition_embed_type: str | None = None  # None: no addition embedding
     addition_input_dim: int | None = None  # projection_class_embeddings_input_dim
     addition_time_embed_dim: int | None = None
@@ -48,13 +50,23 @@ class CheckpointFacts:
     spacing: str | None = None
     pipeline_options: Mapping[str, Any] = field(default_factory=dict)
 
+    def knows(self, key: str) -> bool:
+        """Whether this source tells the UNet config value `key` (a missing key then means diffusers' default)."""
+        return self.unet_config_keys is None or key in self.unet_config_keys
+
     def describe(self) -> str:
         """One line for messages: text encoders, UNet input, what it is conditioned on."""
         texts = ", ".join(f"{c} ({t})" for c, t in (self.text_encoders or {}).items()) or "no text encoder"
-        extra = [f"num_class_embeds={self.num_class_embeds}" if self.num_class_embeds else "",
+        extra = [*(f"{k}={v}" for k in sorted(input_config_keys()) if (v := self.unet_config.get(k))),
                  f"addition_embed_type={self.addition_embed_type}" if self.addition_embed_type else "",
                  f"prediction_type={self.prediction}" if self.prediction else ""]
         return ", ".join([texts, f"unet in_channels={self.unet_in_channels}", *filter(None, extra)])
+
+
+def input_config_keys() -> set[str]:
+    """The UNet config keys that give a UNet input: those any built-in kind or registered family's input declares."""
+    inputs = [*BUILTIN_CONDITIONING, *(c for s in FAMILIES.values() for c in s.denoiser.conditioning)]
+    return {key for c in inputs for key in c.unet_keys}
 
 
 def tower_fits(tower: TextTower, fact: str) -> bool:
@@ -99,7 +111,7 @@ def _unet_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
                    f"({in_channels_parts(spec, latent)})")
     if f.unet_out_channels is not None and f.unet_out_channels != latent:
         out.append(f"unet out_channels {f.unet_out_channels} != {latent} latent channels")
-    context = d.takes(ENCODER_HIDDEN_STATES)
+    context = d.keyword_input(ENCODER_HIDDEN_STATES_KEYWORD) is not None
     if f.cross_attention is not None and f.cross_attention != context:
         out.append("unet has cross-attention blocks but the family takes no text context" if f.cross_attention
                    else "unet has no cross-attention blocks but the family takes a text context")
@@ -107,25 +119,28 @@ def _unet_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
         width = sum(f.text_hidden.get(te.component, 0) for te in spec.text_encoders)
         if f.context_dim != width:
             out.append(f"unet cross_attention_dim {f.context_dim} != text width {width}")
-    out += _class_mismatches(spec, f)
+    out += _config_mismatches(spec, f)
     out += _addition_mismatches(spec, f)
     return out
 
 
-def _class_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
-    labels = next((c for c in spec.denoiser.conditioning if c.keyword == CLASS_LABELS), None)  # by keyword, any name
-    if f.class_embed_type is not None:
-        return [f"unet class_embed_type {f.class_embed_type!r} is not a class embedding LatentRT exports"]
-    if f.num_class_embeds is None:
-        return []
-    if labels is None:
-        return [f"unet num_class_embeds={f.num_class_embeds}, but the family takes no class labels"] \
-            if f.num_class_embeds else []
-    if not f.num_class_embeds:
-        return ["unet has no class embedding (num_class_embeds), but the family takes class labels"]
-    if isinstance(labels.high, int) and labels.high != f.num_class_embeds:
-        return [f"unet num_class_embeds {f.num_class_embeds} != {labels.high} classes"]
-    return []
+def _positive(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _config_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
+    """The UNet config values the declared inputs read or fix, and no value that gives an undeclared input."""
+    out: list[str] = []
+    for c in spec.denoiser.conditioning:
+        missing = [key for key in c.config_keys if not c.optional and f.knows(key)
+                   and not _positive(f.unet_config.get(key))]
+        out += [f"unet has no {key}, which input {c.name} reads" for key in missing]
+        out += [f"unet {key} {f.unet_config.get(key)!r} != {want!r} (input {c.name})" for key, want in c.unet_config
+                if key not in missing and f.knows(key) and f.unet_config.get(key) != want]
+    declared = {key for c in spec.denoiser.conditioning for key in c.unet_keys}
+    out += [f"unet {key}={f.unet_config[key]!r} gives a UNet input that family {spec.name} does not declare"
+            for key in sorted(input_config_keys() - declared) if f.knows(key) and f.unet_config.get(key)]
+    return out
 
 
 def _addition_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:

@@ -26,7 +26,7 @@ import torch
 
 from latentrt.families import AutoencoderKind, FamilySpec, Prediction, TextTower, get_family
 from latentrt.manifest import staging_dir
-from latentrt.names import CLASS_LABELS, ENCODER_HIDDEN_STATES, TIME_IDS
+from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, TIME_IDS
 
 from .structure import ADDITION_KEYS, AUTOENCODER_CLASSES
 from .tokenizers import EOS, save_clip_tokenizer
@@ -124,7 +124,6 @@ class TinyUNetLayout:
 
 _XL_LAYOUT = TinyUNetLayout(attention_level=1, transformer_layers_per_block=(1, 2))
 UNET_LAYOUTS: dict[str, TinyUNetLayout] = {"sdxl": _XL_LAYOUT, "sdxl-turbo": _XL_LAYOUT, "sdxl-refiner": _XL_LAYOUT}
-TINY_CLASSES = 10  # num_class_embeds of a class-conditional tiny UNet whose family does not fix the count
 
 
 def _blocks(attends: bool, level: int, kind: str) -> tuple[str, str]:
@@ -139,7 +138,7 @@ def unet_config(spec: FamilySpec, context_dim: int, pooled_dim: int) -> dict[str
     """A two-level UNet2DConditionModel config with the structure the family declares (and its real layout)."""
     denoiser = spec.denoiser
     layout = UNET_LAYOUTS.get(spec.name, TinyUNetLayout())
-    context = denoiser.takes(ENCODER_HIDDEN_STATES)
+    context = denoiser.keyword_input(ENCODER_HIDDEN_STATES_KEYWORD) is not None
     cfg: dict[str, Any] = dict(
         sample_size=spec.native_size[0] // spec.vae_scale_factor,
         in_channels=denoiser.in_channels(spec.latent_channels), out_channels=spec.latent_channels,
@@ -158,9 +157,8 @@ def unet_config(spec: FamilySpec, context_dim: int, pooled_dim: int) -> dict[str
         cfg.update(transformer_layers_per_block=layout.transformer_layers_per_block)
     if denoiser.added_conditions:
         cfg.update(_addition_config(spec, pooled_dim))
-    labels = next((c for c in denoiser.conditioning if c.keyword == CLASS_LABELS), None)  # by keyword, any name
-    if labels is not None:
-        cfg.update(num_class_embeds=labels.high if isinstance(labels.high, int) else TINY_CLASSES)
+    for c in denoiser.conditioning:  # the config settings each declared input comes with (a class count, ...)
+        cfg.update(dict(c.unet_config), **dict(c.tiny_config))
     return cfg
 
 

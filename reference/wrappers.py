@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from latentrt.errors import StaleArtifact
 from latentrt.families import AutoencoderKind, DenoiserSpec, HiddenState, TextEncoderSpec
-from latentrt.names import ENCODER_HIDDEN_STATES, SAMPLE, TIMESTEP
+from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, SAMPLE, TIMESTEP
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -41,18 +42,23 @@ class TextEncoderWrapper(nn.Module):
 
 def unet_keywords(denoiser: DenoiserSpec, input_names: Sequence[str]) -> tuple[str, ...]:
     """The diffusers keyword of each UNet input after sample and timestep, from the denoiser's declarations."""
-    assert tuple(input_names[:2]) == (SAMPLE, TIMESTEP), f"UNet inputs start with {input_names[:2]}"
+    if tuple(input_names[:2]) != (SAMPLE, TIMESTEP):
+        raise StaleArtifact(f"UNet inputs start with {', '.join(input_names[:2]) or 'nothing'}, not {SAMPLE}, "
+                            f"{TIMESTEP}; re-run the export")
     keywords = []
     for name in input_names[2:]:
         c = denoiser.conditioning_input(name)
-        assert c is not None, f"UNet input {name!r} is not a conditioning input the denoiser declares"
+        if c is None:
+            declared = ", ".join(x.name for x in denoiser.conditioning) or "none"
+            raise StaleArtifact(f"UNet input {name!r} is not a conditioning input the family declares ({declared}); "
+                                "re-run the export")
         keywords.append(c.keyword)
     return tuple(keywords)
 
 
 def unet_kwargs(keywords: Sequence[str], tensors: Sequence[torch.Tensor]) -> dict[str, Any]:
     """diffusers `UNet2DConditionModel.forward` keyword arguments: "a.b" keywords nest into dict `a` (added_cond_kwargs)."""
-    kwargs: dict[str, Any] = {ENCODER_HIDDEN_STATES: None}  # no cross-attention context unless declared
+    kwargs: dict[str, Any] = {ENCODER_HIDDEN_STATES_KEYWORD: None}  # no cross-attention context unless declared
     for keyword, x in zip(keywords, tensors, strict=True):
         head, _, key = keyword.partition(".")
         if key:

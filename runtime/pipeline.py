@@ -148,7 +148,7 @@ class Pipeline:
         f = es.vae_scale_factor
         decoder = es.engines.get("vae_decoder")
         chunk = min(batch, decoder.io.dims[DIM_BATCH].max) if decoder and DIM_BATCH in decoder.io.dims else batch
-        need = estimate_bytes(architecture(self.spec.name, es.dims.extra if es.dims else None),
+        need = estimate_bytes(architecture(self.spec, es.dims.extra if es.dims else None),
                               unet_rows=batch * (2 if cfg else 1), decode_batch=chunk if decode else 0,
                               latent_height=height // f, latent_width=width // f,
                               fused_attention=es.backend == "torch")

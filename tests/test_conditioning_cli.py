@@ -1,7 +1,7 @@
 """Conditioning other than text through `latentrt generate --condition` and the server's "conditioning" field.
 
-A class-conditional family defined here alone (the worked example of docs/adding-a-family.md, copied
-from tests/test_family_structure.py) is registered, its tiny checkpoint exported and built for ONNX
+A class-conditional family defined in the tests alone (the worked example's family of docs/adding-a-family.md,
+tests/_families.py, here around the built-in `CLASS_LABEL` kind and its `class_label` provider) is registered, its tiny checkpoint exported and built for ONNX
 Runtime, then sampled through the real CLI and a real HTTP server on 127.0.0.1. Images from the CLI
 and the server are compared with the Python API's for the same request: exactly equal (same engines,
 same seed, same process); another class gives another image (max difference > 0).
@@ -18,39 +18,21 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from _families import class_cond
 from PIL import Image
 
 from latentrt.cli import main
-from latentrt.families import (
-    CLASS_LABEL,
-    FAMILIES,
-    AutoencoderKind,
-    AutoencoderSpec,
-    DenoiserSpec,
-    FamilySpec,
-    Prediction,
-    SamplerId,
-    SamplingDefaults,
-    Spacing,
-    register_family,
-)
+from latentrt.families import CLASS_LABEL, FAMILIES, FamilySpec, register_family
 from latentrt.runtime.images import read_png_metadata
 from latentrt.runtime.pipeline import GenerationRequest, Pipeline, load_pipeline
 from latentrt.runtime.serve import GenerationServer, ServerLimits, serve
 
-CLASSES = 10
-CLASS_COND = FamilySpec(  # as in tests/test_family_structure.py (registering the equal spec twice is allowed)
-    id="tiny-class-cond", title="Class-conditional latent diffusion (test family)", text_encoders=(),
-    denoiser=DenoiserSpec(Prediction.EPS, (replace(CLASS_LABEL, high=CLASSES),)),
-    native_size=(64, 64), buckets=((64, 64),), sampling=SamplingDefaults(SamplerId.DDIM, 10, 1.0, Spacing.LEADING),
-    autoencoder=AutoencoderSpec(AutoencoderKind.KL, factor=8, latent_channels=4), pipeline_class="DiffusionPipeline",
-)
+CLASS_COND = class_cond(CLASS_LABEL)  # a tiny UNet of it has CLASS_LABEL's tiny_config: 10 classes
 FAST = ["--steps", "2", "--seed", "3", "--no-progress"]
 
 

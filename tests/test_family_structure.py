@@ -1,12 +1,17 @@
-"""A family is its structure: a class-conditional family with its own conditioning kind, defined here alone.
+"""A family is its structure: a class-conditional family with its own conditioning kind, defined in the tests alone.
 
-The worked example of docs/adding-a-family.md. `CLASS_COND` declares no text encoder, a KL autoencoder,
-eps prediction and one conditioning input of a kind nothing in latentrt/ knows: `LABEL`, a class index
-per row (diffusers keyword `class_labels`, 10 classes) fed by the provider `tiny_class_label`, which this
-module registers with `register_provider` (the null class for classifier-free guidance comes from the
-request, `conditioning["negative_class_labels"]`). Nothing else is edited: the tiny checkpoint comes from
-`reference/tiny.make_tiny` (the config follows the structure); detection, IO, the export wrapper, the
-ONNX Runtime build and the runtime's UNet feed derive from the spec.
+The worked example of docs/adding-a-family.md. What the contributor wrote, and nothing else:
+1. the spec entry (tests/_families.py): `LABEL`, a conditioning kind nothing in latentrt/ knows (a class
+   index per row under the diffusers keyword `class_labels`, its bound read from the UNet config,
+   "unet:num_class_embeds", and its UNet config data: `unet_config=(("num_class_embeds", 10),
+   ("class_embed_type", None))`), and `CLASS_COND`: no text encoder, a KL autoencoder, eps prediction,
+   `LABEL`;
+2. tiny-model config data: the same `unet_config` pairs (a tiny UNet gets them; detection compares them);
+3. one provider, `tiny_class_label` (this module, `register_provider`; the null class for
+   classifier-free guidance comes from the request, `conditioning["negative_class_labels"]`).
+No file under latentrt/, reference/, export/, engines/ or runtime/ names this kind: the tiny checkpoint
+comes from `reference/tiny.make_tiny`, detection compares the declared config keys, and IO, the export
+wrapper, the ONNX Runtime build and the runtime's UNet feed derive from the spec.
 
 Tolerances:
 - the built ONNX Runtime UNet engine against diffusers' `UNet2DConditionModel` called with `class_labels`
@@ -33,10 +38,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from _families import CLASS_COND, CLASSES, LABEL
 
-from latentrt.errors import CheckpointError, InvalidRequest, UnknownFamily
+from latentrt.errors import CheckpointError, InvalidRequest, StaleArtifact, UnknownFamily
 from latentrt.families import (
     FAMILIES,
+    TIME_IDS_SIZE_CROP_TARGET,
     AutoencoderKind,
     AutoencoderSpec,
     ConditioningInput,
@@ -44,29 +51,17 @@ from latentrt.families import (
     FamilySpec,
     Prediction,
     SamplerId,
-    SamplingDefaults,
-    Spacing,
     register_family,
 )
 from latentrt.manifest import ONNX_KIND, read_manifest
 from latentrt.runtime.providers import PROVIDERS, FeedContext, register_provider
 from latentrt.tensors import ModelDims, component_ios, describe_shape, dummy_inputs, io_from_json, io_to_json
 
-CLASSES = 10
-# 1. the spec entry: the new conditioning kind and the family that declares it
-LABEL = ConditioningInput("class_labels", keyword="class_labels", provider="tiny_class_label", dtype="int64",
-                          high=CLASSES)
-CLASS_COND = FamilySpec(
-    id="tiny-class-cond", title="Class-conditional latent diffusion (test family)", text_encoders=(),
-    denoiser=DenoiserSpec(Prediction.EPS, (LABEL,)),
-    native_size=(64, 64), buckets=((64, 64),), sampling=SamplingDefaults(SamplerId.DDIM, 10, 1.0, Spacing.LEADING),
-    autoencoder=AutoencoderSpec(AutoencoderKind.KL, factor=8, latent_channels=4), pipeline_class="DiffusionPipeline",
-)
 RTOL = ATOL = 1e-4
 IMAGE_TOL = {"onnxruntime": 1e-3, "torch": 2e-5}
 
 
-# 2. the one provider: the UNet-batch rows of the new input for a request
+# 3. the one provider: the UNet-batch rows of the new input for a request
 def _labels(ctx: FeedContext, key: str) -> list[int]:
     """conditioning[key]: one class index, or one per prompt slot; InvalidRequest otherwise."""
     value = ctx.request.conditioning.get(key)
@@ -123,7 +118,7 @@ def edited(folder: Path, dest: Path, part: str, **changes: Any) -> Path:
 
 def test_component_ios_follow_the_declared_structure(family: FamilySpec) -> None:
     dims = ModelDims(text_hidden=(), pooled_dim=0, context_dim=0, unet_in_channels=4, latent_channels=4,
-                     vae_scale_factor=8, num_class_embeds=CLASSES)
+                     vae_scale_factor=8, unet_config={"num_class_embeds": CLASSES})
     ios = component_ios(family, dims)
     assert tuple(ios) == family.components == ("unet", "vae_encoder", "vae_decoder")
     unet = ios["unet"]
@@ -145,29 +140,38 @@ def test_detected_from_its_folder(checkpoint: Path, family: FamilySpec) -> None:
     assert detect_family(checkpoint) is family
     loaded = load_checkpoint(checkpoint)
     assert loaded.spec is family and set(loaded.modules) == {"unet", "vae"} and not loaded.tokenizers
-    assert loaded.dims.num_class_embeds == CLASSES and loaded.dims.context_dim == 0 and loaded.dims.text_hidden == ()
+    assert loaded.dims.unet_config == {"num_class_embeds": CLASSES} and loaded.dims.context_dim == 0
+    assert loaded.dims.text_hidden == () and loaded.ios()["unet"].input("class_labels").high == CLASSES
     unet: Any = loaded.modules["unet"]
-    assert unet.config.num_class_embeds == CLASSES
+    assert unet.config.num_class_embeds == CLASSES and unet.config.class_embed_type is None
 
 
-def test_structure_follows_the_diffusers_keyword_not_the_input_name(checkpoint: Path, family: FamilySpec) -> None:
-    """An input under another name but the keyword `class_labels` still means a class embedding."""
+def test_structure_follows_the_declared_config_data_not_the_input_name(checkpoint: Path, family: FamilySpec) -> None:
+    """The UNet config keys come from the input's data: another name, the same data, the same checkpoint."""
     from latentrt.manifest_checks import structure_problems
     from latentrt.reference.models import folder_facts, model_dims, model_index
     from latentrt.reference.structure import mismatches
     from latentrt.reference.tiny import unet_config
 
     renamed = replace(family, id="tiny-class-cond-y", denoiser=DenoiserSpec(Prediction.EPS, (replace(LABEL, name="y"),)))
-    assert unet_config(renamed, 0, 0)["num_class_embeds"] == CLASSES
-    assert mismatches(renamed, folder_facts(checkpoint, model_index(checkpoint))) == []
+    assert LABEL.config_keys == ("num_class_embeds",) and LABEL.unet_keys == ("num_class_embeds", "class_embed_type")
+    config = unet_config(renamed, 0, 0)
+    assert config["num_class_embeds"] == CLASSES and config["class_embed_type"] is None
+    facts = folder_facts(checkpoint, model_index(checkpoint))
+    assert mismatches(renamed, facts) == []
     assert structure_problems(renamed, model_dims(family, checkpoint)) == []
     assert component_ios(renamed, model_dims(family, checkpoint))["unet"].input_names == ["sample", "timestep", "y"]
+    twenty = replace(renamed, denoiser=DenoiserSpec(Prediction.EPS, (replace(LABEL, unet_config=(
+        ("num_class_embeds", 20),)),)))  # other data, other structure
+    assert mismatches(twenty, facts) == ["unet num_class_embeds 10 != 20 (input class_labels)"]
+    assert unet_config(twenty, 0, 0)["num_class_embeds"] == 20
 
 
 @pytest.mark.parametrize(("part", "changes", "needle"), [
-    ("unet", {"num_class_embeds": 12}, "nearest: tiny-class-cond (unet num_class_embeds 12 != 10 classes)"),
+    ("unet", {"num_class_embeds": 12}, "nearest: tiny-class-cond (unet num_class_embeds 12 != 10 (input class_labels))"),
     ("unet", {"in_channels": 9}, "unet in_channels 9 != 4 (4 latent)"),
-    ("unet", {"num_class_embeds": None}, "unet has no class embedding (num_class_embeds), but the family takes class"),
+    ("unet", {"num_class_embeds": None}, "unet has no num_class_embeds, which input class_labels reads"),
+    ("unet", {"class_embed_type": "timestep"}, "unet class_embed_type 'timestep' != None (input class_labels)"),
 ])
 def test_detection_names_the_mismatch(checkpoint: Path, family: FamilySpec, tmp_path: Path, part: str,
                                       changes: dict[str, Any], needle: str) -> None:
@@ -340,3 +344,45 @@ def test_a_vq_autoencoder_decodes_through_the_codebook(family: FamilySpec) -> No
         quantized = vae.decode(vae.quantize(latent)[0], force_not_quantize=True).sample
     assert got.shape == (2, 3, 32, 32)
     np.testing.assert_allclose(got.numpy(), quantized.numpy(), rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------- structure, not names
+
+
+def test_a_class_embedding_no_input_declares_does_not_fit_a_text_family(checkpoint: Path, family: FamilySpec,
+                                                                        tiny_checkpoint: Any, tmp_path: Path) -> None:
+    """The config keys any known input declares give a UNet input: a family that declares none does not fit."""
+    from latentrt.reference.models import folder_facts, model_index
+    from latentrt.reference.structure import mismatches
+
+    sd1 = FAMILIES["sd1"]
+    labelled = edited(tiny_checkpoint("sd1"), tmp_path / "sd1", "unet", num_class_embeds=4)
+    assert mismatches(sd1, folder_facts(labelled, model_index(labelled))) == [
+        "unet num_class_embeds=4 gives a UNet input that family sd1 does not declare"]
+
+
+def test_time_ids_kind_is_read_by_provider_key() -> None:
+    custom = replace(TIME_IDS_SIZE_CROP_TARGET, provider="my_time_ids")
+    spec = replace(FAMILIES["sdxl"], id="sdxl-custom-ids", denoiser=DenoiserSpec(Prediction.EPS, (custom,)))
+    assert FAMILIES["sdxl"].time_ids.width == 6 and CLASS_COND.time_ids.width == 0
+    with pytest.raises(ValueError, match="provider 'my_time_ids'\\) is not a built-in TimeIds kind"):
+        _ = spec.time_ids
+
+
+def test_unet_wrapper_refuses_inputs_the_family_does_not_declare(family: FamilySpec) -> None:
+    from latentrt.reference.wrappers import unet_keywords
+
+    assert unet_keywords(family.denoiser, ["sample", "timestep", "class_labels"]) == ("class_labels",)
+    with pytest.raises(StaleArtifact, match="UNet input 'y' is not a conditioning input the family declares"):
+        unet_keywords(family.denoiser, ["sample", "timestep", "y"])
+    with pytest.raises(StaleArtifact, match="UNet inputs start with timestep, sample"):
+        unet_keywords(family.denoiser, ["timestep", "sample"])
+
+
+def test_memory_reference_widths_are_family_data(family: FamilySpec) -> None:
+    from latentrt.memory import architecture
+
+    assert architecture(FAMILIES["sdxl-refiner"], None).attention_factor == 2
+    assert architecture(FAMILIES["sd-turbo"], None).attention_heads == 5
+    assert architecture(family, {"unet_channels": 32}).unet_channels == 32
+    assert architecture(family, None) == FAMILIES["sd1"].reference_widths
