@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from latentrt.buckets import Size
+from latentrt.buckets import Size, checkpoint_native_size
 from latentrt.cache_keys import digest
 from latentrt.choices import BuildBackend, Device, Precision, values
 from latentrt.errors import BuildError, MissingComponent, OutputConflict, StaleArtifact
@@ -55,14 +55,14 @@ from .builder import Builder, BuildEvent, BuildOptions, ComponentPrecision, GpuI
 from .calibration import Calibration, Feed
 from .layers import attention_core
 from .onnx_checks import check_onnx_files
-from .profiles import ProfilePlan, format_plan, plan_profiles
+from .profiles import ProfilePlan, format_plan, plan_profiles, vae_scale_factor
 from .recipes import DEFAULT_RECIPE, RECIPES
 from .source import OnnxExport, copy_files, read_onnx_export, select_components, tree_bytes, verify_export
 
 __all__ = ["INT8_CALIBRATION_STEPS", "BuildEvent", "BuildOptions", "Calibration", "ComponentPrecision", "Int8Options",
            "OnnxExport", "Progress", "build_engines", "builder_for", "component_precision", "default_calibration_size",
-           "default_precision", "engine_manifest", "int8_needs_calibration", "int8_options", "plan_for_export",
-           "read_onnx_export", "verify_export"]
+           "default_precision", "engine_manifest", "export_native_size", "int8_needs_calibration", "int8_options",
+           "plan_for_export", "read_onnx_export", "verify_export"]
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +74,22 @@ def plan_for_export(export: OnnxExport, *, sizes: Sequence[Size] | None = None, 
                     strategy: str = "grouped", groups: int = 3, cfg: bool | None = None,
                     opt_batch: int | None = None, components: Sequence[str] | None = None,
                     prompt_windows: int = PROMPT_WINDOWS) -> ProfilePlan:
-    """The optimization-profile plan of an export's components."""
+    """The optimization-profile plan of an export's components (buckets and opt from the checkpoint's native size)."""
     ios = {c: export.ios[c] for c in select_components(export, components)}
     return plan_profiles(export.spec, ios, sizes=sizes, batch=batch, cfg=cfg, strategy=strategy, groups=groups,
-                         opt_batch=opt_batch, prompt_windows=prompt_windows)
+                         opt_batch=opt_batch, prompt_windows=prompt_windows, native=export_native_size(export))
+
+
+def export_native_size(export: OnnxExport) -> Size:
+    """The exported checkpoint's native (height, width): its recorded UNet sample_size x the VAE factor, else the
+    family's (`buckets.checkpoint_native_size`)."""
+    dims = (export.manifest.get("model") or {}).get("dims")
+    if not isinstance(dims, dict):
+        return export.spec.native_size
+    extra = dims.get("extra")
+    factor = dims.get("vae_scale_factor", vae_scale_factor(export.ios, export.spec.vae_scale_factor))
+    return checkpoint_native_size(export.spec, extra.get("unet_sample_size") if isinstance(extra, dict) else None,
+                                  factor)
 
 
 def component_precision(spec: FamilySpec, component: str, requested: str, *,

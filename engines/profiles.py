@@ -6,7 +6,7 @@ symbolic dim (`batch`, `unet_batch`, `latent_height`, ...) and the concrete per-
 derived from the component's IO description (`ComponentIO.with_ranges` + `tensors.profile`).
 
 Strategies:
-  dynamic     one profile covering every size (smallest engine, opt at the native size)
+  dynamic     one profile covering every size (smallest engine, opt at the checkpoint's native size)
   per-bucket  one profile per size (min = opt = max for the latent dims: best kernels, most memory)
   grouped     k profiles, sizes grouped by log aspect ratio; each opt is the medoid of its group
 """
@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from latentrt.buckets import Size, format_size
+from latentrt.buckets import Size, buckets_for, format_size
 from latentrt.errors import UnsupportedShape
 from latentrt.families import FamilySpec
 from latentrt.names import DIM_BATCH, DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH, DIM_SEQUENCE, DIM_UNET_BATCH
@@ -94,8 +94,8 @@ def profile_entry(p: Profile, component: str) -> dict[str, Any]:
 def plan_profiles(spec: FamilySpec, ios: Mapping[str, ComponentIO], *, sizes: Sequence[Size] | None = None,
                   batch: tuple[int, int] = (1, 4), cfg: bool | None = None, strategy: str = "grouped",
                   groups: int = 3, opt_batch: int | None = None,
-                  prompt_windows: int = PROMPT_WINDOWS) -> ProfilePlan:
-    """Plan optimization profiles covering `sizes` (default: the family's buckets) and `batch`.
+                  prompt_windows: int = PROMPT_WINDOWS, native: Size | None = None) -> ProfilePlan:
+    """Plan optimization profiles covering `sizes` (default: the buckets of the native size) and `batch`.
 
     Args:
         spec: the model family.
@@ -110,11 +110,14 @@ def plan_profiles(spec: FamilySpec, ios: Mapping[str, ComponentIO], *, sizes: Se
         opt_batch: per-prompt batch the kernels are tuned for (default: the minimum).
         prompt_windows: the most prompt windows (75 tokens each, 77 with BOS/EOS) the UNet's context
             (`sequence`, 77 x windows) covers; opt is one window.
+        native: the checkpoint's native (height, width) (`buckets.native_size`; default: the family's): the
+            opt size of a profile planned for it, and the size its default buckets are scaled to.
     """
     if strategy not in STRATEGIES:
         raise UnsupportedShape(f"unknown profile strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     factor = vae_scale_factor(ios, spec.vae_scale_factor)
-    chosen = _unique(tuple(sizes) if sizes is not None else spec.buckets)
+    native = spec.native_size if native is None else (int(native[0]), int(native[1]))
+    chosen = _unique(tuple(sizes) if sizes is not None else buckets_for(spec, native))
     if not chosen:
         raise UnsupportedShape("no sizes to plan for: pass at least one HEIGHTxWIDTH size")
     cfg = spec.uses_cfg and not _guidance_embedded(ios) if cfg is None else cfg
@@ -128,7 +131,7 @@ def plan_profiles(spec: FamilySpec, ios: Mapping[str, ComponentIO], *, sizes: Se
     groups_of_sizes = _split(chosen, strategy, groups)
     profiles = []
     for members in groups_of_sizes:
-        opt = _opt_size(members, spec.native_size)
+        opt = _opt_size(members, native)
         bounds = {c: _component_bounds(io, members, opt, factor, batch, opt_b, cfg, prompt_windows)
                   for c, io in ios.items()}
         shapes = {c: profile(ios[c].with_ranges(b)) for c, b in bounds.items()}

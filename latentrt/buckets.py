@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from .errors import UnsupportedShape
+
+if TYPE_CHECKING:
+    from .families import FamilySpec
+    from .tensors import ModelDims
+
+log = logging.getLogger(__name__)
 
 Size = tuple[int, int]  # (height, width) in pixels
 SideRanges = tuple[tuple[int, int], tuple[int, int]]  # ((min_h, max_h), (min_w, max_w)) in pixels
@@ -45,6 +53,63 @@ def scaled_buckets(native: int, step: int = 64, max_ratio: float = 2.0) -> tuple
             out.update({(h, w), (w, h)})
         h += step
     return tuple(sorted(out))
+
+
+MAX_NATIVE_SIDE = 2048  # pixels: the largest side an export covers (tensors.LATENT_H/W max x the VAE factor)
+
+
+def native_size(spec: FamilySpec, dims: ModelDims | None, multiple: int = 64) -> Size:
+    """The checkpoint's native (height, width) from its recorded widths (`ModelDims.extra['unet_sample_size']`),
+    else the family's: see `checkpoint_native_size`."""
+    if dims is None or not isinstance(dims.extra, dict):
+        return spec.native_size
+    return checkpoint_native_size(spec, dims.extra.get("unet_sample_size"), dims.vae_scale_factor, multiple)
+
+
+def checkpoint_native_size(spec: FamilySpec, sample_size: Any, vae_scale_factor: Any, multiple: int = 64) -> Size:
+    """UNet `sample_size` x the VAE factor, the size diffusers' pipelines default to
+    (`unet.config.sample_size * vae_scale_factor`); the family's native size when it is missing or not a size.
+
+    `sample_size` is an int or an [h, w] pair in diffusers configs (read from untrusted files: checked here);
+    sides are rounded to multiples of `multiple` (the runtime's pixel step), at most MAX_NATIVE_SIDE."""
+    sides = _sample_sides(sample_size)
+    factor = vae_scale_factor
+    if sides is None or not (isinstance(factor, int) and not isinstance(factor, bool) and factor > 0):
+        if sample_size is not None:
+            log.warning("unet sample_size %r (VAE factor %r) is not a size: using the %s native size %s", sample_size,
+                        factor, spec.name, format_size(spec.native_size))
+        return spec.native_size
+    pixels = (sides[0] * factor, sides[1] * factor)
+    if max(pixels) > MAX_NATIVE_SIDE:
+        log.warning("unet sample_size %r x %d is larger than the %d px an export covers: using the %s native size "
+                    "%s", sample_size, factor, MAX_NATIVE_SIDE, spec.name, format_size(spec.native_size))
+        return spec.native_size
+    h, w = (max(multiple, round(p / multiple) * multiple) for p in pixels)
+    if (h, w) != pixels:
+        log.info("native size %s rounded to %s (sides are multiples of %d)", format_size(pixels),
+                 format_size((h, w)), multiple)
+    return h, w
+
+
+def _sample_sides(raw: Any) -> tuple[int, int] | None:
+    """(h, w) latents of a diffusers `sample_size` (an int or an [h, w] pair); None when it is neither."""
+    def ok(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    if ok(raw):
+        return raw, raw
+    if isinstance(raw, (list, tuple)) and len(raw) == 2 and all(ok(v) for v in raw):
+        return raw[0], raw[1]
+    return None
+
+
+def buckets_for(spec: FamilySpec, native: Size, step: int = 64) -> tuple[Size, ...]:
+    """The family's buckets, or, for a checkpoint of another native size, buckets of about its pixel count
+    (`scaled_buckets`, always including the native size itself)."""
+    if native == spec.native_size:
+        return spec.buckets
+    side = max(step, round(math.sqrt(native[0] * native[1]) / step) * step)
+    return tuple(sorted({*scaled_buckets(side, step), native}))
 
 
 def is_valid_size(size: Size, multiple: int = 64) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .buckets import MAX_NATIVE_SIDE, native_size
 from .errors import UnsupportedShape
 from .families import AutoencoderKind, ConditioningInput, FamilySpec, unet_config_key
 
@@ -342,8 +343,9 @@ def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
     f = m.vae_scale_factor
     tokens = replace(TOKENS, opt=m.max_tokens, max=m.max_tokens)
     seq = replace(SEQUENCE, min=m.max_tokens, opt=m.max_tokens, max=MAX_PROMPT_WINDOWS * m.max_tokens)
-    lh = replace(LATENT_H, opt=spec.native_size[0] // f, max=2048 // f)
-    lw = replace(LATENT_W, opt=spec.native_size[1] // f, max=2048 // f)
+    native_h, native_w = native_size(spec, m)  # the checkpoint's own (unet sample_size x f), else the family's
+    lh = replace(LATENT_H, opt=max(LATENT_H.min, native_h // f), max=MAX_NATIVE_SIDE // f)
+    lw = replace(LATENT_W, opt=max(LATENT_W.min, native_w // f), max=MAX_NATIVE_SIDE // f)
     ios: dict[str, ComponentIO] = {}
     for te, width in zip(spec.text_encoders, m.text_hidden):
         outs = [TensorSpec(HIDDEN_STATES, "float32", (BATCH, tokens, width))]

@@ -40,9 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", choices=SAMPLERS, metavar="NAME",
                         help=f"default: the checkpoint's own scheduler (scheduler_config.json); one of "
                              f"{', '.join(SAMPLERS)}")
-    parser.add_argument("--width", type=int, help="pixels, a multiple of 64 (with --height)")
+    parser.add_argument("--width", type=int, help="pixels, a multiple of 64 (with --height; default: the checkpoint's "
+                                                  "native size, UNet sample_size x VAE factor)")
     parser.add_argument("--height", type=int, help="pixels, a multiple of 64 (with --width)")
-    parser.add_argument("--aspect", help="aspect ratio W:H, e.g. 16:9: snaps to the family's nearest bucket")
+    parser.add_argument("--aspect", help="aspect ratio W:H, e.g. 16:9: snaps to the nearest bucket around the "
+                                            "checkpoint's native size")
     parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     parser.add_argument("--condition", type=condition, action="append", default=[], metavar="NAME=VALUE",
                         help="a conditioning value other than text, e.g. class_labels=3 (class-conditional "

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentrt.buckets import SideRanges, check_multiple, format_size, nearest_bucket, nearest_valid
+from latentrt.buckets import (
+    SideRanges,
+    buckets_for,
+    check_multiple,
+    format_size,
+    native_size,
+    nearest_bucket,
+    nearest_valid,
+)
 from latentrt.choices import Mode, OutputType, values
 from latentrt.errors import InvalidRequest, UnsupportedShape
 from latentrt.families import FamilySpec
@@ -55,7 +63,7 @@ class GenerationRequest:
     sampler: str | None = None  # a SamplerId value: euler, euler_a, heun, ddim, pndm, ... (None: the checkpoint's own)
     width: int | None = None  # pixels; both or neither of width/height
     height: int | None = None
-    aspect: str | float | None = None  # "16:9" or width/height: snaps to the family's nearest bucket
+    aspect: str | float | None = None  # "16:9" or width/height: snaps to the nearest bucket (of the checkpoint's native size)
     seed: int | None = None  # None: a random seed (reported in the result)
     num_images_per_prompt: int = 1
     image: ImageInput | None = None  # img2img / inpainting init image
@@ -322,7 +330,7 @@ def resolve_size(engines: EngineSet, request: GenerationRequest, image: Image.Im
                          f"be multiples of {PIXEL_MULTIPLE})")
             size = valid
         return covered(engines, size, notes)
-    return covered(engines, engines.spec.native_size, notes)
+    return covered(engines, native_size(engines.spec, engines.dims), notes)
 
 
 def pixel_ranges(engines: EngineSet) -> SideRanges:
@@ -339,8 +347,9 @@ def covers(engines: EngineSet, size: tuple[int, int]) -> bool:
 
 
 def buckets(engines: EngineSet) -> list[tuple[int, int]]:
-    """The family's buckets the engines cover; UnsupportedShape when they cover none."""
-    found = [b for b in engines.spec.buckets if covers(engines, b)]
+    """The buckets of the checkpoint's native size (the family's at its native size) the engines cover;
+    UnsupportedShape when they cover none."""
+    found = [b for b in buckets_for(engines.spec, native_size(engines.spec, engines.dims)) if covers(engines, b)]
     if not found:
         (lo_h, hi_h), (lo_w, hi_w) = pixel_ranges(engines)
         raise UnsupportedShape(f"the engines in {engines.folder} cover {lo_h}-{hi_h} x {lo_w}-{hi_w} px (HxW), "
