@@ -14,6 +14,7 @@ is read only when it holds no symlink out of it (`latentrt.paths.check_checkpoin
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 import shutil
@@ -25,7 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentrt.errors import CheckpointError, ExportMismatch, MissingComponent, OutputConflict, StaleArtifact
+from latentrt.errors import (
+    CheckpointError,
+    ExportMismatch,
+    InvalidRequest,
+    MissingComponent,
+    OutputConflict,
+    StaleArtifact,
+)
 from latentrt.manifest import (
     MANIFEST,
     ONNX_KIND,
@@ -60,6 +68,8 @@ from latentrt.tensors import (
     DIM_UNET_BATCH,
     INPUT_IDS,
     ComponentIO,
+    Dim,
+    Scaled,
     Sizes,
     describe_shape,
     dummy_inputs,
@@ -139,11 +149,49 @@ def _export_torchscript(module: torch.nn.Module, args: tuple[torch.Tensor, ...],
                       dynamic_axes=dynamic_axes(io), opset_version=opset, do_constant_folding=True, dynamo=False)
 
 
+def dynamic_shapes(io: ComponentIO) -> tuple[dict[int, Any], ...]:
+    """torch.export `dynamic_shapes` from the IO spec, one dict per input: one named `torch.export.Dim` per
+    symbolic dim, shared by name across inputs, with the spec's [min, max]; a scaled axis (image = factor x
+    latent) is that multiple of its base dim.
+
+    torch.export specializes sizes 0 and 1, so a lower bound of 1 is declared as 2 (the graph it writes
+    still runs at 1: parity checks batch 1); a dim whose range ends below 2 stays static.
+    """
+    from torch.export import Dim as ExportDim
+
+    dims = {name: ExportDim(name, min=max(2, d.min), max=d.max) for name, d in io.dims.items() if d.max >= 2}
+
+    def axis(a: Dim | Scaled) -> Any:
+        base, factor = (a.base, a.factor) if isinstance(a, Scaled) else (a, 1)
+        dim = dims.get(base.name)
+        return None if dim is None else dim * factor if factor != 1 else dim
+
+    return tuple({i: ax for i, a in enumerate(t.shape) if not isinstance(a, int) and (ax := axis(a)) is not None}
+                 for t in io.inputs)
+
+
+def by_signature(module: torch.nn.Module, shapes: tuple[dict[int, Any], ...]) -> tuple[Any, ...]:
+    """`dynamic_shapes` laid out as `forward` takes its arguments: the inputs a `*args` parameter collects
+    (the UNet's conditioning) become one tuple."""
+    params = inspect.signature(module.forward).parameters.values()
+    if not any(p.kind is p.VAR_POSITIONAL for p in params):
+        return shapes
+    n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    return (*shapes[:n], shapes[n:])
+
+
 def _export_dynamo(module: torch.nn.Module, args: tuple[torch.Tensor, ...], io: ComponentIO, path: Path,
                    opset: int) -> None:
-    program = torch.onnx.export(module, args, input_names=io.input_names, output_names=io.output_names,
-                                dynamic_axes=dynamic_axes(io), opset_version=opset, dynamo=True, optimize=True,
-                                verbose=False)
+    """torch.export-based export with `dynamic_shapes` built from the IO spec; InvalidRequest where it fails."""
+    shapes = by_signature(module, dynamic_shapes(io))
+    try:
+        program = torch.onnx.export(module, args, input_names=io.input_names, output_names=io.output_names,
+                                    dynamic_shapes=shapes, opset_version=opset, dynamo=True, optimize=True,
+                                    verbose=False)
+    except Exception as e:  # noqa: BLE001 - torch.export reports untraceable models with many exception types
+        detail = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise InvalidRequest(f"the dynamo exporter cannot export {io.component} ({type(e).__name__}: "
+                             f"{detail[:300]}); export without --dynamo (the TorchScript exporter)") from None
     if program is None:
         raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
     program.save(str(path), external_data=True)
@@ -320,7 +368,11 @@ def _export_one(loaded: LoadedModel, name: str, stage: Path, *, opset: int, dyna
     module = wrap(name, loaded)
     say(f"{step} {name} …")
     start = time.perf_counter()
-    path = export_component(module, io, stage / name, opset=opset, dynamo=dynamo, external_data_mb=external_data_mb)
+    try:
+        path = export_component(module, io, stage / name, opset=opset, dynamo=dynamo,
+                                external_data_mb=external_data_mb)
+    except InvalidRequest as e:  # the dynamo exporter's refusal, named with the family
+        raise InvalidRequest(f"family {loaded.spec.name}: {e}") from None
     export_s = time.perf_counter() - start
     runs = parity_runs(module, io, path) if verify else []
     checks = [parity_check_json(sizes, report) for sizes, report in runs]
