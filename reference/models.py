@@ -119,6 +119,9 @@ def unet_cross_attention(unet: dict[str, Any]) -> bool:
     return any(isinstance(b, str) and "CrossAttn" in b for b in blocks)
 
 
+CLIP_PROJECTION_DIM = 512  # transformers' CLIPTextConfig default: a config without `projection_dim` projects to 512
+
+
 def folder_facts(folder: Path, index: dict[str, Any]) -> CheckpointFacts:
     """The structural facts of a diffusers folder, read from its configs (no weights)."""
     unet, vae, sched = (part_config(folder, p) for p in ("unet", "vae", "scheduler"))
@@ -130,7 +133,8 @@ def folder_facts(folder: Path, index: dict[str, Any]) -> CheckpointFacts:
         latent_channels=_int(vae, "latent_channels") or 4, unet_out_channels=_int(unet, "out_channels"),
         cross_attention=unet_cross_attention(unet), context_dim=_int(unet, "cross_attention_dim"),
         text_hidden={c: h for c, cfg in texts.items() if (h := _int(cfg, "hidden_size")) is not None},
-        pooled_encoders=pooled, pooled_dim=next((_int(texts[c], "projection_dim") or 0 for c in sorted(pooled)), 0),
+        pooled_encoders=pooled, pooled_dim=next((_int(texts[c], "projection_dim") or 0 if "projection_dim" in texts[c]
+                                                else CLIP_PROJECTION_DIM for c in sorted(pooled)), 0),
         unet_config=unet,
         addition_embed_type=_str(unet, "addition_embed_type"),
         addition_input_dim=_int(unet, "projection_class_embeddings_input_dim"),
@@ -168,7 +172,7 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
     unet, vae = part_config(folder, "unet"), part_config(folder, "vae")
     te_where = [str(folder / te.component / "config.json") for te in spec.text_encoders]
     unet_where, vae_where = str(folder / "unet" / "config.json"), str(folder / "vae" / "config.json")
-    pooled = next((config_int(c, "projection_dim", w, 0, minimum=0)
+    pooled = next((config_int(c, "projection_dim", w, CLIP_PROJECTION_DIM, minimum=0)
                    for te, c, w in zip(spec.text_encoders, tes, te_where) if te.pooled), 0)
     vae_blocks = config_ints(vae, "block_out_channels", vae_where, [0])
     unet_blocks = config_ints(unet, "block_out_channels", unet_where, [320])

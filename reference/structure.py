@@ -14,6 +14,7 @@ since the runtime reads them from the checkpoint's own scheduler config.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,9 @@ def input_config_keys() -> set[str]:
     """The UNet config keys that give a UNet input: those any built-in kind or registered family's input declares."""
     inputs = [*BUILTIN_CONDITIONING, *(c for s in FAMILIES.values() for c in s.denoiser.conditioning)]
     return {key for c in inputs for key in c.unet_keys}
+
+
+log = logging.getLogger(__name__)
 
 
 def tower_fits(tower: TextTower, fact: str) -> bool:
@@ -176,9 +180,25 @@ def preference(spec: FamilySpec, f: CheckpointFacts) -> tuple[bool, bool, bool]:
 
 
 def fitting_families(f: CheckpointFacts) -> list[FamilySpec]:
-    """Every registered family the facts fit, the best agreement with the soft facts first (else registry order)."""
+    """Every registered family the facts fit, the best agreement with the soft facts first (else registry order).
+
+    When no family fits only because a text encoder is another known tower (diffusers' own SDXL test
+    configs give CLIP-L OpenCLIP's gelu), the families that fit in everything else are taken, with a log
+    line: the tower decides nothing at run time. An activation no tower has still fits nothing.
+    """
     fits = [s for s in FAMILIES.values() if not mismatches(s, f)]
+    if not fits and _known_towers(f):
+        fits = [s for s in FAMILIES.values() if not mismatches(s, f, towers=False)]
+        for s in fits[:1]:
+            log.info("%s: text encoder towers %s differ from %s's; detected by structure", f.describe(),
+                     dict(f.text_encoders or {}), s.name)
     return sorted(fits, key=lambda s: tuple(not x for x in preference(s, f)))  # stable: registry order on ties
+
+
+def _known_towers(f: CheckpointFacts) -> bool:
+    """Whether every text encoder fact names some known tower (its id or its activation)."""
+    facts = (f.text_encoders or {}).values()
+    return bool(facts) and all(any(tower_fits(t, fact) for t in TextTower) for fact in facts)
 
 
 def nearest_mismatch(f: CheckpointFacts) -> str:

@@ -9,7 +9,7 @@ projection_class_embeddings_input_dim 80 (= pooled 32 + 6 time ids x 8); a VAE w
 The real modules get random weights and are saved with diffusers' `save_pretrained`. Deviations, so
 LatentRT's CLIP tokenizer (49408 ids) fits: vocab_size 49408 with CLIP's BOS/EOS ids, and the first
 encoder uses CLIP-L's quick_gelu as the released SDXL does (the all-gelu test config is covered below:
-detection names the tower, `--family sdxl` accepts it).
+detected as sdxl by its structure).
 
 Tolerances (as tests/test_pipeline.py; the issue asks 2/255): our pipeline against diffusers'
 StableDiffusionXLPipeline on the same folder, same seed and sampler, float32 CPU, max |diff|:
@@ -215,9 +215,18 @@ def test_pooled_width_mismatch_is_named(tmp_path: Path) -> None:
         locate_checkpoint(folder, family="sdxl")
 
 
-def test_all_gelu_test_config_needs_the_family(tmp_path: Path) -> None:
-    """diffusers' test config gives both towers gelu: detection names the tower; --family sdxl accepts it."""
+def test_all_gelu_test_config_is_detected_by_structure(tmp_path: Path) -> None:
+    """diffusers' test config gives both towers gelu: the structure (two encoders, pooled, 6 time ids) says sdxl."""
     folder = save_sdxl(tmp_path / "ckpt", text_encoder_act="gelu")
-    with pytest.raises(UnknownFamily, match="nearest: sdxl .*text_encoder is 'gelu'"):
-        detect_family(folder)
+    assert detect_family(folder).name == "sdxl"
     assert locate_checkpoint(folder, family="sdxl").spec.name == "sdxl"
+
+
+def test_missing_projection_dim_is_transformers_default(aesthetic_base: Path, tmp_path: Path) -> None:
+    """A text config without `projection_dim` projects to transformers' default 512, not 0: the UNet's 80 is named."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(aesthetic_base, folder)
+    path = folder / "text_encoder_2" / "config.json"
+    path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "projection_dim"}))
+    with pytest.raises(CheckpointError, match="projection_class_embeddings_input_dim 80 != pooled 512"):
+        locate_checkpoint(folder, family="sdxl")
