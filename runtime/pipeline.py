@@ -273,7 +273,7 @@ class Pipeline:
                                           denoising_start=s.denoising_start, denoising_end=s.denoising_end,
                                           pipeline_fixes_scheduler=fixes)
         if self._blends(s):
-            plan.check_one_step(f"inpainting with {self.spec.name} (no mask input: the image is blended back "
+            plan.check_step_edits(f"inpainting with {self.spec.name} (no mask input: the image is blended back "
                                 "after every step, as diffusers does)")
         return plan
 

@@ -25,7 +25,7 @@ import torch
 from latentrt.errors import InvalidRequest
 from latentrt.families import NoiseSchedule, Prediction, SamplerId, Spacing
 
-from .denoisers import Denoiser, Model, X0Transform, make_denoiser
+from .denoisers import Model, X0Transform, make_denoiser
 from .samplers import NoiseSource
 from .scheduler_config import (
     SAMPLER_CLASSES,
@@ -41,9 +41,9 @@ from .schedules import sigma_to_timestep
 PlanCallback = Callable[[int, float, torch.Tensor], None]  # (step index, UNet timestep, latents after the step)
 # (step index, UNet timestep, latents after the step) -> the latents the next step starts from (inpainting's blend)
 StepHook = Callable[[int, float, torch.Tensor], torch.Tensor]
-# samplers whose state between steps is the latents alone, so they can run one step at a time with a hook
-# between steps as a diffusers pipeline loop edits its latents between scheduler.step calls
-ONE_STEP_SAMPLERS = frozenset({SamplerId.EULER, SamplerId.EULER_ANCESTRAL, SamplerId.DDIM})
+# diffusers' order-2 schedulers: scheduler.step runs twice per step (a first stage, then the correction) and a
+# pipeline loop edits its latents after each call, between a step's two stages, where no hook here reaches
+MIDSTEP_EDIT_SAMPLERS = frozenset({SamplerId.HEUN, SamplerId.DPM_2, SamplerId.DPM_2_ANCESTRAL, SamplerId.DPMPP_SDE})
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,6 @@ class SamplingPlan:
     options: Mapping[str, Any] = field(default_factory=dict)  # keyword options for fn (per-step ones sliced)
     space: LatentSpace = LatentSpace.SIGMA
     x0_transform: X0Transform | None = None
-    per_step: frozenset[str] = frozenset()  # the options holding one value per step
 
     def __post_init__(self) -> None:
         assert len(self.timesteps) == len(self.sigmas) - 1 >= 1, "a plan has at least one step"
@@ -81,12 +80,12 @@ class SamplingPlan:
         sigma = self.sigmas[0] if sigma is None else sigma
         return self._from_sigma_space(latents + noise * sigma, sigma)
 
-    def check_one_step(self, why: str) -> None:
-        """InvalidRequest unless this plan's sampler can run one step at a time (`run` with `after_step`)."""
-        if self.sampler not in ONE_STEP_SAMPLERS:
-            names = ", ".join(sorted(s.value for s in ONE_STEP_SAMPLERS))
-            raise InvalidRequest(f"{why} needs a sampler that steps from the latents alone ({names}), not "
-                                 f"{self.sampler.value}: choose --sampler euler (or {names})")
+    def check_step_edits(self, why: str) -> None:
+        """InvalidRequest if this plan's sampler has two stages per step (`run` with `after_step` cannot match diffusers)."""
+        if self.sampler in MIDSTEP_EDIT_SAMPLERS:
+            raise InvalidRequest(f"{why} does not work with the second-order sampler {self.sampler.value} (diffusers "
+                                 "edits the latents between the two stages of its steps): choose another --sampler, "
+                                 "e.g. euler or dpmpp_2m")
 
     def sigma_to_t(self, sigma: float) -> float:
         """The UNet timestep at `sigma`: diffusers' own on the grid, log-sigma interpolation between grid points."""
@@ -101,34 +100,26 @@ class SamplingPlan:
 
         `callback(i, t, latents)` is called after step i with that step's UNet timestep and the latents
         as diffusers' loop holds them after the step. `after_step(i, t, latents)`, if given, returns the
-        latents step i + 1 starts from (and, after the last step, the result): the sampler then runs one
-        step at a time (`check_one_step`), the samplers themselves stay pure.
+        latents step i + 1 starts from (and, after the last step, the result), as a diffusers pipeline
+        loop rewrites its latents between scheduler.step calls: the sampler's own history (earlier
+        model outputs) is kept as it was. Not for second-order samplers (`check_step_edits`).
         """
-        denoise = make_denoiser(model, self.prediction, self.sigma_to_t, self.x0_transform)
         if after_step is not None:
-            return self._run_stepwise(denoise, x, noise, callback, after_step)
+            self.check_step_edits("editing the latents between steps")
+        denoise = make_denoiser(model, self.prediction, self.sigma_to_t, self.x0_transform)
 
-        def on_step(i: int, sigma: float, x_sigma: torch.Tensor) -> None:
+        def on_step(i: int, sigma: float, x_sigma: torch.Tensor) -> torch.Tensor | None:
+            latents = self._from_sigma_space(x_sigma, sigma)
+            if after_step is not None:
+                latents = after_step(i, self.timesteps[i], latents)
             if callback is not None:
-                callback(i, self.timesteps[i], self._from_sigma_space(x_sigma, sigma))
+                callback(i, self.timesteps[i], latents)
+            return None if after_step is None else self._to_sigma_space(latents, sigma)
 
         x_sigma = self._to_sigma_space(x, self.sigmas[0])
-        out = self.fn(denoise, x_sigma, list(self.sigmas), noise, on_step if callback is not None else None,
-                      **self.options)
+        hooked = callback is not None or after_step is not None
+        out = self.fn(denoise, x_sigma, list(self.sigmas), noise, on_step if hooked else None, **self.options)
         return self._from_sigma_space(out, self.sigmas[-1])
-
-    def _run_stepwise(self, denoise: Denoiser, x: torch.Tensor, noise: NoiseSource, callback: PlanCallback | None,
-                      after_step: StepHook) -> torch.Tensor:
-        """`run` one step at a time with `after_step` between steps, in diffusers' latents at each step's end."""
-        self.check_one_step("editing the latents between steps")
-        for i in range(self.steps):
-            sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-            options = {k: v[i:i + 1] if k in self.per_step else v for k, v in self.options.items()}
-            x_sigma = self.fn(denoise, self._to_sigma_space(x, sigma), [sigma, sigma_next], noise, None, **options)
-            x = after_step(i, self.timesteps[i], self._from_sigma_space(x_sigma, sigma_next))
-            if callback is not None:
-                callback(i, self.timesteps[i], x)
-        return x
 
     def _to_sigma_space(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
         """Diffusers' latents at noise level sigma -> x in sigma space."""
@@ -246,7 +237,6 @@ def plan_recipe(recipe: Recipe, steps: int, *, strength: float | None = None, de
         sampler=recipe.sampler, prediction=recipe.prediction, sigmas=part.sigmas, timesteps=part.timesteps,
         init_noise_sigma=recipe.init_noise_sigma, fn=recipe.fn, schedule=recipe.schedule,
         timestep_of=grid.timestep_map(), options=options, space=recipe.space, x0_transform=recipe.x0_transform,
-        per_step=frozenset(part.step_options),
     )
 
 

@@ -4,8 +4,11 @@ Every sampler works in sigma space (x = x0 + sigma * eps) and takes `sigmas` as 
 one per step plus the level the last step lands on. Randomness comes only from the explicit
 `noise` source, drawn exactly as often and in the same order as the diffusers scheduler the
 sampler reproduces. Nothing here logs, syncs a device or modifies the caller's tensors.
-`callback`, if given, is called after step i with (i, sigma the new x is at, new x). Options are
-keyword-only; per-step options are sequences with one value per step.
+`callback`, if given, is called after step i with (i, sigma the new x is at, new x); a tensor it returns
+replaces x from there on (step i + 1 starts from it, or it is the result), None keeps x: the latents a
+diffusers pipeline loop rewrites between scheduler.step calls (inpainting's blend), while the sampler's
+history (earlier denoised outputs, ...) stays as computed. Options are keyword-only; per-step options
+are sequences with one value per step.
 
 The variance-preserving samplers (DDIM, DDPM, PNDM) do their update in diffusers' x_t = x / sqrt(sigma^2 + 1)
 form, with abar = 1 / (sigma^2 + 1), and convert back at the edges: their steps may land on a level
@@ -23,7 +26,8 @@ import torch
 from .denoisers import Denoiser
 
 NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]  # shape -> standard normal noise on x's device
-StepCallback = Callable[[int, float, torch.Tensor], None]  # (step index, sigma of x, x) after each step
+# (step index, sigma of x, x) after each step -> a replacement x, or None to keep it
+StepCallback = Callable[[int, float, torch.Tensor], "torch.Tensor | None"]
 
 
 class SeededNoise:
@@ -36,6 +40,14 @@ class SeededNoise:
     def __call__(self, shape: tuple[int, ...]) -> torch.Tensor:
         """Draw float32 noise of `shape` on the CPU generator and move it to the target device."""
         return torch.randn(shape, generator=self.generator, dtype=torch.float32).to(self.device)
+
+
+def step_end(callback: StepCallback | None, i: int, sigma: float, x: torch.Tensor) -> torch.Tensor:
+    """x after step i: what `callback(i, sigma, x)` returns in its place (a pipeline's edit), else x itself."""
+    if callback is None:
+        return x
+    replaced = callback(i, sigma, x)
+    return x if replaced is None else replaced
 
 
 def _ancestral_step(sigma: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -63,8 +75,7 @@ def sample_euler(
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d = (x - denoise(x, sigma)) / sigma  # dx/dsigma
         x = x + d * (sigma_next - sigma)
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -89,8 +100,7 @@ def sample_euler_ancestral(
         sigma_down, sigma_up = _ancestral_step(sigma, sigma_next) if levels is None else levels[i][:2]
         d = (x - denoise(x, sigma)) / sigma
         x = x + d * (sigma_down - sigma) + noise(tuple(x.shape)) * sigma_up
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -116,8 +126,7 @@ def sample_heun(
             x_2 = x + d * (sigma_next - sigma)
             d_2 = (x_2 - denoise(x_2, sigma_next)) / sigma_next
             x = x + (d + d_2) / 2 * (sigma_next - sigma)
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -149,13 +158,11 @@ def sample_dpm_2(
             x_2 = x + d * (sigma_mid - sigma)
             if half_last_step and i == len(sigmas) - 2:
                 x = x_2
-                if callback is not None:
-                    callback(i, sigma_mid, x)
+                x = step_end(callback, i, sigma_mid, x)
                 break
             d_2 = (x_2 - denoise(x_2, sigma_mid)) / sigma_mid
             x = x + d_2 * (sigma_next - sigma)
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -189,13 +196,11 @@ def sample_dpm_2_ancestral(
             x_2 = x + d * (sigma_mid - sigma)
             if half_last_step and i == len(sigmas) - 2:
                 x = x_2
-                if callback is not None:
-                    callback(i, sigma_mid, x)
+                x = step_end(callback, i, sigma_mid, x)
                 break
             d_2 = (x_2 - denoise(x_2, sigma_mid)) / sigma_mid
             x = x + d_2 * (sigma_down - sigma) + _need(noise)(tuple(x.shape)) * sigma_up
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -232,8 +237,7 @@ def sample_lms(
         cur_order = min(j + 1, order)
         coeffs = [_lms_coefficient(full, j, cur_order, k) for k in range(cur_order)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(derivatives)))
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -277,8 +281,7 @@ def sample_ddim(
             x = x + _need(noise)(tuple(x.shape)) * sigma_up
         if sigma_to != sigma_next:
             x = x * (_vp_scale(sigma_next) / _vp_scale(sigma_to))
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -309,8 +312,7 @@ def sample_ddpm(
             std = beta**0.5 if variance == "fixed_large" else max((1 - abar_prev) / (1 - abar) * beta, 1e-20) ** 0.5
             mean = mean + _need(noise)(tuple(x.shape)) * std
         x = mean * _vp_scale(sigma_next)
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -384,5 +386,6 @@ def sample_plms(
             combined = abar_from**0.5 * combined + (1 - abar_from) ** 0.5 * sample_t
         x_t = _plms_update(sample_t, combined, abar_from, abar_to)
         if callback is not None:
-            callback(i, sigma_next, x_t * _vp_scale(sigma_next))
+            replaced = callback(i, sigma_next, x_t * _vp_scale(sigma_next))
+            x_t = x_t if replaced is None else replaced / _vp_scale(sigma_next)
     return x_t * _vp_scale(sigmas[-1])

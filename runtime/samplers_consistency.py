@@ -15,7 +15,7 @@ import torch
 from latentrt.families import NoiseSchedule
 
 from .denoisers import Denoiser
-from .samplers import NoiseSource, StepCallback, _need
+from .samplers import NoiseSource, StepCallback, _need, step_end
 from .samplers_multistep import _per_step
 from .schedules import Discretization, train_sigmas
 
@@ -77,8 +77,7 @@ def sample_lcm(
         x = denoise(x, sigma) * c_out + x * (c_skip / math.sqrt(sigma**2 + 1))
         if sigma_next > 0:
             x = x + _need(noise)(tuple(x.shape)) * sigma_next
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -122,6 +121,5 @@ def sample_tcd(
         x = denoised + (x - denoised) * (sigma_s / sigma)
         if eta > 0 and sigma_s < sigma_next:
             x = x + _need(noise)(tuple(x.shape)) * math.sqrt(sigma_next**2 - sigma_s**2)
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x

@@ -3,7 +3,8 @@
 Same contract as `samplers.py`: `sample_x(denoise, x, sigmas, noise=None, callback=None, **options) -> x`
 in sigma space (x = x0 + sigma * eps; `denoise(x, sigma)` returns x0), `sigmas` CPU Python floats with
 one entry per step plus the level the last step lands on, randomness only from an explicit source, no
-I/O, no in-place edits of the caller's tensors. `callback(i, sigma_next, x)` runs after step i.
+I/O, no in-place edits of the caller's tensors. `callback(i, sigma_next, x)` runs after step i and may
+return a replacement x (`samplers.step_end`).
 
 diffusers' variance-preserving schedulers hold x_t = x / sqrt(sigma^2 + 1); in sigma space their updates
 lose the alpha_t factors: with lambda = -log(sigma) and h = lambda_next - lambda = log(sigma / sigma_next),
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .denoisers import Denoiser
-from .samplers import NoiseSource, StepCallback, _need
+from .samplers import NoiseSource, StepCallback, _need, step_end
 
 DpmSolverType = Literal["midpoint", "heun"]
 UniPCSolverType = Literal["bh1", "bh2"]
@@ -158,8 +159,7 @@ def sample_dpmpp_multistep(
             x = x if d2 is None else x + d2 * c2
             if z is not None:
                 x = x + z * (sigma_next * math.sqrt(-math.expm1(-2 * h)))
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -263,8 +263,7 @@ def sample_dpmpp_singlestep(
             x = outputs[-1]
         else:
             x = _singlestep_update(x_start, outputs, sigmas[i + 1 - order:i + 1], sigma_next, order, solver_type, z)
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -385,8 +384,7 @@ def sample_unipc(
         x_last = x
         x = _unipc_update(x, outputs, list(sigmas[i + 1 - len(outputs):i + 1]), sigma_next, orders[i], solver_type,
                           predict_x0)
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x
 
 
@@ -448,6 +446,5 @@ def sample_deis(
         weights = _deis_coefficients([sigmas[i - j] for j in range(orders[i])], sigma_next)
         for w, e in zip(weights, eps):
             x = x + e * w
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x

@@ -16,7 +16,7 @@ import torch
 from latentrt.families import NoiseSchedule, Spacing
 
 from .denoisers import Denoiser
-from .samplers import NoiseSource, StepCallback, _need
+from .samplers import NoiseSource, StepCallback, _need, step_end
 from .schedules import Discretization, karras_sigmas, sigma_to_timestep, train_sigmas
 
 
@@ -143,6 +143,5 @@ def sample_dpmpp_sde(
             s, s_mid, s_next = _sde_levels(sigma, sigma_next)
             x_mid = _sde_half_step(x, denoised, s, s_mid, brownian)
             x = _sde_half_step(x, denoise(x_mid, float(s_mid)), s, s_next, brownian)
-        if callback is not None:
-            callback(i, sigma_next, x)
+        x = step_end(callback, i, sigma_next, x)
     return x

@@ -8,10 +8,13 @@ last step. Compared: final latents (as its last step-end callback sees them) and
 (`output_type="np"`), float32 on the CPU.
 
 Tolerances (max |diff|), as tests/test_pipeline.py (the issue allows 2/255 on images):
-- torch: images 2e-5, latents 1e-5 x max(1, max|ref|) (measured: images <= 2.4e-6, latents <= 1.4e-5).
+- torch: images 2e-5, latents 1e-5 x max(1, max|ref|) (measured: images <= 2.8e-6, latents <= 2.0e-5, under 1e-5 x max|ref| as max|ref| >= 1.96 there).
 - onnxruntime: images 1e-3, latents 1e-3 x max(1, max|ref|) (measured: images <= 3.1e-6, latents <= 2.2e-5).
-Samplers: euler, euler_a and ddim step from the latents alone and run one step at a time with the
-blend in between; samplers with state across steps (multistep, second order) are refused.
+Samplers: the blend rewrites the latents a sampler's next step starts from, its history (earlier
+model outputs: PNDM's ets, DPM-Solver++'s / UniPC's denoised) kept as it was, as diffusers: one-step
+(euler, euler_a, ddim), PNDM (the tiny folder's config skips PRK: plms), multistep (dpmpp_2m, unipc,
+UniPC's corrector included). Second-order samplers (heun, dpm_2, dpm_2_a, dpmpp_sde) are refused:
+diffusers blends between the two stages of their steps.
 """
 
 from __future__ import annotations
@@ -38,7 +41,17 @@ CASES = [  # (sampler, steps, strength, guidance, negative prompt)
     ("ddim", 3, 1.0, 7.5, None),
     ("ddim", 4, 0.75, 6.0, "lowres"),
     ("euler_a", 3, 1.0, 7.5, None),
+    ("pndm", 4, 1.0, 7.5, None),
+    ("pndm", 5, 0.75, 6.0, "lowres"),
+    ("dpmpp_2m", 4, 1.0, 7.5, None),
+    ("dpmpp_2m", 5, 0.75, 6.0, "lowres"),
+    ("unipc", 4, 1.0, 7.5, None),
+    ("unipc", 5, 0.75, 6.0, "lowres"),
 ]
+ORT_NEW = {("pndm", 0.75)}  # of the samplers with history, one ONNX Runtime case: the torch backend covers the rest
+RUNS = [pytest.param(case, backend, id=f"{backend}-{case[0]}-{case[2]}") for case in CASES
+        for backend in ("onnxruntime", "torch")
+        if backend == "torch" or case[0] in ("euler", "ddim", "euler_a") or (case[0], case[2]) in ORT_NEW]
 PROMPT, SEED, SIZE = "a photo of an astronaut riding a horse", 42, (64, 64)
 
 
@@ -89,8 +102,7 @@ def model_folder(backend: str, onnx_export_dir: Callable[[str], Path], tiny_chec
     return onnx_export_dir("sd1") if backend == "onnxruntime" else tiny_checkpoint("sd1")
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize(("case", "backend"), RUNS)
 def test_matches_diffusers_4_channel_inpainting(case: tuple[Any, ...], backend: str,
                                                 onnx_export_dir: Callable[[str], Path],
                                                 tiny_checkpoint: Callable[[str], Path]) -> None:
@@ -116,10 +128,10 @@ def test_outside_the_mask_the_image_latents_are_kept(onnx_export_dir: Callable[[
     assert not torch.equal(a.latents[~outside], b.latents[~outside])
 
 
-def test_samplers_with_state_across_steps_are_refused(onnx_export_dir: Callable[[str], Path]) -> None:
+def test_second_order_samplers_are_refused(onnx_export_dir: Callable[[str], Path]) -> None:
     pipe = ours(str(onnx_export_dir("sd1")), "onnxruntime")
-    for sampler in ("dpmpp_2m", "heun", "pndm"):
-        with pytest.raises(InvalidRequest, match=f"needs a sampler that steps from the latents alone.* not {sampler}"):
+    for sampler in ("heun", "dpm_2", "dpm_2_a", "dpmpp_sde"):
+        with pytest.raises(InvalidRequest, match=f"does not work with the second-order sampler {sampler} "):
             pipe.check(request(sampler, 3, 1.0, 7.5, None))
 
 
