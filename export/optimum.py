@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ from .onnx import (
     EXTERNAL_DATA_MB,
     MODEL_FILE,
     TOLERANCE,
+    Progress,
     _copy_support_files,
     _manifest,
     _publish,
@@ -81,8 +82,6 @@ from .onnx import (
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
-OPTIMUM_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder")
 PREFIX = "optimum::"  # Optimum's IO names are renamed to PREFIX + name inside the wrapped graph
 # LatentRT name -> Optimum name, per component, where they differ (optimum/exporters/onnx/model_configs.py)
 INPUT_NAMES = {"vae_encoder": {IMAGES: "sample"}, "vae_decoder": {LATENT: "latent_sample"}}
