@@ -177,7 +177,7 @@ def by_signature(module: torch.nn.Module, shapes: tuple[dict[int, Any], ...]) ->
     if not any(p.kind is p.VAR_POSITIONAL for p in params):
         return shapes
     n = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
-    return (*shapes[:n], shapes[n:])
+    return (*shapes[:n], shapes[n:]) if shapes[n:] else shapes[:n]  # none collected: torch.export wants no entry
 
 
 def _export_dynamo(module: torch.nn.Module, args: tuple[torch.Tensor, ...], io: ComponentIO, path: Path,

@@ -27,6 +27,10 @@ class FamilyId(str, Enum):
     SDXL_REFINER = "sdxl-refiner"
     SDXL_TURBO = "sdxl-turbo"
     SD_TURBO = "sd-turbo"
+    # issue 12, H1: the original latent diffusion models (CompVis latent-diffusion)
+    LDM = "ldm"
+    LDM_CLASS_COND = "ldm-class-cond"
+    LDM_SUPER_RES = "ldm-super-res"
 
 
 class Prediction(str, Enum):
@@ -195,6 +199,9 @@ class ConcatInput:
     name: str
     channels: int | str  # a number, or "latent_channels"
     provider: str  # runtime provider key
+    # issue 12, H1: the piece is the request's image at latent resolution (LDM super-resolution's low-res image):
+    # the image conditions the model instead of starting img2img, and its size sets the latent size
+    request_image: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,12 @@ class DenoiserSpec:
     prediction: Prediction
     conditioning: tuple[ConditioningInput, ...]
     concat: tuple[ConcatInput, ...] = ()
+    model: str = "UNet2DConditionModel"  # the diffusers class (issue 12, H1: UNET_2D, no cross-attention at all)
+
+    @property
+    def image_piece(self) -> ConcatInput | None:
+        """The concatenated piece built from the request's image (LDM super-resolution), if any."""
+        return next((c for c in self.concat if c.request_image), None)
 
     def in_channels(self, latent_channels: int) -> int:
         """UNet input channels: the latents plus every concatenated piece."""
@@ -287,6 +300,9 @@ class FamilySpec:
     # first the family it was trained after
     refines: tuple[str, ...] = ()
     reference_widths: ReferenceWidths = ReferenceWidths()  # for memory estimates of exports that record none
+    # issue 12, H1: the pipeline samples the autoencoder's latents unscaled, whatever its config's scaling_factor
+    # (LDMSuperResolutionPipeline decodes its latents as they are)
+    unscaled_latents: bool = False
 
     @property
     def name(self) -> str:
@@ -420,6 +436,34 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
                    reference_widths=_SD2_WIDTHS, reference_repo="stabilityai/sd-turbo"),
     )
 }
+
+
+# ---------------------------------------------------------------------------- issue 12, H1: original LDM
+UNET_2D = "UNet2DModel"  # diffusers' UNet without cross-attention (DenoiserSpec.model)
+LOW_RES_IMAGE = ConcatInput(names.LOW_RES_IMAGE, 3, "low_res_image", request_image=True)  # [-1, 1] pixels
+_LDM_VQ_F4 = AutoencoderSpec(AutoencoderKind.VQ, factor=4, latent_channels=3, scaling_factor=1.0)
+_LDM_SCHEDULE = NoiseSchedule(beta_start=0.0015, beta_end=0.0195)  # CompVis LDM: linear_start / linear_end
+_LDM_DDIM = SamplingDefaults(SamplerId.DDIM, 50, 1.0, Spacing.LEADING)
+_LDM_WIDTHS = ReferenceWidths(attention_factor=2, attention_heads=8, unet_channels=224, vae_channels=128)
+for _spec in (
+    # unconditional (ldm-celebahq-256): VQ-f4, UNet2DModel, DDIM; diffusers LDMPipeline
+    FamilySpec(FamilyId.LDM, "Latent diffusion, unconditional (CompVis LDM)", (), DenoiserSpec(
+        Prediction.EPS, (), model=UNET_2D), (256, 256), scaled_buckets(256), _LDM_DDIM, _LDM_VQ_F4, _LDM_SCHEDULE,
+        pipeline_class="LDMPipeline", reference_widths=_LDM_WIDTHS, reference_repo="CompVis/ldm-celebahq-256"),
+    # class-conditional (ImageNet cin256 style): a class embedding, guidance over a null class; no diffusers pipeline
+    FamilySpec(FamilyId.LDM_CLASS_COND, "Latent diffusion, class-conditional (ImageNet)", (), DenoiserSpec(
+        Prediction.EPS, (CLASS_LABEL,), model=UNET_2D), (256, 256), scaled_buckets(256),
+        SamplingDefaults(SamplerId.DDIM, 50, 3.0, Spacing.LEADING), _LDM_VQ_F4, _LDM_SCHEDULE,
+        pipeline_class="DiffusionPipeline", reference_widths=_LDM_WIDTHS),
+    # super-resolution (ldm-super-resolution-4x-openimages): the low-res image concatenated to the latents
+    FamilySpec(FamilyId.LDM_SUPER_RES, "Latent diffusion 4x super-resolution", (), DenoiserSpec(
+        Prediction.EPS, (), (LOW_RES_IMAGE,), model=UNET_2D), (512, 512), scaled_buckets(512),
+        SamplingDefaults(SamplerId.DDIM, 100, 1.0, Spacing.LEADING), _LDM_VQ_F4,
+        NoiseSchedule(beta_start=0.0015, beta_end=0.0155), unscaled_latents=True,
+        pipeline_class="LDMSuperResolutionPipeline", reference_widths=_LDM_WIDTHS,
+        reference_repo="CompVis/ldm-super-resolution-4x-openimages"),
+):
+    FAMILIES[_spec.id] = _spec
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:

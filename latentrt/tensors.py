@@ -258,6 +258,7 @@ MAX_PROMPT_WINDOWS = 64  # windows an export (and so ONNX Runtime / PyTorch) acc
 SEQUENCE = Dim(DIM_SEQUENCE, 77, 77, MAX_PROMPT_WINDOWS * 77)  # UNet context length: 77 tokens per prompt window
 LATENT_H = Dim(DIM_LATENT_HEIGHT, 8, 64, 256)  # image sides 64..2048 px at a VAE factor of 8
 LATENT_W = Dim(DIM_LATENT_WIDTH, 8, 64, 256)
+MIN_IMAGE_SIDE = 64  # pixels: the smallest image side an export takes, whatever the factor (issue 12, H1)
 
 
 @dataclass(frozen=True)
@@ -344,8 +345,9 @@ def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
     tokens = replace(TOKENS, opt=m.max_tokens, max=m.max_tokens)
     seq = replace(SEQUENCE, min=m.max_tokens, opt=m.max_tokens, max=MAX_PROMPT_WINDOWS * m.max_tokens)
     native_h, native_w = native_size(spec, m)  # the checkpoint's own (unet sample_size x f), else the family's
-    lh = replace(LATENT_H, opt=max(LATENT_H.min, native_h // f), max=MAX_NATIVE_SIDE // f)
-    lw = replace(LATENT_W, opt=max(LATENT_W.min, native_w // f), max=MAX_NATIVE_SIDE // f)
+    lo = min(LATENT_H.min, MIN_IMAGE_SIDE // f)  # issue 12, H1: 64 px sides at any factor (4 latents at f = 16)
+    lh = replace(LATENT_H, min=lo, opt=max(lo, native_h // f), max=MAX_NATIVE_SIDE // f)
+    lw = replace(LATENT_W, min=lo, opt=max(lo, native_w // f), max=MAX_NATIVE_SIDE // f)
     ios: dict[str, ComponentIO] = {}
     for te, width in zip(spec.text_encoders, m.text_hidden):
         outs = [TensorSpec(HIDDEN_STATES, "float32", (BATCH, tokens, width))]

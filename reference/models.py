@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 MODEL_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
-HASHED_PARTS = ("model_index.json", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae",
+HASHED_PARTS = ("model_index.json", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "vqvae",
                 "scheduler")
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.txt", "*/*.json"]
 
@@ -80,10 +80,18 @@ def model_index(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder / 'model_index.json'} has no '_class_name': not a diffusers pipeline")
     if (folder / "vae_decoder" / "model.onnx").is_file() and not (folder / "vae").is_dir():
         raise CheckpointError(f"{folder} is an Optimum ONNX export: run latentrt import-onnx {folder} -o OUT")
-    for part in ("unet", "vae", "scheduler"):
+    for part in ("unet", vae_part(index), "scheduler"):
         if not _present(index, folder, part):
             raise CheckpointError(f"{folder} has no '{part}' (model_index.json entry and folder are both needed)")
     return index
+
+
+VQVAE = "vqvae"  # issue 12, H1: the autoencoder's part name in LDM pipelines (LDMPipeline, LDMSuperResolution...)
+
+
+def vae_part(index: dict[str, Any]) -> str:
+    """The autoencoder's part name: "vae", or "vqvae" in the LDM pipelines' folders (loaded as the "vae" module)."""
+    return VQVAE if VQVAE in index and "vae" not in index else "vae"
 
 
 def _present(index: dict[str, Any], folder: Path, part: str) -> bool:
@@ -93,6 +101,8 @@ def _present(index: dict[str, Any], folder: Path, part: str) -> bool:
 
 def part_config(folder: Path, part: str) -> dict[str, Any]:
     name = "scheduler_config.json" if part == "scheduler" else "config.json"
+    if part == "vae" and not (folder / part).is_dir() and (folder / VQVAE).is_dir():  # issue 12, H1: LDM folders
+        part = VQVAE
     return read_json(folder / part / name, part)
 
 
@@ -139,7 +149,8 @@ def folder_facts(folder: Path, index: dict[str, Any]) -> CheckpointFacts:
         addition_embed_type=_str(unet, "addition_embed_type"),
         addition_input_dim=_int(unet, "projection_class_embeddings_input_dim"),
         addition_time_embed_dim=_int(unet, "addition_time_embed_dim"),
-        autoencoder=str(index["vae"][1]),
+        autoencoder=str(index[vae_part(index)][1]),
+        unet_class=str(index["unet"][1]),  # issue 12, H1: UNet2DConditionModel or UNet2DModel
         prediction=_str(sched, "prediction_type", Prediction.EPS.value),
         spacing=_str(sched, "timestep_spacing", Spacing.LEADING.value),
         pipeline_options={k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)},
@@ -210,7 +221,8 @@ def runtime_info(spec: FamilySpec, folder: Path, index: dict[str, Any], sched: d
     return {
         **({"num_class_embeds": classes} if classes else {}),
         "pipeline_class": index["_class_name"],
-        "vae_scaling_factor": float(vae.get("scaling_factor", spec.vae_scaling_factor)),
+        # issue 12, H1: LDM super-resolution samples unscaled latents whatever the VQ config says
+        "vae_scaling_factor": 1.0 if spec.unscaled_latents else float(vae.get("scaling_factor", spec.vae_scaling_factor)),
         "vae_shift_factor": vae.get("shift_factor"),
         "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", False)),
         "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)),
@@ -366,7 +378,7 @@ def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None
     sched = check_scheduler_config(part_config(folder, "scheduler"), str(folder / "scheduler" / "scheduler_config.json"))
     wanted = [p for p in MODEL_PARTS if p in ("unet", "vae") or any(te.component == p for te in spec.text_encoders)]
     with quiet_progress():
-        modules = {p: load_part(folder, index, p) for p in wanted}
+        modules = {p: load_part(folder, index, vae_part(index) if p == "vae" else p) for p in wanted}
         tokenizers = {te.tokenizer: load_part(folder, index, te.tokenizer) for te in spec.text_encoders}
     log.info("loaded %s as %s from %s", ref.source, spec.name, folder)
     return LoadedModel(spec=spec, dims=model_dims(spec, folder), folder=folder, modules=modules,

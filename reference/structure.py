@@ -47,6 +47,7 @@ class CheckpointFacts:
     addition_input_dim: int | None = None  # projection_class_embeddings_input_dim
     addition_time_embed_dim: int | None = None
     autoencoder: str | None = None  # the VAE's diffusers class
+    unet_class: str | None = None  # issue 12, H1: the denoiser's diffusers class (DenoiserSpec.model)
     prediction: str | None = None  # soft facts: rank the families that fit
     spacing: str | None = None
     pipeline_options: Mapping[str, Any] = field(default_factory=dict)
@@ -109,6 +110,8 @@ def _text_mismatches(spec: FamilySpec, f: CheckpointFacts, towers: bool) -> list
 def _unet_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
     out: list[str] = []
     d = spec.denoiser
+    if f.unet_class is not None and f.unet_class != d.model:  # issue 12, H1: UNet2DModel denoisers
+        out.append(f"unet is a {f.unet_class}, not a {d.model}")
     latent = f.latent_channels or spec.autoencoder.latent_channels
     if f.unet_in_channels is not None and f.unet_in_channels != d.in_channels(latent):
         out.append(f"unet in_channels {f.unet_in_channels} != {d.in_channels(latent)} "

@@ -24,7 +24,7 @@ from typing import Any, cast
 
 import torch
 
-from latentrt.families import AutoencoderKind, FamilySpec, Prediction, TextTower, get_family
+from latentrt.families import UNET_2D, AutoencoderKind, FamilySpec, Prediction, TextTower, get_family
 from latentrt.manifest import staging_dir
 from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, TIME_IDS
 
@@ -174,11 +174,31 @@ def _addition_config(spec: FamilySpec, pooled_dim: int) -> dict[str, Any]:
                 projection_class_embeddings_input_dim=pooled_dim + width * TIME_EMBED_DIM)
 
 
+# ---------------------------------------------------------------------------- issue 12, H1: UNet2DModel denoisers
+TINY_LDM_SIDE = 64  # pixels: a tiny UNet2DModel's sample_size x the factor (LDMPipeline samples at sample_size)
+LDM_SCHEDULER = ("DDIMScheduler", (("clip_sample", False),))  # what CompVis LDM releases ship
+
+
+def unet2d_config(spec: FamilySpec) -> dict[str, Any]:
+    """A two-level UNet2DModel config (self-attention at the second level, no cross-attention), as CompVis LDM."""
+    cfg: dict[str, Any] = dict(
+        sample_size=TINY_LDM_SIDE // spec.vae_scale_factor,
+        in_channels=spec.denoiser.in_channels(spec.latent_channels), out_channels=spec.latent_channels,
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    for c in spec.denoiser.conditioning:  # the config settings each declared input comes with (a class count, ...)
+        cfg.update(dict(c.unet_config), **dict(c.tiny_config))
+    return cfg
+
+
 def make_unet(spec: FamilySpec, context_dim: int, pooled_dim: int, seed: int,
               overrides: dict[str, Any] | None = None) -> torch.nn.Module:
-    from diffusers import UNet2DConditionModel
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
     torch.manual_seed(seed)
+    if spec.denoiser.model == UNET_2D:  # issue 12, H1
+        return _jitter(UNet2DModel(**unet2d_config(spec), **(overrides or {})), seed)
     return _jitter(UNet2DConditionModel(**unet_config(spec, context_dim, pooled_dim), **(overrides or {})), seed)
 
 
@@ -206,19 +226,23 @@ def make_vae(spec: FamilySpec, seed: int) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     cls = getattr(diffusers, AUTOENCODER_CLASSES[spec.autoencoder.kind])
-    return _jitter(cls(**vae_config(spec)), seed)
+    vae = cls(**vae_config(spec))
+    if spec.autoencoder.kind is AutoencoderKind.VQ:  # issue 12, H1: codes spread like the latents (N(0, 1)),
+        with torch.no_grad():  # not diffusers' +-1/n init, whose near ties flip codes at float noise
+            vae.quantize.embedding.weight.normal_(generator=torch.Generator().manual_seed(seed + 2))
+    return _jitter(vae, seed)
 
 
 def make_scheduler(spec: FamilySpec, variant: TinyVariant | None = None) -> Any:
     import diffusers
 
     s = spec.schedule
-    cls = getattr(diffusers, variant.scheduler if variant else "EulerDiscreteScheduler")
-    return cls(
+    name, extra = (variant.scheduler, variant.scheduler_config) if variant else \
+        LDM_SCHEDULER if spec.denoiser.model == UNET_2D else ("EulerDiscreteScheduler", ())  # issue 12, H1: LDM
+    return getattr(diffusers, name)(
         num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
         beta_schedule=s.beta_schedule, prediction_type=spec.prediction.value,
-        timestep_spacing=spec.sampling.spacing.value, steps_offset=1,
-        **dict(variant.scheduler_config if variant else ()),
+        timestep_spacing=spec.sampling.spacing.value, steps_offset=1, **dict(extra),
     )
 
 
@@ -290,6 +314,8 @@ def _save_pipeline(spec: FamilySpec, parts: dict[str, Any], folder: Path, class_
 
     cls = getattr(diffusers, class_name or spec.pipeline_class)
     params = inspect.signature(cls.__init__).parameters
+    if "vqvae" in params and "vae" not in params:  # issue 12, H1: the LDM pipelines call the autoencoder vqvae
+        parts = {("vqvae" if k == "vae" else k): v for k, v in parts.items()}
     if set(parts) <= params.keys():
         _pipeline(spec, cls, params, parts).save_pretrained(str(folder), safe_serialization=True)
         return

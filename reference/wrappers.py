@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from latentrt.errors import StaleArtifact
-from latentrt.families import AutoencoderKind, DenoiserSpec, HiddenState, TextEncoderSpec
+from latentrt.families import UNET_2D, AutoencoderKind, DenoiserSpec, HiddenState, TextEncoderSpec
 from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, SAMPLE, TIMESTEP
 
 if TYPE_CHECKING:
@@ -80,9 +80,13 @@ class UNetWrapper(nn.Module):
         super().__init__()
         self.unet: Any = unet  # diffusers UNet2DConditionModel
         self.keywords = unet_keywords(denoiser, input_names)
+        self.no_context = denoiser.model == UNET_2D  # issue 12, H1: UNet2DModel takes no encoder_hidden_states
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *conditioning: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.unet(sample, timestep, return_dict=False, **unet_kwargs(self.keywords, conditioning))[0],)
+        kwargs = unet_kwargs(self.keywords, conditioning)
+        if self.no_context:
+            kwargs.pop(ENCODER_HIDDEN_STATES_KEYWORD, None)
+        return (self.unet(sample, timestep, return_dict=False, **kwargs)[0],)
 
 
 class VaeDecoderWrapper(nn.Module):

@@ -366,7 +366,10 @@ class Pipeline:
     def encode(self, pixels: torch.Tensor, noise: SeededNoise, timer: StageTimer) -> torch.Tensor:
         """Scaled latents of images in [-1, 1]: a posterior sample (mean + std * noise) as diffusers draws it."""
         engine = self.engines["vae_encoder"]
-        params = engine.run({IMAGES: pixels.to(engine.device)}, timer)[LATENT_PARAMETERS].to(self.device)
+        out = engine.run({IMAGES: pixels.to(engine.device)}, timer)
+        if LATENT_PARAMETERS not in out:  # issue 12, H1: a VQ encoder gives its latents (the decoder quantizes)
+            return (out[LATENT].to(self.device) - self.engines.vae_shift_factor) * self.engines.vae_scaling_factor
+        params = out[LATENT_PARAMETERS].to(self.device)
         mean, logvar = params.chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
         sample = mean + std * noise(tuple(mean.shape)).to(mean)

@@ -25,6 +25,7 @@ from latentrt.tensors import ComponentIO, TensorSpec
 from .backends.base import TORCH_DTYPES
 from .conditioning import TextConditioning, guidance_embedding, size_crop_aesthetic_ids, size_crop_target_ids
 from .denoisers import needs_cfg
+from .images import image_to_tensor
 
 if TYPE_CHECKING:
     from .request import ResolvedRequest
@@ -264,6 +265,27 @@ def inpaint_mask(inp: Input, ctx: FeedContext) -> torch.Tensor:
 def masked_image_latents(inp: Input, ctx: FeedContext) -> torch.Tensor:
     """The masked image's latents (rows, C, h, w), encoded once and repeated per image."""
     return ctx.rows(_image(inp, ctx).expand(ctx.latent_shape))
+
+
+# ---------------------------------------------------------------------------- issue 12, H1: LDM super-resolution
+
+
+def check_low_res_image(inp: Input, ctx: FeedContext) -> None:
+    if ctx.request.image is None:
+        raise InvalidRequest(f"the UNet input '{inp.name}' is the request's image: give one (--image)")
+
+
+def low_res_image(inp: Input, ctx: FeedContext) -> torch.Tensor:
+    """The request's image (rows, 3, h, w) in [-1, 1] at latent resolution, as LDMSuperResolutionPipeline's
+    preprocess (Lanczos resize, /255, 2x - 1); concatenated to the latents unscaled (DDIM's c_in is 1)."""
+    check_low_res_image(inp, ctx)
+    assert ctx.request.image is not None
+    h, w = ctx.latent_shape[-2:]
+    pixels = image_to_tensor(ctx.request.image, h, w).to(ctx.device)
+    return ctx.rows(pixels.expand(ctx.latent_shape[0], -1, -1, -1))
+
+
+register_provider("low_res_image", low_res_image, check=check_low_res_image)
 
 
 register_provider("text_context", text_context)

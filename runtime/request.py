@@ -227,7 +227,8 @@ def resolve(request: GenerationRequest, engines: EngineSet) -> tuple[ResolvedReq
     if mask is not None and image is not None and mask.size != image.size:
         raise InvalidRequest(f"the mask is {mask.size[1]}x{mask.size[0]} (HxW) but the image is "
                              f"{image.size[1]}x{image.size[0]}; give a mask of the image's size")
-    if image is not None and (image.size[1], image.size[0]) != (height, width) and not notes:
+    if image is not None and (image.size[1], image.size[0]) != (height, width) and not notes \
+            and spec.denoiser.image_piece is None:
         notes.append(f"resized the {image.size[1]}x{image.size[0]} init image to {height}x{width} (HxW)")
     seed = random.SystemRandom().randrange(2**32) if request.seed is None else int(request.seed)
     if not 0 <= seed < 2**64:
@@ -264,6 +265,12 @@ def resolve_mode(spec: FamilySpec, image: Image.Image | None, mask: Image.Image 
         if image is not None or mask is not None:
             raise InvalidRequest("give either latents or an init image, not both")
         return Mode.CONTINUE
+    piece = spec.denoiser.image_piece
+    if piece is not None:  # issue 12, H1: the image conditions the model (LDM super-resolution); no img2img
+        if image is None or mask is not None:
+            raise InvalidRequest(f"{spec.name} takes an image as its '{piece.name}' (e.g. the low-res image to "
+                                 "upscale): give --image (and no mask)")
+        return Mode.TXT2IMG
     if spec.takes_mask:
         if image is None or mask is None:
             raise InvalidRequest(f"{spec.name} is an inpainting model: give an init image and a mask")
@@ -322,6 +329,8 @@ def resolve_size(engines: EngineSet, request: GenerationRequest, image: Image.Im
         bucket = nearest_bucket((1000, round(1000 * parse_aspect(request.aspect))), buckets(engines))
         notes.append(f"aspect {request.aspect} -> bucket {format_size(bucket)} (HxW)")
         return bucket
+    if image is not None and engines.spec.denoiser.image_piece is not None:
+        return low_res_size(engines, image, notes)
     if image is not None:
         size = (image.size[1], image.size[0])
         if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
@@ -331,6 +340,18 @@ def resolve_size(engines: EngineSet, request: GenerationRequest, image: Image.Im
             size = valid
         return covered(engines, size, notes)
     return covered(engines, native_size(engines.spec, engines.dims), notes)
+
+
+def low_res_size(engines: EngineSet, image: Image.Image, notes: list[str]) -> tuple[int, int]:
+    """Issue 12, H1: an image at latent resolution (LDM super-resolution) gives the output size: factor x its size."""
+    f = engines.vae_scale_factor
+    size = (image.size[1] * f, image.size[0] * f)
+    if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
+        valid = nearest_valid(size, PIXEL_MULTIPLE, pixel_ranges(engines))[0]
+        notes.append(f"resized the {image.size[1]}x{image.size[0]} image to {valid[0] // f}x{valid[1] // f} (HxW): "
+                     f"the output ({f}x its size) needs sides that are multiples of {PIXEL_MULTIPLE}")
+        size = valid
+    return covered(engines, size, notes)
 
 
 def pixel_ranges(engines: EngineSet) -> SideRanges:

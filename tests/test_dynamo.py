@@ -30,9 +30,13 @@ from latentrt.tensors import ComponentIO, Dim, TensorSpec, dummy_inputs, io_from
 # one tiny checkpoint per UNet graph structure (tiny:sd1-lcm adds the LCM guidance embedding `timestep_cond`)
 SLOW = pytest.mark.slow  # ~15-30 s each on 2 cores; the SDXL ones (the reported crash) always run
 UNET_MODELS = ["tiny:sdxl", "tiny:sdxl-refiner", pytest.param("tiny:sd1", marks=SLOW),
-               pytest.param("tiny:sd1-inpaint", marks=SLOW), pytest.param("tiny:sd1-lcm", marks=SLOW)]
+               pytest.param("tiny:sd1-inpaint", marks=SLOW), pytest.param("tiny:sd1-lcm", marks=SLOW),
+               # issue 12: UNet2DModel denoisers (no context; a class embedding; a low-res image concatenated)
+               pytest.param("tiny:ldm", marks=SLOW), pytest.param("tiny:ldm-class-cond", marks=SLOW),
+               pytest.param("tiny:ldm-super-res", marks=SLOW)]
 STRUCTURE_OF = {"tiny:sd1": "sd1", "tiny:sd1-inpaint": "sd1-inpaint", "tiny:sdxl": "sdxl",
-                "tiny:sdxl-refiner": "sdxl-refiner", "tiny:sd1-lcm": "sd1"}
+                "tiny:sdxl-refiner": "sdxl-refiner", "tiny:sd1-lcm": "sd1",
+                "tiny:ldm": "ldm", "tiny:ldm-class-cond": "ldm-class-cond", "tiny:ldm-super-res": "ldm-super-res"}
 
 
 def unet_structure(spec: FamilySpec) -> tuple[object, ...]:
