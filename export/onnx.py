@@ -111,7 +111,7 @@ def parity_sizes(io: ComponentIO) -> list[dict[str, int]]:
 def example_feed(io: ComponentIO, sizes: Sizes, seed: int) -> dict[str, np.ndarray]:
     """Random inputs; token ids look like real prompts (BOS, words, EOS, padding) so CLIP pools at EOS."""
     feed = dummy_inputs(io, sizes, seed=seed)
-    if INPUT_IDS in feed:
+    if INPUT_IDS in feed and io.input(INPUT_IDS).high is None:  # CLIP; bounded ids (LDM-BERT) stay below the vocab
         ids = feed[INPUT_IDS] % 49000
         rng = np.random.default_rng(seed)
         for row in ids:

@@ -31,6 +31,8 @@ class FamilyId(str, Enum):
     LDM = "ldm"
     LDM_CLASS_COND = "ldm-class-cond"
     LDM_SUPER_RES = "ldm-super-res"
+    # issue 12 (H2): original latent diffusion, text-to-image
+    LDM_TEXT2IMG = "ldm-text2img"
 
 
 class Prediction(str, Enum):
@@ -50,11 +52,28 @@ class TextTower(str, Enum):
     CLIP_L = "clip-vit-l-14"  # OpenAI CLIP ViT-L/14 (quick_gelu): SD 1.x, SDXL encoder 1
     OPENCLIP_H = "openclip-vit-h-14"  # OpenCLIP ViT-H/14 (gelu): SD 2.x, SD-Turbo
     OPENCLIP_BIGG = "openclip-vit-bigg-14"  # OpenCLIP ViT-bigG/14 (gelu): SDXL encoder 2, refiner
+    LDM_BERT = "ldm-bert"  # issue 12 (H2): LDM-BERT (Rombach et al. 2022), diffusers' LDMBertModel, BERT tokenizer
 
     @property
     def hidden_act(self) -> str:
         """The activation its transformers config names (`hidden_act`): how a checkpoint tells the towers apart."""
         return "quick_gelu" if self is TextTower.CLIP_L else "gelu"
+
+    # issue 12 (H2): towers that are not CLIP
+    @property
+    def is_clip(self) -> bool:
+        """A CLIP text transformer with CLIP's BPE tokenizer (pools at `<|endoftext|>`, the highest id)."""
+        return self is not TextTower.LDM_BERT
+
+    @property
+    def config_fact(self) -> str:
+        """What its config says it is: CLIP configs their `hidden_act`, others their `model_type` ("ldmbert")."""
+        return "ldmbert" if self is TextTower.LDM_BERT else self.hidden_act
+
+    @property
+    def tokenizer_class(self) -> str:
+        """The transformers tokenizer class its checkpoints save (diffusers loads it by that name)."""
+        return "BertTokenizer" if self is TextTower.LDM_BERT else "CLIPTokenizer"
 
 
 class TimeIds(str, Enum):
@@ -174,6 +193,14 @@ class ConditioningInput:
     high: int | str | None = None  # integer inputs: values lie in [0, high)
     unet_config: tuple[tuple[str, Any], ...] = ()  # UNet config settings every checkpoint with it has
     tiny_config: tuple[tuple[str, Any], ...] = ()  # UNet config settings a tiny checkpoint gets for it
+    # issue 12 (H2): a sequence of its own (layout boxes encoded as tokens): at most this many tokens, on the dim
+    # `tokens_dim`; None: a sequence input is a context of prompt windows (77 tokens each)
+    tokens: int | None = None
+
+    @property
+    def tokens_dim(self) -> str:
+        """The name of the sequence dim of an input with a token count of its own ("<name>_tokens")."""
+        return f"{self.name}_tokens"
 
     @property
     def config_keys(self) -> tuple[str, ...]:
@@ -259,6 +286,23 @@ MASK = ConcatInput(names.MASK, 1, "inpaint_mask")  # 1 = repaint, at latent reso
 MASKED_IMAGE_LATENTS = ConcatInput(names.MASKED_IMAGE_LATENTS, "latent_channels", "masked_image_latents")
 BUILTIN_CONDITIONING = (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_TARGET, TIME_IDS_SIZE_CROP_AESTHETIC, GUIDANCE_EMBEDDING,
                         CLASS_LABEL)
+
+
+# issue 12 (H2): a cross-attention context given directly by the request (item 5b of issue 12)
+TINY_TOKEN_WIDTH = 32  # the cross_attention_dim a tiny UNet gets for a token sequence (no text encoder sets it)
+
+
+def token_sequence(tokens: int, name: str = names.ENCODER_HIDDEN_STATES) -> ConditioningInput:
+    """A token sequence through cross-attention (Rombach et al. 2022, sec. 4.3: layout boxes encoded as tokens).
+
+    The request gives each prompt slot's (tokens, width) sequence itself (`conditioning[name]`; the
+    unconditional CFG half `negative_<name>`), 1..`tokens` tokens wide as the UNet's cross_attention_dim;
+    the runtime provider "token_sequence" feeds it to diffusers' `encoder_hidden_states`.
+    """
+    return ConditioningInput(name, names.ENCODER_HIDDEN_STATES_KEYWORD, "token_sequence", width="context_dim",
+                             sequence=True, tokens=tokens, tiny_config=(("cross_attention_dim", TINY_TOKEN_WIDTH),))
+
+
 TIME_IDS_KINDS = {TIME_IDS_SIZE_CROP_TARGET.provider: TimeIds.SIZE_CROP_TARGET,  # by provider key
                   TIME_IDS_SIZE_CROP_AESTHETIC.provider: TimeIds.SIZE_CROP_AESTHETIC}
 
@@ -379,6 +423,8 @@ _OPENCLIP_H = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, poo
 _XL_L = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.PENULTIMATE, pooled=False, tower=TextTower.CLIP_L)
 _XL_G = TextEncoderSpec("text_encoder_2", "tokenizer_2", HiddenState.PENULTIMATE, pooled=True,
                         tower=TextTower.OPENCLIP_BIGG)
+_LDM_BERT = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, pooled=False,
+                            tower=TextTower.LDM_BERT)  # issue 12 (H2): checkpoints name the folder `bert`
 
 _SD_STEPS = SamplingDefaults(SamplerId.EULER, 30, 7.5, Spacing.LEADING)
 _XL_STEPS = SamplingDefaults(SamplerId.EULER, 30, 5.0, Spacing.LEADING)
@@ -434,6 +480,12 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
         FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), _SD_EPS, (512, 512), _B512, _TURBO,
                    min_turbo_steps_x_strength=1.0, fp32_attention=True, pipeline_fixes_scheduler=True,
                    reference_widths=_SD2_WIDTHS, reference_repo="stabilityai/sd-turbo"),
+        # issue 12 (H2): LDM-KL-8-G text-to-image (CompVis/ldm-text2im-large-256): LDM-BERT's last hidden state as
+        # the context, a KL f=8 autoencoder (diffusers calls it `vqvae`), DDIM with classifier-free guidance
+        FamilySpec(FamilyId.LDM_TEXT2IMG, "Latent diffusion text-to-image (LDM-KL-8-G)", (_LDM_BERT,),
+                   DenoiserSpec(Prediction.EPS, (CONTEXT,)), (256, 256), scaled_buckets(256),
+                   SamplingDefaults(SamplerId.DDIM, 50, 6.0, Spacing.LEADING),
+                   pipeline_class="LDMTextToImagePipeline", reference_repo="CompVis/ldm-text2im-large-256"),
     )
 }
 

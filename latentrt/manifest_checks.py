@@ -38,7 +38,7 @@ ENTRY_TYPES: dict[str, type] = {"precision": str, "profiles": list, "key": dict,
 _TYPE_NAMES = {str: "string", list: "list", dict: "JSON object", int: "integer"}
 ORT_LEVELS = ("disable", "basic", "extended", "all")
 INT_DIMS = tuple(f.name for f in fields(ModelDims)
-                 if f.name not in ("text_hidden", "unet_config", "extra"))  # the integer widths
+                 if f.name not in ("text_hidden", "unet_config", "extra", "text_vocab"))  # the integer widths
 
 
 def seal_of(manifest: Mapping[str, Any]) -> str:
@@ -131,12 +131,15 @@ def _dims(check: _Check, spec: FamilySpec, raw: Any) -> ModelDims | None:
     for key in INT_DIMS:
         check.require(key not in raw or _is_int(raw[key]), f"'model.dims.{key}' should be a non-negative integer")
     check.require(isinstance(raw.get("extra", {}), dict), "'model.dims.extra' should be a JSON object")
+    vocab = raw.get("text_vocab", [])  # issue 12 (H2): token id bounds (LDM-BERT); absent in older manifests
+    check.require(isinstance(vocab, list) and all(_is_int(v) for v in vocab),
+                  "'model.dims.text_vocab' should be a list of non-negative integers")
     unet = raw.get("unet_config", {})
     check.require(isinstance(unet, dict) and all(isinstance(k, str) and _is_int(v) for k, v in unet.items()),
                   "'model.dims.unet_config' should map UNet config keys to non-negative integers")
     try:
         dims = ModelDims(text_hidden=tuple(hidden), **{k: raw[k] for k in INT_DIMS if k in raw},
-                         unet_config=dict(unet), extra=dict(raw.get("extra", {})))
+                         unet_config=dict(unet), extra=dict(raw.get("extra", {})), text_vocab=tuple(vocab))
     except TypeError as e:
         raise check.fail(f"'model.dims' is incomplete ({e})") from None
     problems = structure_problems(spec, dims)

@@ -279,6 +279,8 @@ class ModelDims:
     # the UNet config values the conditioning inputs read ("unet:<key>" widths and bounds); absent keys are 0
     unet_config: dict[str, int] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # issue 12 (H2): each text encoder's token id bound (its vocabulary), 0 where none is recorded (CLIP)
+    text_vocab: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         """Keep the named copies and `unet_config` in step (either may be given); zero values are left out."""
@@ -312,6 +314,8 @@ def conditioning_tensor(c: ConditioningInput, m: ModelDims, seq: Dim) -> TensorS
     width = dims_value(c.width, m)
     if c.optional and not width:
         return None
+    if c.sequence and c.tokens is not None:  # issue 12 (H2): a token count of its own, not prompt windows
+        seq = Dim(c.tokens_dim, 1, c.tokens, c.tokens)
     if width is None:
         shape: tuple[Axis, ...] = (UNET_BATCH,)  # one value per row (class labels)
     else:
@@ -349,11 +353,13 @@ def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
     lh = replace(LATENT_H, min=lo, opt=max(lo, native_h // f), max=MAX_NATIVE_SIDE // f)
     lw = replace(LATENT_W, min=lo, opt=max(lo, native_w // f), max=MAX_NATIVE_SIDE // f)
     ios: dict[str, ComponentIO] = {}
-    for te, width in zip(spec.text_encoders, m.text_hidden):
+    for i, (te, width) in enumerate(zip(spec.text_encoders, m.text_hidden)):
         outs = [TensorSpec(HIDDEN_STATES, "float32", (BATCH, tokens, width))]
         if te.pooled:
             outs.append(TensorSpec(TEXT_EMBEDS, "float32", (BATCH, m.pooled_dim)))
-        ios[te.component] = ComponentIO(te.component, (TensorSpec(INPUT_IDS, "int64", (BATCH, tokens)),), tuple(outs))
+        vocab = m.text_vocab[i] if i < len(m.text_vocab) else 0  # token ids lie below it (LDM-BERT)
+        ids = TensorSpec(INPUT_IDS, "int64", (BATCH, tokens), high=vocab or None)
+        ios[te.component] = ComponentIO(te.component, (ids,), tuple(outs))
     ios["unet"] = unet_io(spec, m, seq, lh, lw)
     ios["vae_encoder"], ios["vae_decoder"] = vae_ios(spec, m, lh, lw)
     return {c: ios[c] for c in spec.components}

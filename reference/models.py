@@ -24,6 +24,7 @@ from latentrt.manifest import sha256_tree
 from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, TIME_IDS
 from latentrt.tensors import ComponentIO, ModelDims, component_ios
 
+from .parts import folder_name, pipeline_module_class
 from .structure import CheckpointFacts, match_family, mismatches
 from .tiny import tiny_folder
 
@@ -31,8 +32,8 @@ log = logging.getLogger(__name__)
 
 TINY_PREFIX = "tiny:"
 MODEL_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
-HASHED_PARTS = ("model_index.json", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae", "vqvae",
-                "scheduler")
+HASHED_PARTS = ("model_index.json", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae",
+                "scheduler", "bert", "vqvae")  # bert, vqvae: the latent diffusion pipelines' names (reference/parts.py)
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.txt", "*/*.json"]
 
 
@@ -80,30 +81,32 @@ def model_index(folder: Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder / 'model_index.json'} has no '_class_name': not a diffusers pipeline")
     if (folder / "vae_decoder" / "model.onnx").is_file() and not (folder / "vae").is_dir():
         raise CheckpointError(f"{folder} is an Optimum ONNX export: run latentrt import-onnx {folder} -o OUT")
-    for part in ("unet", vae_part(index), "scheduler"):
+    for part in ("unet", "vae", "scheduler"):
         if not _present(index, folder, part):
             raise CheckpointError(f"{folder} has no '{part}' (model_index.json entry and folder are both needed)")
     return index
 
 
-VQVAE = "vqvae"  # issue 12, H1: the autoencoder's part name in LDM pipelines (LDMPipeline, LDMSuperResolution...)
-
-
-def vae_part(index: dict[str, Any]) -> str:
-    """The autoencoder's part name: "vae", or "vqvae" in the LDM pipelines' folders (loaded as the "vae" module)."""
-    return VQVAE if VQVAE in index and "vae" not in index else "vae"
-
-
 def _present(index: dict[str, Any], folder: Path, part: str) -> bool:
-    entry = index.get(part)
-    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None and (folder / part).is_dir()
+    name = folder_name(folder, part, index)  # `vqvae` / `bert` in the latent diffusion pipelines
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None and (folder / name).is_dir()
 
 
 def part_config(folder: Path, part: str) -> dict[str, Any]:
     name = "scheduler_config.json" if part == "scheduler" else "config.json"
-    if part == "vae" and not (folder / part).is_dir() and (folder / VQVAE).is_dir():  # issue 12, H1: LDM folders
-        part = VQVAE
-    return read_json(folder / part / name, part)
+    return read_json(folder / folder_name(folder, part) / name, part)
+
+
+# issue 12 (H2): text towers whose configs are not CLIP's (LDM-BERT: BART-style keys)
+def tower_fact(config: dict[str, Any]) -> str:
+    """What a text encoder config says it is: CLIP's `hidden_act`, else its `model_type` ("ldmbert")."""
+    return str(config["hidden_act"] if "hidden_act" in config else config.get("model_type"))
+
+
+def width_key(config: dict[str, Any]) -> str:
+    """The config key of a text encoder's width: `hidden_size`, or BART-style `d_model` (LDM-BERT)."""
+    return "d_model" if "hidden_size" not in config and "d_model" in config else "hidden_size"
 
 
 def text_parts() -> tuple[str, ...]:
@@ -136,20 +139,20 @@ def folder_facts(folder: Path, index: dict[str, Any]) -> CheckpointFacts:
     """The structural facts of a diffusers folder, read from its configs (no weights)."""
     unet, vae, sched = (part_config(folder, p) for p in ("unet", "vae", "scheduler"))
     texts = {c: part_config(folder, c) for c in text_parts() if _present(index, folder, c)}
-    pooled = frozenset(c for c in texts if str(index[c][1]).endswith("WithProjection"))
+    pooled = frozenset(c for c in texts if str(index[folder_name(folder, c, index)][1]).endswith("WithProjection"))
     return CheckpointFacts(
-        text_encoders={c: str(cfg.get("hidden_act")) for c, cfg in texts.items()},
+        text_encoders={c: tower_fact(cfg) for c, cfg in texts.items()},
         unet_in_channels=config_int(unet, "in_channels", str(folder / "unet" / "config.json")),
         latent_channels=_int(vae, "latent_channels") or 4, unet_out_channels=_int(unet, "out_channels"),
         cross_attention=unet_cross_attention(unet), context_dim=_int(unet, "cross_attention_dim"),
-        text_hidden={c: h for c, cfg in texts.items() if (h := _int(cfg, "hidden_size")) is not None},
+        text_hidden={c: h for c, cfg in texts.items() if (h := _int(cfg, width_key(cfg))) is not None},
         pooled_encoders=pooled, pooled_dim=next((_int(texts[c], "projection_dim") or 0 if "projection_dim" in texts[c]
                                                 else CLIP_PROJECTION_DIM for c in sorted(pooled)), 0),
         unet_config=unet,
         addition_embed_type=_str(unet, "addition_embed_type"),
         addition_input_dim=_int(unet, "projection_class_embeddings_input_dim"),
         addition_time_embed_dim=_int(unet, "addition_time_embed_dim"),
-        autoencoder=str(index[vae_part(index)][1]),
+        autoencoder=str(index[folder_name(folder, "vae", index)][1]),
         unet_class=str(index["unet"][1]),  # issue 12, H1: UNet2DConditionModel or UNet2DModel
         prediction=_str(sched, "prediction_type", Prediction.EPS.value),
         spacing=_str(sched, "timestep_spacing", Spacing.LEADING.value),
@@ -181,8 +184,8 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
     """The widths of this checkpoint, checked against the family's structure (and for sane config values)."""
     tes = [part_config(folder, te.component) for te in spec.text_encoders]
     unet, vae = part_config(folder, "unet"), part_config(folder, "vae")
-    te_where = [str(folder / te.component / "config.json") for te in spec.text_encoders]
-    unet_where, vae_where = str(folder / "unet" / "config.json"), str(folder / "vae" / "config.json")
+    te_where = [str(folder / folder_name(folder, te.component) / "config.json") for te in spec.text_encoders]
+    unet_where, vae_where = str(folder / "unet" / "config.json"), str(folder / folder_name(folder, "vae") / "config.json")
     pooled = next((config_int(c, "projection_dim", w, CLIP_PROJECTION_DIM, minimum=0)
                    for te, c, w in zip(spec.text_encoders, tes, te_where) if te.pooled), 0)
     vae_blocks = config_ints(vae, "block_out_channels", vae_where, [0])
@@ -193,7 +196,10 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
         return config_int(unet, key, unet_where, 0, minimum=0) if unet.get(key) is not None else 0
 
     dims = ModelDims(
-        text_hidden=tuple(config_int(c, "hidden_size", w) for c, w in zip(tes, te_where)), pooled_dim=int(pooled),
+        text_hidden=tuple(config_int(c, width_key(c), w) for c, w in zip(tes, te_where)), pooled_dim=int(pooled),
+        # the token id bound of towers that are not CLIP (CLIP's exports record none): LDM-BERT's vocabulary
+        text_vocab=tuple(0 if te.tower.is_clip else config_int(c, "vocab_size", w)
+                         for te, c, w in zip(spec.text_encoders, tes, te_where)),
         context_dim=config_int(unet, "cross_attention_dim", unet_where)
         if spec.denoiser.keyword_input(ENCODER_HIDDEN_STATES_KEYWORD) is not None else 0,
         unet_in_channels=config_int(unet, "in_channels", unet_where),
@@ -273,15 +279,16 @@ def load_part(folder: Path, index: dict[str, Any], part: str) -> Any:
     import diffusers
     import transformers
 
-    library, class_name = index[part]
+    name = folder_name(folder, part, index)  # `vqvae` / `bert` in the latent diffusion pipelines
+    library, class_name = index[name]
     lib = {"diffusers": diffusers, "transformers": transformers}.get(library)
-    cls = getattr(lib, class_name, None) if lib is not None else None
+    cls = getattr(lib, class_name, None) if lib is not None else pipeline_module_class(str(library), str(class_name))
     if cls is None:
         raise CheckpointError(f"{folder}: '{part}' is a {library}.{class_name}, which LatentRT cannot load")
     try:
         if part.startswith("tokenizer"):
-            return cls.from_pretrained(str(folder / part))
-        obj = cls.from_pretrained(str(folder / part), torch_dtype=torch.float32)
+            return cls.from_pretrained(str(folder / name))
+        obj = cls.from_pretrained(str(folder / name), torch_dtype=torch.float32)
     except Exception as e:  # noqa: BLE001 - damaged weights or configs surface as many types (SafetensorError, ...)
         detail = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"{folder}: cannot load '{part}' ({class_name}): {detail[:300]}; the file may be "
@@ -378,7 +385,7 @@ def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None
     sched = check_scheduler_config(part_config(folder, "scheduler"), str(folder / "scheduler" / "scheduler_config.json"))
     wanted = [p for p in MODEL_PARTS if p in ("unet", "vae") or any(te.component == p for te in spec.text_encoders)]
     with quiet_progress():
-        modules = {p: load_part(folder, index, vae_part(index) if p == "vae" else p) for p in wanted}
+        modules = {p: load_part(folder, index, p) for p in wanted}
         tokenizers = {te.tokenizer: load_part(folder, index, te.tokenizer) for te in spec.text_encoders}
     log.info("loaded %s as %s from %s", ref.source, spec.name, folder)
     return LoadedModel(spec=spec, dims=model_dims(spec, folder), folder=folder, modules=modules,

@@ -75,8 +75,8 @@ log = logging.getLogger(__name__)
 
 
 def tower_fits(tower: TextTower, fact: str) -> bool:
-    """A checkpoint's tower fact is the tower itself (single files) or its activation (configs)."""
-    return fact in (tower.value, tower.hidden_act)
+    """A checkpoint's tower fact is the tower itself (single files) or what its config says (CLIP: the activation)."""
+    return fact in (tower.value, tower.config_fact)
 
 
 def in_channels_parts(spec: FamilySpec, latent_channels: int) -> str:

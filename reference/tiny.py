@@ -28,6 +28,7 @@ from latentrt.families import UNET_2D, AutoencoderKind, FamilySpec, Prediction, 
 from latentrt.manifest import staging_dir
 from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, TIME_IDS
 
+from .parts import pipeline_part
 from .structure import ADDITION_KEYS, AUTOENCODER_CLASSES
 from .tokenizers import EOS, save_clip_tokenizer
 
@@ -51,7 +52,10 @@ class TinyText:
 
 CLIP_L = TinyText(hidden=32, act="quick_gelu")
 OPENCLIP = TinyText(hidden=48, act="gelu")
-TOWERS = {TextTower.CLIP_L: CLIP_L, TextTower.OPENCLIP_H: OPENCLIP, TextTower.OPENCLIP_BIGG: OPENCLIP}
+LDM_BERT = TinyText(hidden=32, act="gelu", layers=2)  # issue 12 (H2): diffusers' LDMBertModel (no projection)
+TOWERS = {TextTower.CLIP_L: CLIP_L, TextTower.OPENCLIP_H: OPENCLIP, TextTower.OPENCLIP_BIGG: OPENCLIP,
+          TextTower.LDM_BERT: LDM_BERT}
+CONV_PROJECTION_TOWERS = (TextTower.CLIP_L, TextTower.LDM_BERT)  # UNets whose attention projects with 1x1 convs
 
 
 def cache_root() -> Path:
@@ -145,8 +149,8 @@ def unet_config(spec: FamilySpec, context_dim: int, pooled_dim: int) -> dict[str
         block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, attention_head_dim=(2, 4),
         down_block_types=_blocks(context, layout.attention_level, "Down"),
         up_block_types=_blocks(context, layout.attention_level, "Up"),
-        # SD 1.x UNets (CLIP-L context only) project attention with 1x1 convs, SD 2 and SDXL with linear layers
-        use_linear_projection=any(te.tower is not TextTower.CLIP_L for te in spec.text_encoders),
+        # SD 1.x UNets (CLIP-L context only) and LDM's project attention with 1x1 convs, SD 2 and SDXL with linear layers
+        use_linear_projection=any(te.tower not in CONV_PROJECTION_TOWERS for te in spec.text_encoders),
         upcast_attention=spec.prediction is Prediction.V,
     )
     if context:
@@ -233,16 +237,24 @@ def make_vae(spec: FamilySpec, seed: int) -> torch.nn.Module:
     return _jitter(vae, seed)
 
 
+# issue 12 (H2): families whose released checkpoints ship another scheduler than Euler: (class, config settings)
+RELEASED_SCHEDULERS: dict[str, tuple[str, tuple[tuple[str, Any], ...]]] = {
+    "ldm-text2img": ("DDIMScheduler", (("clip_sample", False), ("set_alpha_to_one", False))),  # ldm-text2im-large-256
+}
+
+
 def make_scheduler(spec: FamilySpec, variant: TinyVariant | None = None) -> Any:
     import diffusers
 
     s = spec.schedule
-    name, extra = (variant.scheduler, variant.scheduler_config) if variant else \
-        LDM_SCHEDULER if spec.denoiser.model == UNET_2D else ("EulerDiscreteScheduler", ())  # issue 12, H1: LDM
-    return getattr(diffusers, name)(
+    default = LDM_SCHEDULER if spec.denoiser.model == UNET_2D else ("EulerDiscreteScheduler", ())  # issue 12, H1: LDM
+    released = RELEASED_SCHEDULERS.get(spec.name, default)
+    cls = getattr(diffusers, variant.scheduler if variant else released[0])
+    return cls(
         num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
         beta_schedule=s.beta_schedule, prediction_type=spec.prediction.value,
-        timestep_spacing=spec.sampling.spacing.value, steps_offset=1, **dict(extra),
+        timestep_spacing=spec.sampling.spacing.value, steps_offset=1,
+        **dict(variant.scheduler_config if variant else released[1]),
     )
 
 
@@ -265,6 +277,9 @@ def make_tiny(family: str, folder: Path) -> Path:
     encoders: dict[str, torch.nn.Module] = {}
     tokenizers: dict[str, Any] = {}
     for i, (te, t) in enumerate(zip(spec.text_encoders, texts)):
+        if not te.tower.is_clip:  # issue 12 (H2): LDM-BERT and its WordPiece tokenizer
+            tokenizers[te.tokenizer], encoders[te.component] = _ldm_bert(folder / ".tmp" / te.tokenizer, t, SEED + i)
+            continue
         pad = "!" if te.tokenizer == "tokenizer_2" else EOS  # SDXL's OpenCLIP tokenizer pads with "!" (id 0)
         tokenizers[te.tokenizer] = _tokenizer(folder / ".tmp" / te.tokenizer, pad)
         encoders[te.component] = make_text_encoder(t, te.pooled, tokenizers[te.tokenizer].pad_token_id, SEED + i)
@@ -298,6 +313,14 @@ def _add_released_scheduler_keys(path: Path) -> None:
 RELEASED_SCHEDULER_KEYS = {"clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True}
 
 
+def _ldm_bert(folder: Path, t: TinyText, seed: int) -> tuple[Any, torch.nn.Module]:
+    """issue 12 (H2): a tiny BertTokenizer and the LDMBertModel reading its ids."""
+    from .ldm_text import make_ldm_bert, save_bert_tokenizer
+
+    tok = save_bert_tokenizer(folder)
+    return tok, _jitter(make_ldm_bert(t.hidden, t.layers, t.heads, len(tok), tok.pad_token_id, seed), seed)
+
+
 def _tokenizer(folder: Path, pad_token: str) -> Any:
     from transformers import CLIPTokenizer
 
@@ -314,8 +337,7 @@ def _save_pipeline(spec: FamilySpec, parts: dict[str, Any], folder: Path, class_
 
     cls = getattr(diffusers, class_name or spec.pipeline_class)
     params = inspect.signature(cls.__init__).parameters
-    if "vqvae" in params and "vae" not in params:  # issue 12, H1: the LDM pipelines call the autoencoder vqvae
-        parts = {("vqvae" if k == "vae" else k): v for k, v in parts.items()}
+    parts = {pipeline_part(name, params): part for name, part in parts.items()}  # LDM: vqvae, bert (issue 12, H2)
     if set(parts) <= params.keys():
         _pipeline(spec, cls, params, parts).save_pretrained(str(folder), safe_serialization=True)
         return

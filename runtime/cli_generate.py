@@ -17,7 +17,7 @@ from typing import Any
 from latentrt.choices import Backend, values
 from latentrt.families import SamplerId
 
-from .condition_values import is_condition_value
+from .condition_values import is_condition_value, load_sequences
 
 SAMPLERS = tuple(s.value for s in SamplerId)  # each maps to a diffusers scheduler class (runtime/scheduler_config.py)
 
@@ -48,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     parser.add_argument("--condition", type=condition, action="append", default=[], metavar="NAME=VALUE",
                         help="a conditioning value other than text, e.g. class_labels=3 (class-conditional "
-                             "models); VALUE: a number, a comma-separated list (one per image slot) or JSON; "
+                             "models); VALUE: a number, a comma-separated list (one per image slot), JSON, or a "
+                             ".npy file of token sequences ((tokens, width) or (slots, tokens, width)); "
                              "negative_NAME=VALUE sets the unconditional half of guidance; repeatable")
     parser.add_argument("--batch", type=int, default=1,
                         help="prompts per batch (the prompt, or without one each --condition value, repeated)")
@@ -75,12 +76,18 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
-def condition(text: str) -> tuple[str, int | float | list[int | float]]:
-    """An argparse type: NAME=VALUE with VALUE a number, a comma-separated list of numbers or JSON of those."""
+def condition(text: str) -> tuple[str, Any]:
+    """An argparse type: NAME=VALUE with VALUE a number, a comma-separated list of numbers, JSON of those, or a
+    `.npy` file of token sequences (a list of (tokens, width) matrices)."""
     name, sep, raw = text.partition("=")
     name, raw = name.strip(), raw.strip()
     if not sep or not name.isidentifier() or not raw:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. class_labels=3)")
+    if raw.lower().endswith(".npy"):  # issue 12 (H2): token sequences from a file (latentrt.runtime.token_sequence)
+        try:
+            return name, load_sequences(raw)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{name}: {e}") from None
     try:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:

@@ -354,7 +354,7 @@ def _assemble(path: Path, manifest: dict[str, Any], kind: str, backend: str, dev
 def _dims(data: Any) -> ModelDims | None:
     if not isinstance(data, dict):
         return None
-    fields: dict[str, Any] = {k: (tuple(v) if k == "text_hidden" else v) for k, v in data.items()
+    fields: dict[str, Any] = {k: (tuple(v) if k in ("text_hidden", "text_vocab") else v) for k, v in data.items()
                               if k in ModelDims.__dataclass_fields__}
     try:
         return ModelDims(**fields)
@@ -363,20 +363,21 @@ def _dims(data: Any) -> ModelDims | None:
 
 
 def load_tokenizers(path: Path, spec: FamilySpec) -> dict[str, Any]:
-    """The family's CLIP tokenizers, read from `path/tokenizer*` as diffusers does (CLIPTokenizer)."""
-    from transformers import CLIPTokenizer
+    """The family's tokenizers, read from `path/tokenizer*` as diffusers does (CLIPTokenizer; LDM-BERT's BertTokenizer)."""
+    import transformers
 
     out: dict[str, Any] = {}
     for te in spec.text_encoders:
         folder = path / te.tokenizer
         if not folder.is_dir():
             raise MissingComponent(f"{folder} is missing (the {te.component} tokenizer); re-run the export/build")
+        kind = te.tower.tokenizer_class  # issue 12 (H2): the tower decides the tokenizer class
         try:
-            out[te.tokenizer] = CLIPTokenizer.from_pretrained(str(folder))
+            out[te.tokenizer] = getattr(transformers, kind).from_pretrained(str(folder))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:  # malformed vocab / merges / config
             detail = str(e).strip().splitlines()[0] if str(e).strip() else "no detail"
-            raise StaleArtifact(f"{folder} is not a readable CLIP tokenizer ({type(e).__name__}: {detail}); re-run "
-                                "the export/build") from None
+            raise StaleArtifact(f"{folder} is not a readable {kind.removesuffix('Tokenizer')} tokenizer "
+                                f"({type(e).__name__}: {detail}); re-run the export/build") from None
     return out
 
 

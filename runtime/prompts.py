@@ -105,6 +105,13 @@ def window_length(tokenizer: Any) -> int:
     return int(tokenizer.model_max_length)
 
 
+def window_ends(tokenizer: Any) -> tuple[int, int]:
+    """The ids that open and close a window: CLIP's BOS / EOS, BERT's [CLS] / [SEP] (LDM-BERT, which has no BOS)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.cls_token_id
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    return int(bos), int(eos)
+
+
 def to_windows(tokenizer: Any, tokens: PromptTokens, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, 77) int64 ids and float32 weights: 75-token windows, each BOS ... EOS, padded with the pad token.
 
@@ -115,11 +122,12 @@ def to_windows(tokenizer: Any, tokens: PromptTokens, count: int) -> tuple[torch.
     assert tokens.windows(size) <= count, "fewer windows than the prompt needs"
     ids = torch.full((count, length), int(tokenizer.pad_token_id), dtype=torch.int64)
     weights = torch.ones((count, length), dtype=torch.float32)
+    bos, eos = window_ends(tokenizer)
     for w in range(count):
         chunk = tokens.ids[w * size:(w + 1) * size]
-        ids[w, 0] = int(tokenizer.bos_token_id)
+        ids[w, 0] = bos
         ids[w, 1:len(chunk) + 1] = torch.tensor(chunk, dtype=torch.int64)
-        ids[w, len(chunk) + 1] = int(tokenizer.eos_token_id)
+        ids[w, len(chunk) + 1] = eos
         weights[w, 1:len(chunk) + 1] = torch.tensor(tokens.weights[w * size:(w + 1) * size], dtype=torch.float32)
     return ids, weights
 

@@ -296,3 +296,6 @@ register_provider("guidance_embedding", guidance_cond, embeds_guidance=True)
 register_provider("class_label", class_label, check=check_class_label, request_keys=("{name}", "negative_{name}"))
 register_provider("inpaint_mask", inpaint_mask)
 register_provider("masked_image_latents", masked_image_latents)
+
+# issue 12 (H2): a token sequence through cross-attention (the `token_sequence` provider registers on import)
+from . import token_sequence as _token_sequence  # noqa: E402,F401

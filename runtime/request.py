@@ -123,8 +123,9 @@ class ResolvedRequest:
             "sizes": asdict(self.sizes) if es.spec.denoiser.takes(TIME_IDS) else None,
             "guidance_rescale": self.guidance_rescale, "prompt_weighting": self.prompt_weighting,
         }
-        if self.conditioning:
-            out["conditioning"] = self.conditioning
+        if self.conditioning:  # arrays (token sequences given through the API) as nested lists: JSON-able
+            out["conditioning"] = {k: v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
+                                   for k, v in self.conditioning.items()}
         return out
 
 

@@ -33,6 +33,7 @@ REAL_WIDTHS = {
     FamilyId.SDXL: ((768, 1280), 1280), FamilyId.SDXL_TURBO: ((768, 1280), 1280),
     FamilyId.SDXL_REFINER: ((1280,), 1280),
     FamilyId.LDM: ((), 0), FamilyId.LDM_CLASS_COND: ((), 0), FamilyId.LDM_SUPER_RES: ((), 0),  # issue 12: no text
+    FamilyId.LDM_TEXT2IMG: ((1280,), 0),  # issue 12 (H2): LDM-BERT d_model 1280 (ldm-text2im-large-256)
 }
 
 
@@ -134,6 +135,7 @@ def test_family_facts_are_data() -> None:
     assert towers[FamilyId.SD2] == towers[FamilyId.SD_TURBO] == (TextTower.OPENCLIP_H,)
     assert towers[FamilyId.SDXL] == towers[FamilyId.SDXL_TURBO] == (TextTower.CLIP_L, TextTower.OPENCLIP_BIGG)
     assert towers[FamilyId.SDXL_REFINER] == (TextTower.OPENCLIP_BIGG,)
+    assert towers[FamilyId.LDM_TEXT2IMG] == (TextTower.LDM_BERT,)  # issue 12 (H2)
     assert {f for f, s in FAMILIES.items() if s.fp16_vae_overflows} == {
         FamilyId.SDXL, FamilyId.SDXL_REFINER, FamilyId.SDXL_TURBO}
     assert {f for f, s in FAMILIES.items() if s.fp32_attention} == {
