@@ -50,6 +50,7 @@ from .build_int8 import (
     same_int8,
 )
 from .build_onnxruntime import OnnxRuntimeBuilder
+from .build_openvino import OpenVinoBuilder, ov_component_precision
 from .build_tensorrt import TensorRTBuilder
 from .builder import Builder, BuildEvent, BuildOptions, ComponentPrecision, GpuInfo, Progress, emit
 from .calibration import Calibration, Feed
@@ -66,7 +67,8 @@ __all__ = ["INT8_CALIBRATION_STEPS", "BuildEvent", "BuildOptions", "Calibration"
 
 log = logging.getLogger(__name__)
 
-BUILDERS: dict[BuildBackend, type[Builder]] = {b.backend: b for b in (OnnxRuntimeBuilder, TensorRTBuilder)}
+BUILDERS: dict[BuildBackend, type[Builder]] = {b.backend: b for b in (OnnxRuntimeBuilder, TensorRTBuilder,
+                                                                       OpenVinoBuilder)}
 VAE_COMPONENTS = ("vae_encoder", "vae_decoder")
 
 
@@ -155,20 +157,22 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
                   int8_recipe: str | None = None, calibration_size: Size | None = None,
                   calibration_steps: int = INT8_CALIBRATION_STEPS,
                   calibration: Calibration | Sequence[Feed] | str | os.PathLike[str] | None = None,
-                  prompt_windows: int = PROMPT_WINDOWS) -> Path:
+                  prompt_windows: int = PROMPT_WINDOWS, static_shapes: bool = False,
+                  component_precisions: Mapping[str, str] | None = None) -> Path:
     """Build engines for an ONNX export into `out_dir` and return it.
 
     Args:
         onnx_dir: folder written by `latentrt export` (manifest.json + one folder per component).
         out_dir: engine folder to write (replaced atomically when the build succeeds).
-        backend: "onnxruntime" (CPU / CUDA EP) or "tensorrt" (`latentrt.choices.BuildBackend`).
+        backend: "onnxruntime" (CPU / CUDA EP), "tensorrt" or "openvino" (CPU; `latentrt.choices.BuildBackend`).
         sizes: (height, width) pixel sizes the TensorRT profiles cover (default: the family's buckets).
         batch: (min, max) images per prompt.
         strategy / groups: profile strategy ("dynamic", "per-bucket", "grouped") and group count.
         cfg: plan the UNet batch for classifier-free guidance (default: the family's default).
         opt_batch: per-prompt batch the TensorRT kernels are tuned for.
-        precision: "fp16", "fp32" or "int8" (default: fp16 for TensorRT and the CUDA EP, fp32 on the CPU).
-            "int8" (ONNX Runtime on the CPU only): fp32 engines with an int8 UNet quantized from the export.
+        precision: "fp16", "fp32", "bf16" or "int8" (default: fp16 for TensorRT and the CUDA EP, fp32 on the CPU).
+            "int8" (ONNX Runtime on the CPU, OpenVINO): fp32 engines with an int8 UNet quantized from the export
+            (OpenVINO: by NNCF). "bf16" (OpenVINO only): fp32 IR compiled with the bf16 inference precision hint.
         plan_only: plan and log the profiles, write nothing.
         components: build only these (others are kept from a previous build of the same export).
         progress: called with a BuildEvent when each component starts and ends.
@@ -186,6 +190,9 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             `latentrt.workflows.build.build_engines` records them (fp32 sampling runs) and calls this.
         prompt_windows: the most 75-token prompt windows the TensorRT profiles cover (UNet context
             77 x windows; default 3). ONNX Runtime engines take any number the export does.
+        static_shapes: OpenVINO: record the planned sizes; the runtime compiles a static-shape copy of each
+            spatial engine for a request at one of them.
+        component_precisions: OpenVINO: per-component precision overrides, e.g. {"vae_decoder": "bf16"}.
     """
     if backend not in values(BuildBackend):
         raise BuildError(f"unknown backend {backend!r}; choose one of {', '.join(values(BuildBackend))}")
@@ -193,6 +200,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         raise BuildError(f"unknown precision {precision!r}; choose one of {', '.join(values(Precision))}")
     if device not in values(Device):
         raise BuildError(f"unknown device {device!r}; choose one of {', '.join(values(Device))}")
+    _check_openvino_only(backend, precision, static_shapes, component_precisions)
     if precision != Precision.INT8 and int8_recipe is not None:
         raise BuildError("an int8 recipe needs --precision int8")
     _check_calibration_used(precision, int8_recipe, calibration)
@@ -204,10 +212,11 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     if plan_only:
         log.info("%s", format_plan(plan))
         return Path(out_dir)
-    base = Precision.FP32 if int8 is not None else precision or default_precision(backend, device)
+    openvino = backend == BuildBackend.OPENVINO  # OpenVINO quantizes in its builder: no ONNX Runtime int8 pass
+    base = Precision.FP32 if int8 is not None and not openvino else precision or default_precision(backend, device)
     opts = BuildOptions(BuildBackend(backend), Precision(base), Device(device), threads, graph_optimization_level,
                         fp16_fixed_vae, optimization_level, refittable, strongly_typed, workspace_mb, timing_cache,
-                        verify)
+                        verify, static_shapes, dict(component_precisions or {}), int8 if openvino else None)
     builder = builder_for(opts)
     gpu = builder.check_available()
     out = Path(os.path.abspath(out_dir))  # "." has no name to stage or lock beside
@@ -219,6 +228,19 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
                            prompt_windows=prompt_windows))
     log.info("wrote %s engines for %s to %s", opts.backend.value, export.spec.name, out)
     return out
+
+
+def _check_openvino_only(backend: str, precision: str | None, static_shapes: bool,
+                         component_precisions: Mapping[str, str] | None) -> None:
+    """OpenVINO-only settings given to another backend: BuildError (never silently ignored)."""
+    if backend == BuildBackend.OPENVINO:
+        return
+    if precision == Precision.BF16:
+        raise BuildError(f"--precision bf16 is an OpenVINO precision (the CPU's bf16 inference hint); use --backend "
+                         f"openvino, or fp16/fp32 with --backend {backend}")
+    if static_shapes or component_precisions:
+        raise BuildError(f"--static and --component-precision are OpenVINO settings (--backend openvino), not "
+                         f"{backend}")
 
 
 def _check_calibration_used(precision: str | None, recipe: str | None, calibration: object) -> None:
@@ -250,14 +272,14 @@ def _build_locked(export: OnnxExport, out: Path, plan: ProfilePlan, builder: Bui
     with staging_dir(out) as tmp:
         entries = _kept_entries(previous, builder.backend, plan.components, list(export.ios), out, tmp)
         reusable = None if overwrite else previous
-        quantize = int8 is not None and "unet" in plan.components
+        quantize = int8 is not None and "unet" in plan.components and builder.backend != BuildBackend.OPENVINO
         total = len(plan.components) + quantize
         for i, c in enumerate(plan.components):
             entries[c] = _build_component(export, plan, c, tmp, builder, gpu, reusable, out, (i, total), progress)
         files = copy_files(export, tmp)
         ordered = {c: entries[c] for c in export.ios if c in entries}
         manifest = engine_manifest(export, plan, builder.options, gpu, ordered, files)
-        if int8 is not None:
+        if int8 is not None and builder.backend != BuildBackend.OPENVINO:  # OpenVINO's builder quantized it
             manifest = int8_manifest(export, manifest, tmp, int8, quantize, previous, (total - 1, total), progress)
         atomic_write_json(tmp / MANIFEST, sealed({**manifest, "written": written_files(tmp)}))
         publish_modes(tmp)
@@ -339,7 +361,8 @@ def _build_component(export: OnnxExport, plan: ProfilePlan, c: str, tmp: Path, b
                      position: tuple[int, int], progress: Progress | None) -> dict[str, Any]:
     """Build (or reuse) one component's engine into `tmp/c` and return its manifest entry."""
     opts = builder.options
-    prec = component_precision(export.spec, c, opts.precision, fp16_fixed_vae=opts.fp16_fixed_vae)
+    prec = (ov_component_precision(c, opts.precision, opts.component_precisions) if opts.backend == BuildBackend.OPENVINO
+            else component_precision(export.spec, c, opts.precision, fp16_fixed_vae=opts.fp16_fixed_vae))
     io, profiles = builder.engine_io(plan, c, export.ios[c])
     fields = builder.cache_key(export.manifest["components"][c]["sha256"], prec, profiles, gpu)
     key = digest(fields)

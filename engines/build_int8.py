@@ -1,5 +1,8 @@
 """int8 builds (ONNX Runtime on the CPU): fp32 engines, then the UNet quantized from the export.
 
+OpenVINO int8 builds share the options and recorded feeds (recipe `nncf-ptq`); their builder quantizes the UNet
+itself (`engines.build_openvino`).
+
 Static recipes calibrate on recorded UNet inputs (`engines.calibration.Calibration`) handed in by the
 caller; this stage never samples (`latentrt.workflows.build` records them with the fp32 pipeline).
 """
@@ -22,6 +25,7 @@ from latentrt.manifest import sha256_tree
 
 from .builder import BuildEvent, Progress, emit
 from .calibration import Calibration, Feed, as_calibration
+from .openvino import NNCF_RECIPE
 from .recipes import DEFAULT_RECIPE, RECIPES
 from .source import OnnxExport, tree_bytes
 
@@ -44,7 +48,7 @@ class Int8Options:
 
     @property
     def static(self) -> bool:
-        return RECIPES[self.recipe].method == "static"
+        return self.recipe == NNCF_RECIPE or RECIPES[self.recipe].method == "static"
 
     def as_json(self) -> dict[str, Any]:
         size = self.calibration_size
@@ -67,11 +71,14 @@ def int8_options(spec: FamilySpec, backend: str, device: str, recipe: str | None
     `calibration` (static recipes): the recorded feeds; their own size and steps, when they say, win over
     `calibration_size` / `calibration_steps`.
     """
-    if backend != BuildBackend.ONNXRUNTIME or device != Device.CPU:
-        raise BuildError(f"--precision int8 is for --backend onnxruntime on the CPU (got backend {backend}, device "
-                         f"{device}); TensorRT and the CUDA EP build fp16 or fp32 engines")
-    name = recipe or DEFAULT_RECIPE
-    if name not in RECIPES:
+    if backend not in (BuildBackend.ONNXRUNTIME, BuildBackend.OPENVINO) or device != Device.CPU:
+        raise BuildError(f"--precision int8 is for --backend onnxruntime or openvino on the CPU (got backend {backend}, "
+                         f"device {device}); TensorRT and the CUDA EP build fp16 or fp32 engines")
+    if backend == BuildBackend.OPENVINO and recipe not in (None, NNCF_RECIPE):
+        raise BuildError(f"--int8-recipe {recipe} is an ONNX Runtime recipe; OpenVINO int8 is NNCF post-training "
+                         f"quantization ({NNCF_RECIPE}), calibrated like the static recipes")
+    name = NNCF_RECIPE if backend == BuildBackend.OPENVINO else recipe or DEFAULT_RECIPE
+    if name not in RECIPES and name != NNCF_RECIPE:
         raise BuildError(f"unknown int8 recipe {name!r}; choose one of {', '.join(RECIPES)}")
     recorded = as_calibration(calibration)
     size = (recorded.size if recorded else None) or calibration_size or default_calibration_size(spec)
@@ -79,7 +86,7 @@ def int8_options(spec: FamilySpec, backend: str, device: str, recipe: str | None
     if min(size) < 8 or any(s % 8 for s in size) or steps < 1:
         raise BuildError(f"int8 calibration at {size[0]}x{size[1]} px with {steps} step(s) is not "
                          "possible: sizes must be multiples of 8 and steps at least 1")
-    if RECIPES[name].method != "static":
+    if name != NNCF_RECIPE and RECIPES[name].method != "static":
         return Int8Options(name, None, None)
     return Int8Options(name, size, steps, recorded)
 

@@ -49,7 +49,7 @@ def emit(progress: Progress | None, event: BuildEvent, stage: str, detail: Mappi
 class ComponentPrecision:
     """The precision one component is built in, with the fp32 islands its family needs."""
 
-    precision: Precision  # FP16 or FP32
+    precision: Precision  # FP16 or FP32 (OpenVINO: FP32, BF16 or INT8)
     fp32_layers: LayerFilter | None = None  # layers kept in fp32 inside an fp16 engine
     note: str = ""  # why, for the manifest and the progress line
 
@@ -70,6 +70,9 @@ class BuildOptions:
     workspace_mb: int | None = None
     timing_cache: str | os.PathLike[str] | None = None
     verify: bool = True  # run each engine once against its source graph (where the backend can)
+    static_shapes: bool = False  # OpenVINO: compile static-shape copies for the planned sizes at run time
+    component_precisions: Mapping[str, str] = field(default_factory=dict)  # OpenVINO: per-component overrides
+    int8: Any = None  # OpenVINO int8 builds: the `engines.build_int8.Int8Options` (recipe, recorded feeds)
 
     def __post_init__(self) -> None:
         self.backend, self.precision, self.device = (BuildBackend(self.backend), Precision(self.precision),

@@ -1,4 +1,4 @@
-"""`latentrt build ONNX_DIR -o ENGINE_DIR --backend tensorrt|onnxruntime`: ONNX export -> engines.
+"""`latentrt build ONNX_DIR -o ENGINE_DIR --backend tensorrt|onnxruntime|openvino`: ONNX export -> engines.
 
 `--backend onnxruntime --precision int8 [--int8-recipe NAME]` builds fp32 CPU engines with an int8 UNet.
 A static int8 recipe calibrates on recorded UNet inputs: `--calibration-feeds FILE.npz`, or recorded by
@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("onnx_dir", metavar="ONNX_DIR", help="folder written by `latentrt export`")
     parser.add_argument("-o", "--output", metavar="ENGINE_DIR", help="engine folder to write (not needed with --plan)")
     parser.add_argument("--backend", choices=values(BuildBackend), default=BuildBackend.TENSORRT.value,
-                        help="tensorrt (NVIDIA GPU, fp16 plans) or onnxruntime (CPU, or CUDA EP with --device cuda)")
+                        help="tensorrt (NVIDIA GPU, fp16 plans), onnxruntime (CPU, or CUDA EP with --device cuda) or "
+                             "openvino (CPU, OpenVINO IR; pip install 'latentrt[openvino]')")
     parser.add_argument("--sizes", metavar="HxW,...", help="pixel sizes the TensorRT profiles cover, e.g. "
                         "512x512,768x1344 (default: the family's aspect-ratio buckets)")
     parser.add_argument("--batch", metavar="MIN:MAX", default="1:4", help="images per prompt (default 1:4)")
@@ -47,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", action="store_true", help="print the optimization-profile plan and exit")
     parser.add_argument("--precision", choices=values(Precision),
                         help="default: fp16 for TensorRT and the CUDA EP, fp32 on the CPU; int8 (--backend "
-                             "onnxruntime, CPU only): fp32 engines with an int8 UNet, see --int8-recipe")
+                             "onnxruntime or openvino, CPU only): fp32 engines with an int8 UNet, see --int8-recipe; "
+                             "bf16 (--backend openvino): the CPU's bf16 inference precision")
     parser.add_argument("--components", metavar="NAME,...", help="build only these components, e.g. unet,vae_decoder")
     parser.add_argument("--overwrite", action="store_true",
                         help="rebuild even unchanged engines, and replace another model's engines (or another "
@@ -82,6 +84,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "to this CPU type)")
 
 
+    ov = parser.add_argument_group("OpenVINO (--backend openvino)")
+    ov.add_argument("--static", action="store_true",
+                    help="compile static-shape engines at run time for the planned sizes (--sizes), dynamic ones for "
+                         "any other size")
+    ov.add_argument("--component-precision", metavar="NAME=PREC,...",
+                    help="per-component precision, e.g. text_encoder=bf16,vae_decoder=bf16 (int8: the UNet only)")
+
+
 def parse_batch(text: str) -> tuple[int, int]:
     """'1:4' -> (1, 4); '2' -> (2, 2)."""
     from latentrt.errors import UnsupportedShape
@@ -111,6 +121,7 @@ def run(args: argparse.Namespace, build: BuildFunction | None = None) -> int:
     from latentrt.errors import InvalidRequest
 
     from .build import build_engines, plan_for_export, read_onnx_export
+    from .build_openvino import parse_component_precisions
     from .profiles import format_plan
 
     sizes = parse_sizes(args.sizes) if args.sizes else None
@@ -122,8 +133,9 @@ def run(args: argparse.Namespace, build: BuildFunction | None = None) -> int:
                                groups=args.groups, cfg=args.cfg, opt_batch=args.opt_batch, components=components,
                                prompt_windows=args.prompt_windows)
         print(format_plan(plan))
-        if args.backend == BuildBackend.ONNXRUNTIME:
-            print("(ONNX Runtime engines are fully dynamic: the plan applies to --backend tensorrt)")
+        if args.backend in (BuildBackend.ONNXRUNTIME, BuildBackend.OPENVINO):
+            print(f"({args.backend} engines are fully dynamic: the plan applies to --backend tensorrt"
+                  f"{' and to --static' if args.backend == BuildBackend.OPENVINO else ''})")
         return 0
     if not args.output:
         raise InvalidRequest("-o ENGINE_DIR is required (or pass --plan to only print the profile plan)")
@@ -137,7 +149,8 @@ def run(args: argparse.Namespace, build: BuildFunction | None = None) -> int:
         optimization_level=args.opt_level, refittable=args.refittable, strongly_typed=args.strongly_typed,
         workspace_mb=args.workspace_mb, timing_cache=args.timing_cache, int8_recipe=args.int8_recipe,
         prompt_windows=args.prompt_windows, calibration_size=calibration_size,
-        calibration_steps=args.calibration_steps, calibration=args.calibration_feeds)
+        calibration_steps=args.calibration_steps, calibration=args.calibration_feeds, static_shapes=args.static,
+        component_precisions=parse_component_precisions(args.component_precision))
     print(_summary(rows, out, args.backend, time.perf_counter() - start))
     return 0
 
@@ -150,7 +163,7 @@ def _printer(rows: list[dict[str, Any]]) -> Any:
             print(f"{event.component}: recording int8 calibration inputs (fp32 sampling at {d['calibration_size']}, "
                   f"{d['calibration_steps']} step(s), {d['runs']} run(s)) ...", file=sys.stderr, flush=True)
             return
-        if event.stage == "start" and event.precision == Precision.INT8:
+        if event.stage == "start" and event.precision == Precision.INT8 and "calibration" in event.detail:
             cal = event.detail["calibration"]
             how = (f"calibrating with fp32 sampling at {cal['calibration_size']}, {cal['calibration_steps']} step(s)"
                    if cal["calibration_size"] else "no calibration")

@@ -11,6 +11,7 @@ class Backend(str, Enum):
     ONNXRUNTIME = "onnxruntime"
     TORCH = "torch"  # the PyTorch reference modules
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"  # OpenVINO IR on the CPU (`latentrt[openvino]`)
 
 
 class BuildBackend(str, Enum):
@@ -18,6 +19,7 @@ class BuildBackend(str, Enum):
 
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
+    OPENVINO = "openvino"
 
 
 class Device(str, Enum):
@@ -31,6 +33,7 @@ class Precision(str, Enum):
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
+    BF16 = "bf16"  # OpenVINO only: fp32 IR compiled with the bf16 inference precision hint
 
 
 class Mode(str, Enum):

@@ -50,7 +50,7 @@ class EngineSet:
 
     folder: Path  # what was loaded (engine folder, ONNX folder or checkpoint folder)
     kind: str  # "engines", "onnx" or "checkpoint"
-    backend: str  # "onnxruntime", "torch" or "tensorrt"
+    backend: str  # "onnxruntime", "torch", "tensorrt" or "openvino"
     device: torch.device
     spec: FamilySpec
     info: dict[str, Any]  # manifest "model" section: vae_scaling_factor, force_zeros_for_empty_prompt, ...
@@ -188,6 +188,8 @@ def _load_onnx_dir(path: Path, manifest: dict[str, Any], backend: str, device: t
                    providers: Sequence[Any] | None, verify: bool) -> EngineSet:
     if backend == "torch":
         return _load_reference(_source_model(manifest, path), device, kind="onnx", manifest=manifest, folder=path)
+    if backend == "openvino":
+        return load_onnx_openvino(path, manifest, device, verify)
     if backend != "onnxruntime":
         raise InvalidRequest(f"{path} is an ONNX export; build {backend} engines from it first "
                              f"(`latentrt build {path} --backend {backend}`)")
@@ -207,6 +209,8 @@ def _load_engine_dir(path: Path, manifest: dict[str, Any], backend: str | None, 
         return _ort_set(path, manifest, "engines", device, providers, verify)
     if built == "tensorrt":
         return _trt_set(path, manifest, device, verify)
+    if built == "openvino":
+        return _ov_set(path, manifest, device, verify)
     raise StaleArtifact(f"{path / MANIFEST} names an unknown backend {built!r}")
 
 
@@ -296,6 +300,43 @@ def session_options(ort_info: dict[str, Any]) -> Any:
     if threads.get("inter_op"):
         opts.inter_op_num_threads = int(threads["inter_op"])
     return opts
+
+
+def _ov_set(path: Path, manifest: dict[str, Any], device: torch.device, verify: bool) -> EngineSet:
+    """OpenVINO IR engines (CPU), compiled with the settings the build recorded."""
+    from .backends.openvino import OpenVinoEngine
+
+    if device.type != "cpu":
+        log.info("OpenVINO engines run on the CPU; using cpu instead of %s", device)
+        device = torch.device("cpu")
+    spec = _family(manifest, path)
+    engines: dict[str, Engine] = {}
+    for name, entry in _components(path, manifest, spec).items():
+        file = component_file(path, name, entry, verify)
+        info = entry.get("openvino")
+        if not isinstance(info, dict):
+            raise StaleArtifact(f"{path / MANIFEST}: component '{name}' has no 'openvino' settings; rebuild the engines")
+        profiles = entry.get("profiles") or [{}]
+        static = profiles[0].get("static") if isinstance(profiles[0], dict) else None
+        engines[name] = OpenVinoEngine(file, io_from_json(entry["io"]),
+                                       inference_precision=str(info.get("inference_precision", "f32")),
+                                       threads=int(info.get("threads") or 0) or None,
+                                       static_latents=static if isinstance(static, list) else ())
+    return _assemble(path, manifest, "engines", "openvino", device, spec, engines, verify)
+
+
+def load_onnx_openvino(path: Path, manifest: dict[str, Any], device: torch.device | str = "cpu", verify: bool = True,
+                       inference_precision: str = "f32") -> EngineSet:
+    """An ONNX export run directly on OpenVINO: one model per component compiled from its ONNX file with the
+    plugin's default settings (no performance hint or thread count), at `inference_precision` ("f32" or "bf16")."""
+    from .backends.openvino import OpenVinoEngine
+
+    spec = _family(manifest, path)
+    engines: dict[str, Engine] = {
+        name: OpenVinoEngine(component_file(path, name, entry, verify), io_from_json(entry["io"]),
+                             inference_precision=inference_precision, performance_hint=None)
+        for name, entry in _components(path, manifest, spec).items()}
+    return _assemble(path, manifest, "onnx", "openvino", torch.device("cpu"), spec, engines, verify)
 
 
 def _trt_set(path: Path, manifest: dict[str, Any], device: torch.device, verify: bool) -> EngineSet:

@@ -20,6 +20,10 @@ from latentrt.paths import inside
 from latentrt.runtime.bench import (
     CALIBRATION_PROMPTS,
     INT8,
+    OPENVINO,
+    OV_BF16,
+    OV_INT8,
+    OV_NAIVE,
     PROMPT,
     BenchCase,
     BenchRecord,
@@ -50,11 +54,12 @@ def prepare_targets(model_or_dir: str | os.PathLike[str], labels: Sequence[str],
                     say: Callable[[str], None]) -> Targets:
     """Export / build whatever the requested backends need and is not given (timed); int8 comes later."""
     t = read_targets(model_or_dir)
-    missing = [b for b in (ORT, TRT) if b in labels and b not in t.folders]
+    missing = [b for b in (ORT, TRT, OPENVINO, OV_BF16, OV_INT8) if b in labels and b not in t.folders]
     if TRT in missing and device.type != "cuda":
         raise BackendUnavailable("the tensorrt backend needs a CUDA GPU; bench on --device cuda or drop it")
     quantize = INT8 in labels and INT8 not in t.folders  # int8 is quantized from the fp32 export's UNet
-    if (missing or quantize) and t.onnx_dir is None:
+    naive = OV_NAIVE in labels and OV_NAIVE not in t.folders  # runs the export's ONNX files
+    if (missing or quantize or naive) and t.onnx_dir is None:
         if t.checkpoint is None:
             raise InvalidRequest(f"{model_or_dir} names no source checkpoint or ONNX export to build from")
         from latentrt.export.onnx import export_model
@@ -62,14 +67,19 @@ def prepare_targets(model_or_dir: str | os.PathLike[str], labels: Sequence[str],
         say(f"exporting {t.checkpoint} to ONNX")
         t.onnx_dir, t.build["export_s"] = _timed(lambda: export_model(t.checkpoint or "", out_dir / "onnx",
                                                                        family=t.family, overwrite=True))
-    for backend in missing:
-        from latentrt.engines.build import build_engines
+    for label in missing:
+        from latentrt.workflows.build import (
+            build_engines,  # records int8 calibration feeds when it needs them
+        )
 
-        say(f"building {backend} engines")
-        dest, build_device = out_dir / f"engines-{backend}", "cuda" if device.type == "cuda" else "cpu"
-        t.folders[backend], t.build[f"build_{backend}_s"] = _timed(
-            lambda b=backend, d=dest, bd=build_device: build_engines(t.onnx_dir or "", d, backend=b, device=bd,
-                                                                     overwrite=True))
+        backend, _, precision = label.partition("-")
+        say(f"building {label} engines")
+        dest, build_device = out_dir / f"engines-{label}", "cuda" if device.type == "cuda" else "cpu"
+        t.folders[label], t.build[f"build_{label}_s"] = _timed(
+            lambda b=backend, p=precision or None, d=dest, bd=build_device: build_engines(
+                t.onnx_dir or "", d, backend=b, device=bd, precision=p, overwrite=True))
+    if naive and t.onnx_dir is not None:
+        t.folders[OV_NAIVE] = t.onnx_dir
     if TORCH in labels:
         if t.checkpoint is None:
             raise InvalidRequest(f"{model_or_dir} names no source checkpoint: the torch backend cannot be loaded")
@@ -114,7 +124,9 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
 
     Args:
         model_or_dir: a checkpoint (diffusers folder, tiny:<family>), an ONNX export, or an engine folder.
-        backends: any of reference (diffusers), torch, onnxruntime, onnxruntime-int8, tensorrt (CUDA only).
+        backends: any of reference (diffusers), torch, onnxruntime, onnxruntime-int8, tensorrt (CUDA only),
+            openvino, openvino-bf16, openvino-int8 (built here when not given) and openvino-naive (the export's
+            ONNX files on OpenVINO with default settings and the bf16 hint: the plain-OpenVINO baseline).
         steps / guidance: sampling settings (default: the family's).
         sizes: (height, width) pixel sizes; the first is the main case, more are measured as a size sweep.
         batch: images per prompt.

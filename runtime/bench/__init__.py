@@ -23,6 +23,10 @@ from .cases import (
     BACKENDS,
     CALIBRATION_PROMPTS,
     INT8,
+    OPENVINO,
+    OV_BF16,
+    OV_INT8,
+    OV_NAIVE,
     PROMPT,
     REFERENCE,
     BenchCase,
@@ -64,7 +68,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BACKENDS", "CALIBRATION_PROMPTS", "INT8", "PROMPT", "REFERENCE", "BenchCase", "BenchEvent", "BenchRecord",
+    "BACKENDS", "CALIBRATION_PROMPTS", "INT8", "OPENVINO", "OV_BF16", "OV_INT8", "OV_NAIVE", "PROMPT", "REFERENCE", "BenchCase", "BenchEvent", "BenchRecord",
     "PipelineRunner", "Progress", "ReferenceRunner", "Sample", "Targets", "_linear_fit", "calibration_feeds",
     "collect_unet_feeds", "format_markdown", "image_diff", "make_runner", "measure_case", "parse_size",
     "parse_sweeps", "percentile_stats", "psnr_db", "read_targets", "rotated", "sweep_cases", "write_reports",

@@ -13,7 +13,14 @@ from latentrt.errors import InvalidRequest
 
 REFERENCE = "reference"  # the diffusers pipeline itself
 INT8 = "onnxruntime-int8"  # ONNX Runtime engines with an int8 UNet
-BACKENDS = (REFERENCE, Backend.TORCH.value, Backend.ONNXRUNTIME.value, INT8, Backend.TENSORRT.value)
+OPENVINO = Backend.OPENVINO.value  # OpenVINO IR engines, fp32
+OV_BF16 = "openvino-bf16"  # OpenVINO engines compiled with the bf16 inference precision hint
+OV_INT8 = "openvino-int8"  # OpenVINO engines with an NNCF int8 UNet
+OV_NAIVE = "openvino-naive"  # the export's ONNX files on OpenVINO, default settings + bf16 hint (the baseline)
+BACKENDS = (REFERENCE, Backend.TORCH.value, Backend.ONNXRUNTIME.value, INT8, Backend.TENSORRT.value, OPENVINO, OV_BF16,
+            OV_INT8, OV_NAIVE)
+# a label is BACKEND or BACKEND-PRECISION: the engines' runtime backend and the precision they were built in
+BUILT_PRECISIONS = (Precision.INT8.value, Precision.BF16.value)
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 CALIBRATION_PROMPTS = (
     "a photograph of an astronaut riding a horse on the moon",
@@ -82,6 +89,22 @@ class BenchRecord:
         return {"kind": "latentrt.bench", "schema": 1, "machine": self.machine, "settings": self.settings,
                 "build": self.build, "backends": self.backends, "cases": self.cases, "sweeps": self.sweeps,
                 "files": self.files}
+
+
+def runtime_backend(label: str) -> str:
+    """The runtime backend a label runs on: 'onnxruntime-int8' -> 'onnxruntime', 'openvino-bf16' -> 'openvino'."""
+    return label.partition("-")[0]
+
+
+def label_for(backend: str, precision: str | None) -> str:
+    """The label of engines of a backend built in a precision (fp32 / fp16 engines carry the backend's name)."""
+    return f"{backend}-{precision}" if precision in BUILT_PRECISIONS else backend
+
+
+def fp32_label(label: str) -> str | None:
+    """The fp32 counterpart a lower-precision label is compared with ('openvino-bf16' -> 'openvino'), else None."""
+    backend, _, precision = label.partition("-")
+    return backend if precision else None
 
 
 def parse_size(text: str) -> Size:

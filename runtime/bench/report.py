@@ -26,10 +26,11 @@ def _stage_cell(r: Mapping[str, Any], stages: Sequence[str], per: str = "per_run
 
 def case_table(case: Mapping[str, Any]) -> list[str]:
     """Markdown rows of one case: one row per backend."""
+    baseline = case.get("image_baseline", "reference")
     lines = [f"### {case['name']} (latent {case['latent'][0]}x{case['latent'][1]}, UNet batch {case['unet_batch']})",
              "",
              "| backend | end-to-end p50 ms | p90 | p99 | images/s | speedup vs reference | text encoder(s) ms | "
-             "UNet ms/step p50 | UNet total ms | VAE decode ms | pipeline overhead | image vs reference |",
+             f"UNet ms/step p50 | UNet total ms | VAE decode ms | pipeline overhead | image vs {baseline} (fp32) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label, r in case["results"].items():
         e2e = r["end_to_end_ms"]
@@ -37,7 +38,8 @@ def case_table(case: Mapping[str, Any]) -> list[str]:
         ov = r["overhead"]
         overhead = f"{ov['pipeline_pct']:.2f}%" if "pipeline_pct" in ov else f"{ov['untimed_pct']:.2f}% untimed"
         img = case.get("image_vs_reference", {}).get(label)
-        img_cell = f"PSNR {img['psnr_db']:.1f} dB, max {img['max_abs_diff']:.3g}" if img else "–"
+        img_cell = f"PSNR {img['psnr_db']:.1f} dB, max {img['max_abs_diff']:.3g}" if img else \
+            ("(baseline)" if label == baseline else "–")
         lines.append(f"| {label} | {_fmt(e2e['p50'])} | {_fmt(e2e['p90'])} | {_fmt(e2e['p99'])} | "
                      f"{r['images_per_s']:.3f} | {'1 (baseline)' if label == 'reference' else _fmt(speed, 2) + 'x'} | "
                      f"{_stage_cell(r, ('text_encoder', 'text_encoder_2'))} | {_fmt(stage_p50(r, 'unet', 'per_call'))} | "
@@ -47,6 +49,12 @@ def case_table(case: Mapping[str, Any]) -> list[str]:
         lines += ["", f"int8 vs fp32 ONNX Runtime: end-to-end {_fmt(q['speedup'].get('end_to_end'), 2)}x, UNet/step "
                       f"{_fmt(q['speedup'].get('unet_per_step'), 2)}x; final image PSNR {q['image']['psnr_db']:.1f} dB, "
                       f"max |diff| {q['image']['max_abs_diff']:.3g} (pixel values in [0, 1])."]
+    for label, q in case.get("vs_fp32", {}).items():
+        if label == "onnxruntime-int8":
+            continue  # stated above
+        lines += ["", f"{label} vs {q['fp32']} (fp32): end-to-end {_fmt(q['speedup'].get('end_to_end'), 2)}x, UNet/step "
+                      f"{_fmt(q['speedup'].get('unet_per_step'), 2)}x, VAE decode {_fmt(q['speedup'].get('vae_decoder'), 2)}x; "
+                      f"final image PSNR {q['image']['psnr_db']:.1f} dB, max |diff| {q['image']['max_abs_diff']:.3g}."]
     if "flops" in case:
         fl = case["flops"]
         share = fl.get("fraction_of_fp32_gemm_peak", {})

@@ -11,6 +11,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -22,7 +23,7 @@ from latentrt.families import FamilySpec
 
 from ..backends.base import Engine
 from ..timing import StageTimer, TimingRecord
-from .cases import CALIBRATION_PROMPTS, INT8, REFERENCE, BenchCase, Sample
+from .cases import CALIBRATION_PROMPTS, OV_NAIVE, REFERENCE, BenchCase, Sample, runtime_backend
 from .stats import rss_mb
 from .targets import Targets
 
@@ -116,6 +117,25 @@ class PipelineRunner:
         self.pipe.close()
 
 
+class NaiveOpenVinoRunner(PipelineRunner):
+    """OpenVINO driven the plain way: one model per component compiled straight from the export's ONNX files with
+    the plugin's default settings plus the bf16 inference precision hint, run by the same sampling loop."""
+
+    def __init__(self, onnx_dir: str | os.PathLike[str]):
+        from latentrt.manifest import ONNX_KIND, read_manifest
+
+        from ..engine_set import load_onnx_openvino
+        from ..pipeline import Pipeline
+
+        self.label, self.device = OV_NAIVE, torch.device("cpu")
+        before, start = rss_mb(), time.perf_counter()
+        folder = Path(onnx_dir)
+        self.pipe = Pipeline(load_onnx_openvino(folder, read_manifest(folder, ONNX_KIND), inference_precision="bf16"))
+        self.load_s = time.perf_counter() - start
+        self.rss_load_mb = rss_mb() - before
+        self.describe = self.pipe.engines.describe()
+
+
 class ReferenceRunner:
     """The diffusers pipeline (eager PyTorch, float32) on the checkpoint's own folder, timed from module hooks."""
 
@@ -194,8 +214,9 @@ def make_runner(label: str, t: Targets, device: torch.device) -> Runner:
         if t.checkpoint is None:
             raise InvalidRequest("the reference backend needs the source checkpoint, which the folder does not name")
         return ReferenceRunner(t.checkpoint, device, t.family)
-    backend = Backend.ONNXRUNTIME.value if label == INT8 else label
-    return PipelineRunner(label, t.folders[label], backend, device)
+    if label == OV_NAIVE:
+        return NaiveOpenVinoRunner(t.folders[label])
+    return PipelineRunner(label, t.folders[label], runtime_backend(label), device)
 
 
 # ---------------------------------------------------------------------------- measuring

@@ -20,7 +20,7 @@ from latentrt.manifest import tool_versions
 from latentrt.names import DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH, DIM_SEQUENCE, DIM_UNET_BATCH
 from latentrt.parity import compare
 
-from .cases import INT8, REFERENCE, BenchCase, Sample
+from .cases import INT8, REFERENCE, BenchCase, Sample, fp32_label
 
 PERCENTILES = (50, 90, 99)
 
@@ -198,6 +198,13 @@ def ratios(base: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, float
     return out
 
 
+def image_baseline(labels: Sequence[str]) -> str | None:
+    """What images are compared with: the diffusers reference, else the first fp32 LatentRT backend."""
+    if REFERENCE in labels:
+        return REFERENCE
+    return next((k for k in labels if fp32_label(k) is None), None)
+
+
 def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: float | None,
                 latent: tuple[int, int], unet_batch: int, peak_gflops: float | None = None) -> dict[str, Any]:
     """Per-backend figures of one case, with ratios to the reference and image differences."""
@@ -205,10 +212,16 @@ def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: flo
     out: dict[str, Any] = {"name": case.name, "case": case.__dict__, "latent": list(latent), "unet_batch": unet_batch,
                            "results": results}
     if REFERENCE in results:
-        ref_image = samples[REFERENCE][-1].image
         out["vs_reference"] = {k: ratios(results[REFERENCE], v) for k, v in results.items() if k != REFERENCE}
-        out["image_vs_reference"] = {k: image_diff(s[-1].image, ref_image) for k, s in samples.items()
-                                     if k != REFERENCE}
+    baseline = image_baseline(list(results))
+    if baseline is not None:  # every other backend's final image against the fp32 baseline's
+        base_image = samples[baseline][-1].image
+        out["image_baseline"] = baseline
+        out["image_vs_reference"] = {k: image_diff(s[-1].image, base_image) for k, s in samples.items()
+                                     if k != baseline}
+    out["vs_fp32"] = {k: {"fp32": f, "speedup": ratios(results[f], results[k]),
+                          "image": image_diff(samples[k][-1].image, samples[f][-1].image)}
+                      for k in results if (f := fp32_label(k)) is not None and f in results}
     if INT8 in results and "onnxruntime" in results:
         out["int8_vs_fp32"] = {"speedup": ratios(results["onnxruntime"], results[INT8]),
                                "image": image_diff(samples[INT8][-1].image, samples["onnxruntime"][-1].image)}

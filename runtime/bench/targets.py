@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentrt.choices import Backend, Precision
+from latentrt.choices import Backend
 from latentrt.errors import InvalidRequest
 from latentrt.families import FamilySpec, get_family
 from latentrt.manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, read_manifest
 
-from .cases import INT8
+from .cases import label_for
 
 
 @dataclass
@@ -62,6 +62,5 @@ def read_targets(model_or_dir: str | os.PathLike[str]) -> Targets:
         return Targets(_source_of(manifest), family, path)
     if manifest.get("kind") != ENGINE_KIND:
         raise InvalidRequest(f"{path} holds {manifest.get('kind')!r}, not a checkpoint, ONNX export or engines")
-    int8 = manifest.get("precision") == Precision.INT8.value
-    label = INT8 if int8 else str(manifest.get("backend", Backend.ONNXRUNTIME.value))
+    label = label_for(str(manifest.get("backend", Backend.ONNXRUNTIME.value)), manifest.get("precision"))
     return Targets(_source_of(manifest), family, None, {label: path})

@@ -1,0 +1,160 @@
+"""OpenVINO engine preparation: ONNX -> OpenVINO IR (`model.xml` + `model.bin`), int8 UNets by NNCF.
+
+fp32 and bf16 engines share one fp32 IR: bf16 is OpenVINO's CPU inference precision hint, applied when
+the model is compiled (the plugin converts weights and activations then), so the file keeps full
+precision and double rounding (fp32 -> fp16 file -> bf16 compute) is avoided; the manifest records the
+hint. int8 is NNCF post-training quantization of the IR (`nncf.quantize`, transformer model type) on
+the UNet inputs recorded by fp32 sampling runs (`engines.calibration`). Every IR is compiled and run
+once against its source ONNX graph (ONNX Runtime) on the same inputs (`latentrt.parity`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentrt.choices import Precision
+from latentrt.errors import BackendUnavailable, BuildError
+from latentrt.parity import Tolerance, compare
+from latentrt.tensors import ComponentIO, dummy_inputs
+
+from .onnxruntime import check_sizes
+
+log = logging.getLogger(__name__)
+
+MODEL = "model.xml"
+WEIGHTS = "model.bin"
+PERFORMANCE_HINT = "LATENCY"  # one request at a time: the pipeline runs its components in sequence
+# The compile-time inference precision of each engine precision (int8 UNets: ops NNCF left unquantized run fp32).
+INFERENCE_PRECISION = {Precision.FP32: "f32", Precision.BF16: "bf16", Precision.INT8: "f32"}
+# Engine vs its source ONNX graph on the same random inputs: max |diff| <= r * max(1, max |reference|)
+# (`latentrt.parity`). fp32: 1e-3 (fusions reorder sums, as ONNX Runtime). bf16: 8 mantissa bits (2^-9 relative
+# per rounding) accumulated over every layer: measured 1.1e-2 (UNet) to 5.8e-2 (VAE decoder images) on the tiny
+# random SD 1.x components at random inputs, 0.1 bounds it. int8: a sanity bound (catches a broken graph, not
+# quality; the image PSNR tests judge that): measured 8.4e-2 on the tiny random UNet at random inputs, far from
+# what calibration saw.
+TOLERANCE = {Precision.FP32: Tolerance(atol=0.0, rtol=1e-3, scale_floor=1.0),
+             Precision.BF16: Tolerance(atol=0.0, rtol=0.1, scale_floor=1.0),
+             Precision.INT8: Tolerance(atol=0.0, rtol=0.5, scale_floor=1.0)}
+OV_PRECISIONS = (Precision.FP32, Precision.BF16, Precision.INT8)
+NNCF_RECIPE = "nncf-ptq"  # the one OpenVINO int8 recipe: NNCF post-training quantization (static, calibrated)
+
+
+def openvino_available() -> tuple[bool, str]:
+    """Whether OpenVINO can build (and run) engines here, and its version or why not."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False, "openvino is not installed (pip install 'latentrt[openvino]')"
+    return True, f"openvino {ov.__version__}"
+
+
+def require_openvino() -> str:
+    """OpenVINO's version; BackendUnavailable when it is not installed."""
+    ok, why = openvino_available()
+    if not ok:
+        raise BackendUnavailable(why)
+    return why.removeprefix("openvino ")
+
+
+def nncf_version() -> str:
+    try:
+        import nncf
+    except ImportError:
+        raise BackendUnavailable("nncf is not installed: OpenVINO int8 needs it (pip install 'latentrt[openvino]')") \
+            from None
+    return str(nncf.__version__)
+
+
+def compile_config(inference_precision: str, threads: int | None) -> dict[str, Any]:
+    """The CPU plugin settings an engine is compiled with (the runtime reads the same fields from the manifest)."""
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": PERFORMANCE_HINT}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
+def convert_onnx(src: Path) -> Any:
+    """The ONNX graph as an OpenVINO model (`openvino.convert_model`; dynamic dims stay dynamic)."""
+    import openvino as ov
+
+    try:
+        return ov.convert_model(str(src))
+    except Exception as e:  # OpenVINO raises its own conversion errors
+        raise BuildError(f"OpenVINO could not convert {src}: {str(e).strip().splitlines()[0] if str(e) else e}") \
+            from None
+
+
+def quantize_int8(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], io: ComponentIO) -> Any:
+    """NNCF post-training int8 quantization of an OpenVINO model on recorded input feeds."""
+    import nncf
+
+    if not feeds:
+        raise BuildError(f"{io.component}: OpenVINO int8 needs recorded calibration feeds (UNet inputs of fp32 "
+                         "sampling runs): build with `latentrt build`, which records them, or pass calibration=")
+    names = set(io.input_names)
+    missing = [n for n in io.input_names if any(n not in f for f in feeds)]
+    if missing:
+        raise BuildError(f"{io.component}: the calibration feeds lack input(s) {', '.join(missing)}")
+    data = [{k: np.asarray(v) for k, v in f.items() if k in names} for f in feeds]
+    return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), model_type=nncf.ModelType.TRANSFORMER)
+
+
+def prepare_ov_engine(src: Path, dest: Path, io: ComponentIO, *, precision: Precision, threads: int | None,
+                      feeds: Sequence[Mapping[str, np.ndarray]] = (), verify: bool = True) -> dict[str, Any]:
+    """Write `dest/model.xml` + `model.bin` from the ONNX file `src`; return the manifest's `openvino` fields."""
+    import openvino as ov
+
+    if precision not in OV_PRECISIONS:
+        raise BuildError(f"unknown precision {precision.value!r} for OpenVINO; choose "
+                         f"{', '.join(p.value for p in OV_PRECISIONS)}")
+    dest.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = convert_onnx(src)
+    if precision == Precision.INT8:
+        model = quantize_int8(model, feeds, io)
+    for stale in (dest / MODEL, dest / WEIGHTS):
+        stale.unlink(missing_ok=True)
+    ov.save_model(model, str(dest / MODEL), compress_to_fp16=False)
+    info: dict[str, Any] = {"version": ov.__version__, "inference_precision": INFERENCE_PRECISION[precision],
+                            "ir_weights": "int8 (NNCF)" if precision == Precision.INT8 else "fp32",
+                            "performance_hint": PERFORMANCE_HINT, "threads": threads or 0,
+                            "prepare_s": round(time.perf_counter() - start, 3)}
+    if precision == Precision.INT8:
+        info["nncf"] = nncf_version()
+    if verify:
+        info["check"] = verify_ov_engine(src, dest / MODEL, io, precision=precision, threads=threads)
+    return info
+
+
+def verify_ov_engine(src: Path, engine: Path, io: ComponentIO, *, precision: Precision,
+                     threads: int | None) -> dict[str, Any]:
+    """Compile the IR as the runtime does and compare it with the source ONNX graph (ONNX Runtime) on the same
+    random inputs; BuildError on mismatch."""
+    import onnxruntime as ort
+    import openvino as ov
+
+    sizes = check_sizes(io)
+    feed = dummy_inputs(io, sizes, seed=0)
+    session = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    reference = {n: np.asarray(y) for n, y in zip(io.output_names, session.run(io.output_names, feed))}
+    try:
+        compiled = ov.Core().compile_model(str(engine), "CPU",
+                                           compile_config(INFERENCE_PRECISION[precision], threads))
+        result = compiled.create_infer_request().infer(feed)
+        got = {n: np.asarray(result[compiled.output(n)]) for n in io.output_names}
+    except Exception as e:
+        raise BuildError(f"{io.component}: the OpenVINO engine {engine} does not run: {e}") from None
+    report = compare(got, reference, TOLERANCE[precision], context=f"at {dict(sizes)}")
+    worst = report.worst
+    if worst is not None and not report.ok:
+        raise BuildError(f"{io.component}: OpenVINO {precision.value} engine output '{worst.name}' differs from the "
+                         f"source graph by max |diff| {worst.max_abs_diff:.3g} (tolerance {worst.limit:.3g}) "
+                         f"{report.context}")
+    return {"ran": True, "sizes": dict(sizes), "tolerance_rtol": TOLERANCE[precision].rtol,
+            "max_abs_diff": {t.name: t.max_abs_diff for t in report.tensors}}
