@@ -27,6 +27,9 @@ class FamilyId(str, Enum):
     SDXL_REFINER = "sdxl-refiner"
     SDXL_TURBO = "sdxl-turbo"
     SD_TURBO = "sd-turbo"
+    # issue 12, H3: SD 2 depth-to-image and the SD x4 upscaler
+    SD2_DEPTH = "sd2-depth"
+    SD_X4_UPSCALER = "sd-x4-upscaler"
 
 
 class Prediction(str, Enum):
@@ -195,6 +198,9 @@ class ConcatInput:
     name: str
     channels: int | str  # a number, or "latent_channels"
     provider: str  # runtime provider key
+    # issue 12 (H3): the piece is made from the request's image, which then conditions the UNet instead of being
+    # an img2img init (the x4 upscaler's low-res image: latents at the image's size, the output f times larger)
+    from_image: bool = False
 
 
 @dataclass(frozen=True)
@@ -244,6 +250,16 @@ CLASS_LABEL = ConditioningInput(names.CLASS_LABELS, names.CLASS_LABELS_KEYWORD, 
                                 tiny_config=(("num_class_embeds", 10),))
 MASK = ConcatInput(names.MASK, 1, "inpaint_mask")  # 1 = repaint, at latent resolution
 MASKED_IMAGE_LATENTS = ConcatInput(names.MASKED_IMAGE_LATENTS, "latent_channels", "masked_image_latents")
+# ---- issue 12 (H3): depth maps, the x4 upscaler's noise level and noised low-res image, generic maps
+# the request's depth map (PNG/NPY), resized bicubically to latent resolution and normalized to [-1, 1] per image
+DEPTH_MAP = ConcatInput(names.DEPTH_MAP, 1, "depth_map")
+# the low-res image, noised by the pipeline's low_res_scheduler at the request's noise level (3 channels, [-1, 1])
+LOW_RES_IMAGE = ConcatInput(names.LOW_RES_IMAGE, 3, "noised_low_res_image", from_image=True)
+# the x4 upscaler embeds that noise level as its class label (a plain embedding table of num_class_embeds rows)
+NOISE_LEVEL = ConditioningInput(names.CLASS_LABELS, names.CLASS_LABELS_KEYWORD, "noise_level", dtype="int64",
+                                high="unet:num_class_embeds", unet_config=(("class_embed_type", None),),
+                                tiny_config=(("num_class_embeds", 1000),))
+
 BUILTIN_CONDITIONING = (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_TARGET, TIME_IDS_SIZE_CROP_AESTHETIC, GUIDANCE_EMBEDDING,
                         CLASS_LABEL)
 TIME_IDS_KINDS = {TIME_IDS_SIZE_CROP_TARGET.provider: TimeIds.SIZE_CROP_TARGET,  # by provider key
@@ -332,6 +348,11 @@ class FamilySpec:
         return self.sampling.guidance > 1.0
 
     @property
+    def image_conditioned(self) -> bool:
+        """Whether a concatenated piece is made from the request's image (no img2img: the x4 upscaler)."""
+        return any(c.from_image for c in self.denoiser.concat)
+
+    @property
     def takes_mask(self) -> bool:
         """Whether the denoiser takes a mask piece: its requests give an init image and a mask (inpainting mode)."""
         return self.denoiser.takes(MASK.name)
@@ -380,6 +401,14 @@ _XL_VAE = AutoencoderSpec(scaling_factor=0.13025)
 _SD2_WIDTHS = ReferenceWidths(attention_heads=5)  # SD 2.x / SD-Turbo: attention_head_dim 5, 10, 20, 20
 _XL_WIDTHS = ReferenceWidths(attention_factor=2, attention_heads=10)  # SDXL: no attention at full resolution
 _INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
+# issue 12 (H3): SD 2 depth-to-image (eps, OpenCLIP-H, 4 latent + 1 depth channels); the x4 upscaler (v, OpenCLIP-H,
+# 4 latent + 3 low-res image channels, noise-level class labels, an f = 4 VAE scaled by 0.08333, DDIM 75 steps,
+# guidance 9, betas 1e-4..2e-2 scaled_linear as its scheduler_config.json)
+_SD_DEPTH = DenoiserSpec(Prediction.EPS, (CONTEXT, GUIDANCE_EMBEDDING), (DEPTH_MAP,))
+_SD_UPSCALER = DenoiserSpec(Prediction.V, (CONTEXT, NOISE_LEVEL), (LOW_RES_IMAGE,))
+_UPSCALER_VAE = AutoencoderSpec(AutoencoderKind.KL, factor=4, latent_channels=4, scaling_factor=0.08333)
+_UPSCALER_STEPS = SamplingDefaults(SamplerId.DDIM, 75, 9.0, Spacing.LEADING)
+_UPSCALER_SCHEDULE = NoiseSchedule(beta_start=0.0001, beta_end=0.02)
 _XL_PIPELINE = "StableDiffusionXLPipeline"
 
 # keyed by `spec.id`: FamilyId members are str enums, so FAMILIES["sd1"] finds FamilyId.SD1's spec
@@ -418,6 +447,15 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
         FamilySpec(FamilyId.SD_TURBO, "SD-Turbo", (_OPENCLIP_H,), _SD_EPS, (512, 512), _B512, _TURBO,
                    min_turbo_steps_x_strength=1.0, fp32_attention=True, pipeline_fixes_scheduler=True,
                    reference_widths=_SD2_WIDTHS, reference_repo="stabilityai/sd-turbo"),
+        # issue 12 (H3)
+        FamilySpec(FamilyId.SD2_DEPTH, "Stable Diffusion 2 depth-to-image", (_OPENCLIP_H,), _SD_DEPTH, (512, 512),
+                   _B512, _SD_STEPS, fp32_attention=True, reference_widths=_SD2_WIDTHS,
+                   pipeline_class="StableDiffusionDepth2ImgPipeline", reference_repo="stabilityai/stable-diffusion-2-depth"),
+        FamilySpec(FamilyId.SD_X4_UPSCALER, "Stable Diffusion x4 upscaler", (_OPENCLIP_H,), _SD_UPSCALER, (512, 512),
+                   _B512, _UPSCALER_STEPS, _UPSCALER_VAE, _UPSCALER_SCHEDULE, fp32_attention=True,
+                   reference_widths=ReferenceWidths(attention_factor=2, attention_heads=8, unet_channels=256),
+                   pipeline_class="StableDiffusionUpscalePipeline", pipeline_options=(("max_noise_level", 350),),
+                   reference_repo="stabilityai/stable-diffusion-x4-upscaler"),
     )
 }
 

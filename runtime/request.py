@@ -227,8 +227,10 @@ def resolve(request: GenerationRequest, engines: EngineSet) -> tuple[ResolvedReq
     if mask is not None and image is not None and mask.size != image.size:
         raise InvalidRequest(f"the mask is {mask.size[1]}x{mask.size[0]} (HxW) but the image is "
                              f"{image.size[1]}x{image.size[0]}; give a mask of the image's size")
-    if image is not None and (image.size[1], image.size[0]) != (height, width) and not notes:
-        notes.append(f"resized the {image.size[1]}x{image.size[0]} init image to {height}x{width} (HxW)")
+    scale = engines.vae_scale_factor if spec.image_conditioned else 1  # issue 12 (H3): the image at latent size
+    if image is not None and (image.size[1] * scale, image.size[0] * scale) != (height, width) and not notes:
+        notes.append(f"resized the {image.size[1]}x{image.size[0]} {'low-res' if scale > 1 else 'init'} image to "
+                     f"{height // scale}x{width // scale} (HxW)")
     seed = random.SystemRandom().randrange(2**32) if request.seed is None else int(request.seed)
     if not 0 <= seed < 2**64:
         raise InvalidRequest(f"seed must be in [0, 2^64), got {seed}")
@@ -264,6 +266,11 @@ def resolve_mode(spec: FamilySpec, image: Image.Image | None, mask: Image.Image 
         if image is not None or mask is not None:
             raise InvalidRequest("give either latents or an init image, not both")
         return Mode.CONTINUE
+    if spec.image_conditioned:  # issue 12 (H3): the image conditions the UNet (x4 upscaler), no img2img
+        if image is None or mask is not None:
+            raise InvalidRequest(f"{spec.name} is conditioned on an image (it upscales it): give the image "
+                                 "(--image) and no mask")
+        return Mode.TXT2IMG
     if spec.takes_mask:
         if image is None or mask is None:
             raise InvalidRequest(f"{spec.name} is an inpainting model: give an init image and a mask")
@@ -323,7 +330,8 @@ def resolve_size(engines: EngineSet, request: GenerationRequest, image: Image.Im
         notes.append(f"aspect {request.aspect} -> bucket {format_size(bucket)} (HxW)")
         return bucket
     if image is not None:
-        size = (image.size[1], image.size[0])
+        scale = f if engines.spec.image_conditioned else 1  # issue 12 (H3): latents at the image's size
+        size = (image.size[1] * scale, image.size[0] * scale)
         if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
             valid = nearest_valid(size, PIXEL_MULTIPLE, pixel_ranges(engines))[0]
             notes.append(f"resized the {format_size(size)} init image to {format_size(valid)} (HxW; sides must "

@@ -30,9 +30,11 @@ from latentrt.tensors import ComponentIO, Dim, TensorSpec, dummy_inputs, io_from
 # one tiny checkpoint per UNet graph structure (tiny:sd1-lcm adds the LCM guidance embedding `timestep_cond`)
 SLOW = pytest.mark.slow  # ~15-30 s each on 2 cores; the SDXL ones (the reported crash) always run
 UNET_MODELS = ["tiny:sdxl", "tiny:sdxl-refiner", pytest.param("tiny:sd1", marks=SLOW),
-               pytest.param("tiny:sd1-inpaint", marks=SLOW), pytest.param("tiny:sd1-lcm", marks=SLOW)]
+               pytest.param("tiny:sd1-inpaint", marks=SLOW), pytest.param("tiny:sd1-lcm", marks=SLOW),
+               pytest.param("tiny:sd2-depth", marks=SLOW), pytest.param("tiny:sd-x4-upscaler", marks=SLOW)]
 STRUCTURE_OF = {"tiny:sd1": "sd1", "tiny:sd1-inpaint": "sd1-inpaint", "tiny:sdxl": "sdxl",
-                "tiny:sdxl-refiner": "sdxl-refiner", "tiny:sd1-lcm": "sd1"}
+                "tiny:sdxl-refiner": "sdxl-refiner", "tiny:sd1-lcm": "sd1",
+                "tiny:sd2-depth": "sd2-depth", "tiny:sd-x4-upscaler": "sd-x4-upscaler"}  # issue 12 (H3)
 
 
 def unet_structure(spec: FamilySpec) -> tuple[object, ...]:

@@ -32,14 +32,16 @@ REAL_WIDTHS = {
     FamilyId.SD2_V: ((1024,), 0), FamilyId.SD2_INPAINT: ((1024,), 0), FamilyId.SD_TURBO: ((1024,), 0),
     FamilyId.SDXL: ((768, 1280), 1280), FamilyId.SDXL_TURBO: ((768, 1280), 1280),
     FamilyId.SDXL_REFINER: ((1280,), 1280),
+    FamilyId.SD2_DEPTH: ((1024,), 0), FamilyId.SD_X4_UPSCALER: ((1024,), 0),  # issue 12 (H3)
 }
+REAL_UNET_CONFIG: dict[FamilyId | str, dict[str, int]] = {FamilyId.SD_X4_UPSCALER: {"num_class_embeds": 1000}}  # noise levels (issue 12)
 
 
 def real_dims(spec: FamilySpec) -> ModelDims:
     hidden, pooled = REAL_WIDTHS[spec.id]
     return ModelDims(text_hidden=hidden, pooled_dim=pooled, context_dim=sum(hidden),
-                     unet_in_channels=spec.unet_in_channels, latent_channels=4, vae_scale_factor=8,
-                     time_ids=spec.time_ids.width)
+                     unet_in_channels=spec.unet_in_channels, latent_channels=4, vae_scale_factor=spec.vae_scale_factor,
+                     time_ids=spec.time_ids.width, unet_config=REAL_UNET_CONFIG.get(spec.id, {}))
 
 
 def all_ios() -> list[tuple[str, ComponentIO]]:
@@ -111,7 +113,8 @@ def test_image_sides_are_the_vae_factor_times_latent_sides() -> None:
     for fid, spec in FAMILIES.items():
         io = component_ios(spec, real_dims(spec))["vae_decoder"]
         sizes = {"batch": 2, "latent_height": 16, "latent_width": 24}
-        assert shapes(io, sizes) == {"latent": (2, 4, 16, 24), "images": (2, 3, 128, 192)}, fid
+        f = spec.vae_scale_factor  # 8, the x4 upscaler's 4 (issue 12)
+        assert shapes(io, sizes) == {"latent": (2, 4, 16, 24), "images": (2, 3, 16 * f, 24 * f)}, fid
 
 
 def test_buckets() -> None:
@@ -131,7 +134,8 @@ def test_family_facts_are_data() -> None:
     assert {f for f, s in FAMILIES.items() if s.fp16_vae_overflows} == {
         FamilyId.SDXL, FamilyId.SDXL_REFINER, FamilyId.SDXL_TURBO}
     assert {f for f, s in FAMILIES.items() if s.fp32_attention} == {
-        FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO}
+        FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO, FamilyId.SD2_DEPTH,
+        FamilyId.SD_X4_UPSCALER}  # issue 12 (H3): both are SD 2 UNets
     repos = [s.reference_repo for s in FAMILIES.values()]
     assert all(r and r.count("/") == 1 for r in repos) and len(set(repos)) == len(repos)
 
