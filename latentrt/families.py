@@ -33,6 +33,9 @@ class FamilyId(str, Enum):
     LDM_SUPER_RES = "ldm-super-res"
     # issue 12 (H2): original latent diffusion, text-to-image
     LDM_TEXT2IMG = "ldm-text2img"
+    # issue 12, H3: SD 2 depth-to-image and the SD x4 upscaler
+    SD2_DEPTH = "sd2-depth"
+    SD_X4_UPSCALER = "sd-x4-upscaler"
 
 
 class Prediction(str, Enum):
@@ -284,6 +287,16 @@ CLASS_LABEL = ConditioningInput(names.CLASS_LABELS, names.CLASS_LABELS_KEYWORD, 
                                 tiny_config=(("num_class_embeds", 10),))
 MASK = ConcatInput(names.MASK, 1, "inpaint_mask")  # 1 = repaint, at latent resolution
 MASKED_IMAGE_LATENTS = ConcatInput(names.MASKED_IMAGE_LATENTS, "latent_channels", "masked_image_latents")
+# ---- issue 12 (H3): depth maps, the x4 upscaler's noise level and noised low-res image, generic maps
+# the request's depth map (PNG/NPY), resized bicubically to latent resolution and normalized to [-1, 1] per image
+DEPTH_MAP = ConcatInput(names.DEPTH_MAP, 1, "depth_map")
+# the low-res image, noised by the pipeline's low_res_scheduler at the request's noise level (3 channels, [-1, 1])
+NOISED_LOW_RES_IMAGE = ConcatInput(names.LOW_RES_IMAGE, 3, "noised_low_res_image", request_image=True)
+# the x4 upscaler embeds that noise level as its class label (a plain embedding table of num_class_embeds rows)
+NOISE_LEVEL = ConditioningInput(names.CLASS_LABELS, names.CLASS_LABELS_KEYWORD, "noise_level", dtype="int64",
+                                high="unet:num_class_embeds", unet_config=(("class_embed_type", None),),
+                                tiny_config=(("num_class_embeds", 1000),))
+
 BUILTIN_CONDITIONING = (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_TARGET, TIME_IDS_SIZE_CROP_AESTHETIC, GUIDANCE_EMBEDDING,
                         CLASS_LABEL)
 
@@ -392,6 +405,11 @@ class FamilySpec:
         return self.sampling.guidance > 1.0
 
     @property
+    def image_conditioned(self) -> bool:
+        """Whether a concatenated piece is made from the request's image (no img2img: the x4 upscaler)."""
+        return self.denoiser.image_piece is not None
+
+    @property
     def takes_mask(self) -> bool:
         """Whether the denoiser takes a mask piece: its requests give an init image and a mask (inpainting mode)."""
         return self.denoiser.takes(MASK.name)
@@ -442,6 +460,14 @@ _XL_VAE = AutoencoderSpec(scaling_factor=0.13025)
 _SD2_WIDTHS = ReferenceWidths(attention_heads=5)  # SD 2.x / SD-Turbo: attention_head_dim 5, 10, 20, 20
 _XL_WIDTHS = ReferenceWidths(attention_factor=2, attention_heads=10)  # SDXL: no attention at full resolution
 _INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
+# issue 12 (H3): SD 2 depth-to-image (eps, OpenCLIP-H, 4 latent + 1 depth channels); the x4 upscaler (v, OpenCLIP-H,
+# 4 latent + 3 low-res image channels, noise-level class labels, an f = 4 VAE scaled by 0.08333, DDIM 75 steps,
+# guidance 9, betas 1e-4..2e-2 scaled_linear as its scheduler_config.json)
+_SD_DEPTH = DenoiserSpec(Prediction.EPS, (CONTEXT, GUIDANCE_EMBEDDING), (DEPTH_MAP,))
+_SD_UPSCALER = DenoiserSpec(Prediction.V, (CONTEXT, NOISE_LEVEL), (NOISED_LOW_RES_IMAGE,))
+_UPSCALER_VAE = AutoencoderSpec(AutoencoderKind.KL, factor=4, latent_channels=4, scaling_factor=0.08333)
+_UPSCALER_STEPS = SamplingDefaults(SamplerId.DDIM, 75, 9.0, Spacing.LEADING)
+_UPSCALER_SCHEDULE = NoiseSchedule(beta_start=0.0001, beta_end=0.02)
 _XL_PIPELINE = "StableDiffusionXLPipeline"
 
 # keyed by `spec.id`: FamilyId members are str enums, so FAMILIES["sd1"] finds FamilyId.SD1's spec
@@ -486,6 +512,15 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
                    DenoiserSpec(Prediction.EPS, (CONTEXT,)), (256, 256), scaled_buckets(256),
                    SamplingDefaults(SamplerId.DDIM, 50, 6.0, Spacing.LEADING),
                    pipeline_class="LDMTextToImagePipeline", reference_repo="CompVis/ldm-text2im-large-256"),
+        # issue 12 (H3)
+        FamilySpec(FamilyId.SD2_DEPTH, "Stable Diffusion 2 depth-to-image", (_OPENCLIP_H,), _SD_DEPTH, (512, 512),
+                   _B512, _SD_STEPS, fp32_attention=True, reference_widths=_SD2_WIDTHS,
+                   pipeline_class="StableDiffusionDepth2ImgPipeline", reference_repo="stabilityai/stable-diffusion-2-depth"),
+        FamilySpec(FamilyId.SD_X4_UPSCALER, "Stable Diffusion x4 upscaler", (_OPENCLIP_H,), _SD_UPSCALER, (512, 512),
+                   _B512, _UPSCALER_STEPS, _UPSCALER_VAE, _UPSCALER_SCHEDULE, fp32_attention=True,
+                   reference_widths=ReferenceWidths(attention_factor=2, attention_heads=8, unet_channels=256),
+                   pipeline_class="StableDiffusionUpscalePipeline", pipeline_options=(("max_noise_level", 350),),
+                   reference_repo="stabilityai/stable-diffusion-x4-upscaler"),
     )
 }
 

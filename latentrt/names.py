@@ -19,7 +19,8 @@ TIMESTEP_COND = "timestep_cond"  # guidance-scale embedding of LCM-distilled UNe
 CLASS_LABELS = "class_labels"  # UNet: one integer class per row (config `num_class_embeds`)
 MASK = "mask"  # inpainting UNets: 1 = repaint, at latent resolution (concatenated to the latents)
 MASKED_IMAGE_LATENTS = "masked_image_latents"  # inpainting UNets: latents of the kept image (concatenated)
-LOW_RES_IMAGE = "low_res_image"  # issue 12, H1: LDM super-resolution: the low-res image in [-1, 1] (concatenated)
+LOW_RES_IMAGE = "low_res_image"  # issue 12, H1: LDM super-resolution, x4 upscaler: the (noised) low-res image in [-1, 1] (concatenated)
+DEPTH_MAP = "depth_map"  # depth-to-image UNets: the depth map at latent resolution (concatenated), issue 12
 OUT_SAMPLE = "out_sample"  # UNet: noise / v prediction out
 IMAGES = "images"  # VAE encoder in, VAE decoder out: pixels in [-1, 1]
 LATENT_PARAMETERS = "latent_parameters"  # KL VAE encoder out: posterior mean and log-variance

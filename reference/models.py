@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 TINY_PREFIX = "tiny:"
 MODEL_PARTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 HASHED_PARTS = ("model_index.json", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "vae",
-                "scheduler", "bert", "vqvae")  # bert, vqvae: the latent diffusion pipelines' names (reference/parts.py)
+                "scheduler", "bert", "vqvae",  # bert, vqvae: the latent diffusion pipelines' names (reference/parts.py)
+                "low_res_scheduler")  # the x4 upscaler's (issue 12)
 HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.safetensors", "*/*.txt", "*/*.json"]
 
 
@@ -209,7 +210,8 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
         time_ids=time_ids.width if time_ids is not None and isinstance(time_ids.width, int) else 0,
         unet_config={key: optional_int(key) for c in spec.denoiser.conditioning for key in c.config_keys},
         extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim"),
-               "unet_attention": unet_attention(unet), "unet_channels": unet_blocks[0], "vae_channels": vae_blocks[0]},
+               "unet_attention": unet_attention(unet), "unet_channels": unet_blocks[0], "vae_channels": vae_blocks[0],
+               **pipeline_extra(folder)},
     )
     problems = mismatches(spec, folder_facts(folder, model_index(folder)), towers=False)
     problems += [f"{c.name} needs a non-zero {c.width}" for c in spec.denoiser.conditioning  # "unet:<key>": above
@@ -218,6 +220,30 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
     if problems:
         raise CheckpointError(f"{folder} does not fit family {spec.name}: {'; '.join(problems)}")
     return dims
+
+
+# ---- issue 12 (H3): pipeline facts beyond the model parts
+
+
+LOW_RES_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def pipeline_extra(folder: Path) -> dict[str, Any]:
+    """The x4 upscaler's low-res noise schedule (its `low_res_scheduler` config) and `max_noise_level`; {} without."""
+    if not (folder / "low_res_scheduler").is_dir():
+        return {}
+    where = str(folder / "low_res_scheduler" / "scheduler_config.json")
+    config = read_json(folder / "low_res_scheduler" / "scheduler_config.json", "scheduler")
+    schedule = config.get("beta_schedule", "linear")
+    if schedule not in LOW_RES_SCHEDULES:
+        raise CheckpointError(f"{where}: beta_schedule {schedule!r} is not one of {', '.join(LOW_RES_SCHEDULES)}")
+    betas = {k: config.get(k, d) for k, d in (("beta_start", 0.0001), ("beta_end", 0.02))}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1 for v in betas.values()):
+        raise CheckpointError(f"{where}: beta_start / beta_end must be numbers in (0, 1), got {betas}")
+    limit = read_json(folder / "model_index.json", "pipeline").get("max_noise_level", 350)
+    return {"low_res_schedule": {**betas, "beta_schedule": schedule,
+                                 "num_train_timesteps": config_int(config, "num_train_timesteps", where, 1000)},
+            "max_noise_level": config_int({"max_noise_level": limit}, "max_noise_level", str(folder / "model_index.json"))}
 
 
 def runtime_info(spec: FamilySpec, folder: Path, index: dict[str, Any], sched: dict[str, Any]) -> dict[str, Any]:

@@ -128,6 +128,7 @@ class TinyUNetLayout:
 
 _XL_LAYOUT = TinyUNetLayout(attention_level=1, transformer_layers_per_block=(1, 2))
 UNET_LAYOUTS: dict[str, TinyUNetLayout] = {"sdxl": _XL_LAYOUT, "sdxl-turbo": _XL_LAYOUT, "sdxl-refiner": _XL_LAYOUT}
+UNET_LAYOUTS["sd-x4-upscaler"] = TinyUNetLayout(attention_level=1)  # issue 12 (H3): no attention at full resolution
 
 
 def _blocks(attends: bool, level: int, kind: str) -> tuple[str, str]:
@@ -289,6 +290,7 @@ def make_tiny(family: str, folder: Path) -> Path:
         unet=make_unet(spec, context_dim, pooled_dim, SEED + 10, dict(variant.unet if variant else ())),
         vae=make_vae(spec, SEED + 20), scheduler=make_scheduler(spec, variant), **encoders, **tokenizers,
     )
+    parts.update(pipeline_parts(spec))  # issue 12 (H3): parts the pipeline class owns besides the model
     from .models import quiet_progress
 
     with quiet_progress():
@@ -297,6 +299,24 @@ def make_tiny(family: str, folder: Path) -> Path:
     if variant is None:  # distilled releases ship their own scheduler's config
         _add_released_scheduler_keys(folder / "scheduler" / "scheduler_config.json")
     return folder
+
+
+# ---- issue 12 (H3): parts a pipeline class owns besides the model parts, keyed by the class
+def _upscaler_parts() -> dict[str, Any]:
+    """StableDiffusionUpscalePipeline's `low_res_scheduler`: the DDPM schedule that noises the low-res image."""
+    from diffusers import DDPMScheduler
+
+    return {"low_res_scheduler": DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+                                               beta_schedule="scaled_linear", clip_sample=False)}
+
+
+PIPELINE_PARTS = {"StableDiffusionUpscalePipeline": _upscaler_parts}
+
+
+def pipeline_parts(spec: FamilySpec) -> dict[str, Any]:
+    """The extra parts of the family's pipeline class (none for most)."""
+    make = PIPELINE_PARTS.get(spec.pipeline_class)
+    return make() if make is not None else {}
 
 
 def _add_released_scheduler_keys(path: Path) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from latentrt.choices import Backend, values
 from latentrt.families import SamplerId
 
-from .condition_values import is_condition_value, load_sequences
+from .condition_values import is_condition_value
 
 SAMPLERS = tuple(s.value for s in SamplerId)  # each maps to a diffusers scheduler class (runtime/scheduler_config.py)
 
@@ -48,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     parser.add_argument("--condition", type=condition, action="append", default=[], metavar="NAME=VALUE",
                         help="a conditioning value other than text, e.g. class_labels=3 (class-conditional "
-                             "models); VALUE: a number, a comma-separated list (one per image slot), JSON, or a "
-                             ".npy file of token sequences ((tokens, width) or (slots, tokens, width)); "
-                             "negative_NAME=VALUE sets the unconditional half of guidance; repeatable")
+                             "models), depth_map=depth.png|.npy (depth-to-image), noise_level=20 (x4 upscaler), "
+                             "encoder_hidden_states=boxes.npy (token sequences: (tokens, width) or (slots, tokens, "
+                             "width)); VALUE: a number, a comma-separated list (one per image slot), JSON, or a "
+                             ".png/.npy file read by the input's provider; negative_NAME=VALUE sets the unconditional half of guidance; repeatable")
     parser.add_argument("--batch", type=int, default=1,
                         help="prompts per batch (the prompt, or without one each --condition value, repeated)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
@@ -60,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--refiner", metavar="DIR", help="SDXL refiner engines: the base hands over its latents")
     parser.add_argument("--denoising-end", type=float,
                         help="with --refiner: fraction of the schedule the base runs before the refiner (default 0.8)")
+    parser.add_argument("--tile", type=int, metavar="PX",
+                        help="image-conditioned models (x4 upscaler): upscale --image in overlapping tiles of PX x PX "
+                             "input pixels, blended linearly over the overlap (latentrt.runtime.tiles)")
+    parser.add_argument("--tile-overlap", type=int, default=None, metavar="PX",
+                        help="with --tile: input pixels adjacent tiles share (default: a quarter of --tile)")
     parser.add_argument("--backend", choices=values(Backend), help="default: what DIR was built for")
     parser.add_argument("--config", help="with --backend torch and a single .safetensors file: a local diffusers "
                                          "folder of the same family whose configs and tokenizers describe it, or "
@@ -76,18 +82,16 @@ def _number(text: str) -> int | float:
         return float(text)
 
 
-def condition(text: str) -> tuple[str, Any]:
-    """An argparse type: NAME=VALUE with VALUE a number, a comma-separated list of numbers, JSON of those, or a
-    `.npy` file of token sequences (a list of (tokens, width) matrices)."""
+MAP_FILES = (".png", ".npy")  # --condition NAME=FILE: a map input (depth_map=depth.png), read by its provider
+
+
+def condition(text: str) -> tuple[str, int | float | list[int | float] | str]:
+    """An argparse type: NAME=VALUE with VALUE a number, a comma-separated list of numbers or JSON of those,
+    or a .png/.npy file path for a map input (depth maps, semantic maps)."""
     name, sep, raw = text.partition("=")
     name, raw = name.strip(), raw.strip()
     if not sep or not name.isidentifier() or not raw:
         raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE (e.g. class_labels=3)")
-    if raw.lower().endswith(".npy"):  # issue 12 (H2): token sequences from a file (latentrt.runtime.token_sequence)
-        try:
-            return name, load_sequences(raw)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{name}: {e}") from None
     try:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
@@ -95,9 +99,11 @@ def condition(text: str) -> tuple[str, Any]:
             value = [_number(item.strip()) for item in raw.split(",")] if "," in raw else _number(raw)
         except ValueError:
             value = raw
+    if isinstance(value, str) and value.lower().endswith(MAP_FILES):  # issue 12 (H3): a map input's file
+        return name, value
     if not is_condition_value(value):
         raise argparse.ArgumentTypeError(f"{name}={raw[:60]!r}: VALUE must be a number, a comma-separated list of "
-                                         "numbers (e.g. 3,7) or a JSON list of numbers")
+                                         "numbers (e.g. 3,7), a JSON list of numbers or a .png/.npy map file")
     return name, value
 
 
@@ -185,6 +191,8 @@ def request_from_args(args: argparse.Namespace) -> Any:
     if args.denoising_end is not None and not args.refiner:
         raise InvalidRequest("--denoising-end sets where the base hands over to --refiner; without a refiner the "
                              "image would be left partly denoised: add --refiner DIR or drop --denoising-end")
+    if args.tile_overlap is not None and args.tile is None:
+        raise InvalidRequest("--tile-overlap sets how much the tiles of --tile share: add --tile PX")
     conditioning = conditioning_from_args(args)
     prompt = args.prompt if args.prompt is None or args.batch == 1 else [args.prompt] * args.batch
     return GenerationRequest(
@@ -215,12 +223,22 @@ def run(args: argparse.Namespace) -> int:
     bar = StepBar(args.progress)
     try:
         check_prompt_given(args, pipe.spec)
-        pipe.check(request)  # bad settings and sizes beyond memory are refused before anything runs
+        if args.tile is not None:  # issue 12 (H3): the tile settings and the first tile are checked instead
+            from latentrt.runtime.tiles import check_tiled
+
+            check_tiled(pipe, request, args.tile, args.tile_overlap)
+        else:
+            pipe.check(request)  # bad settings and sizes beyond memory are refused before anything runs
         if args.prompt is None:  # the image count follows the --condition lists: the pipeline counts them
             checked_output_paths(args.output, pipe.resolve(request)[0].batch)
         for line in pipe.engines.describe():
             print(f"engine: {line}")
-        result = pipe.generate(request, callback=bar)
+        if args.tile is not None:  # issue 12 (H3)
+            from latentrt.runtime.tiles import generate_tiled
+
+            result = generate_tiled(pipe, request, args.tile, args.tile_overlap, callback=bar)
+        else:
+            result = pipe.generate(request, callback=bar)
     finally:
         bar.close()
         pipe.close()

@@ -51,7 +51,7 @@ from .denoisers import Model, guided
 from .engine_set import EngineSet, check_refiner, load_engines
 from .images import float_to_pil, image_to_tensor, mask_to_tensor, tensor_to_float
 from .plan import SamplingPlan, StepHook, plan_from_scheduler_config
-from .providers import FeedContext, concat_channels, conditioning_feed, runs_cfg
+from .providers import FeedContext, concat_channels, conditioning_feed, prepare_concat, runs_cfg
 from .request import (  # noqa: F401 (re-exported: the request API has always been importable from here)
     DEFAULT_IMG2IMG_STRENGTH,
     PIXEL_MULTIPLE,
@@ -253,9 +253,12 @@ class Pipeline:
         cfg = runs_cfg(self.spec, es["unet"].io, s.guidance)
         text = self._encode_prompts(s, cfg, timer) if self.spec.text_encoders else None
         shape = self.latent_shape(s.batch, s.height, s.width)
-        x, images, blend = self._initial(s, plan, noise, timer, shape)
         info = es.dims.extra if es.dims else {}
-        model = self._unet_model(FeedContext(s, cfg, info, text, shape, self.device, images=images), timer)
+        # issue 12 (H3): pieces drawn before the initial latents (the x4 upscaler's noised low-res image)
+        prepared = prepare_concat(self.spec, FeedContext(s, cfg, info, text, shape, self.device), noise)
+        x, images, blend = self._initial(s, plan, noise, timer, shape)
+        model = self._unet_model(FeedContext(s, cfg, info, text, shape, self.device, images={**prepared, **images}),
+                                 timer)
         out = plan.run(model, x, noise, callback=_step_callback(callback, plan), after_step=blend)
         return out, plan.sampler.value
 

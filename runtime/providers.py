@@ -59,6 +59,10 @@ class FeedContext:
 
 Build = Callable[[Any, FeedContext], torch.Tensor]  # (ConditioningInput | ConcatInput, context) -> rows
 Check = Callable[[Any, FeedContext], None]  # InvalidRequest for a request the provider cannot serve
+# issue 12 (H3): (input, context, the seeded noise) -> a tensor made before the initial latents are drawn (the x4
+# upscaler's noised low-res image: its noise comes first in diffusers' order); the pipeline passes it on in
+# FeedContext.images under the input's name
+Prepare = Callable[[Any, FeedContext, Any], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -69,15 +73,16 @@ class Provider:
     check: Check | None = None  # runs while the request is resolved, before any work
     request_keys: tuple[str, ...] = ()  # GenerationRequest.conditioning keys it reads ("{name}" = the input's)
     embeds_guidance: bool = False  # the input carries the guidance scale itself: no CFG batch (LCM)
+    prepare: Prepare | None = None  # issue 12 (H3): runs before the initial latents (see `Prepare`)
 
 
 PROVIDERS: dict[str, Provider] = {}
 
 
 def register_provider(key: str, build: Build, *, check: Check | None = None, request_keys: tuple[str, ...] = (),
-                      embeds_guidance: bool = False) -> Provider:
+                      embeds_guidance: bool = False, prepare: Prepare | None = None) -> Provider:
     """Add the provider for inputs whose spec names `key` (ConditioningInput / ConcatInput `provider`)."""
-    provider = Provider(build, check, request_keys, embeds_guidance)
+    provider = Provider(build, check, request_keys, embeds_guidance, prepare)
     if key in PROVIDERS and PROVIDERS[key] != provider:
         raise ValueError(f"a different provider {key!r} is already registered")
     PROVIDERS[key] = provider
@@ -139,6 +144,16 @@ def concat_channels(spec: FamilySpec, ctx: FeedContext) -> torch.Tensor | None:
     """The pieces concatenated to the latents on the channel axis (rows, sum of channels, h, w); None without."""
     pieces = [provider_for(c, spec).build(c, ctx) for c in spec.denoiser.concat]
     return torch.cat(pieces, dim=1) if pieces else None
+
+
+def prepare_concat(spec: FamilySpec, ctx: FeedContext, noise: Any) -> dict[str, torch.Tensor]:
+    """Issue 12 (H3): the concatenated pieces whose providers prepare them before the initial latents, by name."""
+    out: dict[str, torch.Tensor] = {}
+    for c in spec.denoiser.concat:
+        prepare = provider_for(c, spec).prepare
+        if prepare is not None:
+            out[c.name] = prepare(c, ctx, noise)
+    return out
 
 
 # ---------------------------------------------------------------------------- text
@@ -298,4 +313,6 @@ register_provider("inpaint_mask", inpaint_mask)
 register_provider("masked_image_latents", masked_image_latents)
 
 # issue 12 (H2): a token sequence through cross-attention (the `token_sequence` provider registers on import)
+# issue 12 (H3): depth maps, generic concatenated maps, the x4 upscaler's noise level and low-res image
+from . import providers_maps  # noqa: E402, F401  (registers its providers; it imports this module)
 from . import token_sequence as _token_sequence  # noqa: E402,F401

@@ -15,6 +15,7 @@ The width is the UNet's cross_attention_dim, the token count 1..the input's `tok
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,7 @@ from latentrt.families import ConditioningInput
 from latentrt.tensors import Dim
 
 from .backends.base import TORCH_DTYPES
+from .condition_values import load_sequences
 from .providers import FeedContext, register_provider
 
 
@@ -41,6 +43,11 @@ def sequences(inp: ConditioningInput, key: str, ctx: FeedContext) -> np.ndarray:
     """conditioning[key] as float32 (slots, tokens, width), checked; InvalidRequest naming `key`."""
     value: Any = ctx.request.conditioning.get(key)
     slots = len(ctx.request.prompts)
+    if isinstance(value, (str, os.PathLike)):  # a .npy file named on the CLI (the server takes numbers only)
+        try:
+            value = load_sequences(os.fspath(value))
+        except ValueError as e:
+            raise InvalidRequest(f"conditioning['{key}']: {e}") from None
     try:
         array = np.asarray(value, dtype=np.float32)
     except (TypeError, ValueError):

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from latentrt.families import get_family
 from latentrt.manifest import MANIFEST, ONNX_KIND, SCHEMA, atomic_write_json, sha256_tree
-from latentrt.tensors import ComponentIO, ModelDims, TensorSpec, component_ios, io_to_json
+from latentrt.tensors import ComponentIO, ModelDims, Scaled, TensorSpec, component_ios, io_to_json
 
 OPSET = 18
 IR_VERSION = 9  # onnx 1.23 defaults to IR 14, which ONNX Runtime 1.32 rejects
@@ -30,9 +30,12 @@ def fake_dims(family: str) -> ModelDims:
     spec = get_family(family)
     hidden: tuple[int, ...] = tuple(12 if te.pooled else 8 for te in spec.text_encoders)
     context = sum(hidden)  # SDXL concatenates both encoders' hidden states
+    # the UNet config values non-optional inputs read (the x4 upscaler's noise-level count, issue 12): a tiny UNet's
+    unet_config = {k: dict((*c.unet_config, *c.tiny_config)).get(k, 10) for c in spec.denoiser.conditioning
+                   if not c.optional for k in c.config_keys}
     return ModelDims(text_hidden=hidden, pooled_dim=6 if spec.has_pooled else 0, context_dim=context,
-                     unet_in_channels=spec.unet_in_channels, latent_channels=4, vae_scale_factor=8,
-                     time_ids=spec.time_ids.width)
+                     unet_in_channels=spec.unet_in_channels, latent_channels=4, vae_scale_factor=spec.vae_scale_factor,
+                     time_ids=spec.time_ids.width, unet_config=unet_config)
 
 
 def _value_info(t: TensorSpec) -> onnx.ValueInfoProto:
@@ -86,9 +89,14 @@ def _unet_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[Any], l
         helper.make_node("Add", ["a1", "ctx4"], ["a2"], name="/add_ctx"),
     ]
     last = "a2"
-    for extra in io.inputs[3:]:  # SDXL text_embeds / time_ids
-        nodes += [helper.make_node("ReduceMean", [extra.name, "axes1"], [f"{extra.name}_m"], keepdims=0,
-                                   name=f"/add_embedding/{extra.name}/ReduceMean"),
+    for extra in io.inputs[3:]:  # SDXL text_embeds / time_ids; one value per row (class labels, issue 12)
+        if len(extra.shape) == 1:
+            nodes.append(helper.make_node("Cast", [extra.name], [f"{extra.name}_m"], to=onnx.TensorProto.FLOAT,
+                                          name=f"/add_embedding/{extra.name}/Cast"))
+        else:
+            nodes.append(helper.make_node("ReduceMean", [extra.name, "axes1"], [f"{extra.name}_m"], keepdims=0,
+                                          name=f"/add_embedding/{extra.name}/ReduceMean"))
+        nodes += [
                   helper.make_node("Mul", [f"{extra.name}_m", "t_scale"], [f"{extra.name}_s"],
                                    name=f"/add_embedding/{extra.name}/Mul"),
                   helper.make_node("Reshape", [f"{extra.name}_s", "shape_b111"], [f"{extra.name}_4"],
@@ -100,11 +108,18 @@ def _unet_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[Any], l
     return nodes, inits
 
 
+def _factor(t: TensorSpec) -> int:
+    """The VAE factor of an image tensor (its Scaled height axis): 8, the x4 upscaler's 4 (issue 12)."""
+    axis = t.shape[2]
+    return axis.factor if isinstance(axis, Scaled) else 8
+
+
 def _vae_encoder_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[Any], list[Any]]:
     cout = io.outputs[0].shape[1]
+    f = _factor(io.inputs[0])
     assert isinstance(cout, int)
     inits = [_const("enc_w", rng.standard_normal((cout, 3, 1, 1)).astype(np.float32) * 0.5)]
-    nodes = [helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[8, 8], strides=[8, 8],
+    nodes = [helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[f, f], strides=[f, f],
                               name="/encoder/AveragePool"),
              helper.make_node("Conv", ["pooled", "enc_w"], ["latent_parameters"], name="/quant_conv/Conv")]
     return nodes, inits
@@ -115,7 +130,7 @@ def _vae_decoder_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[
     assert isinstance(cin, int)
     inits = [_const("dec_w", rng.standard_normal((3, cin, 1, 1)).astype(np.float32) * 0.5),
              _const("roi", np.array([], np.float32)),
-             _const("scales", np.array([1, 1, 8, 8], np.float32))]
+             _const("scales", np.array([1, 1, _factor(io.outputs[0]), _factor(io.outputs[0])], np.float32))]
     nodes = [helper.make_node("Conv", ["latent", "dec_w"], ["small"], name="/post_quant_conv/Conv"),
              helper.make_node("Resize", ["small", "roi", "scales"], ["big"], mode="nearest", name="/decoder/Resize"),
              helper.make_node("Tanh", ["big"], ["images"], name="/decoder/Tanh")]

@@ -34,7 +34,9 @@ REAL_WIDTHS = {
     FamilyId.SDXL_REFINER: ((1280,), 1280),
     FamilyId.LDM: ((), 0), FamilyId.LDM_CLASS_COND: ((), 0), FamilyId.LDM_SUPER_RES: ((), 0),  # issue 12: no text
     FamilyId.LDM_TEXT2IMG: ((1280,), 0),  # issue 12 (H2): LDM-BERT d_model 1280 (ldm-text2im-large-256)
+    FamilyId.SD2_DEPTH: ((1024,), 0), FamilyId.SD_X4_UPSCALER: ((1024,), 0),  # issue 12 (H3)
 }
+REAL_UNET_CONFIG: dict[FamilyId | str, dict[str, int]] = {FamilyId.SD_X4_UPSCALER: {"num_class_embeds": 1000}}  # noise levels (issue 12)
 
 
 def real_dims(spec: FamilySpec) -> ModelDims:
@@ -42,7 +44,9 @@ def real_dims(spec: FamilySpec) -> ModelDims:
     classes = 1001 if spec.denoiser.takes("class_labels") else 0  # ImageNet's 1000 and the null class
     return ModelDims(text_hidden=hidden, pooled_dim=pooled, context_dim=sum(hidden),
                      unet_in_channels=spec.unet_in_channels, latent_channels=spec.latent_channels,
-                     vae_scale_factor=spec.vae_scale_factor, time_ids=spec.time_ids.width, num_class_embeds=classes)
+                     vae_scale_factor=spec.vae_scale_factor, time_ids=spec.time_ids.width,
+                     num_class_embeds=REAL_UNET_CONFIG.get(spec.id, {}).get("num_class_embeds", classes),
+                     unet_config=REAL_UNET_CONFIG.get(spec.id, {}))
 
 
 def all_ios() -> list[tuple[str, ComponentIO]]:
@@ -139,7 +143,8 @@ def test_family_facts_are_data() -> None:
     assert {f for f, s in FAMILIES.items() if s.fp16_vae_overflows} == {
         FamilyId.SDXL, FamilyId.SDXL_REFINER, FamilyId.SDXL_TURBO}
     assert {f for f, s in FAMILIES.items() if s.fp32_attention} == {
-        FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO}
+        FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO, FamilyId.SD2_DEPTH,
+        FamilyId.SD_X4_UPSCALER}  # issue 12 (H3): both are SD 2 UNets
     # every family with a diffusers pipeline has a reference checkpoint (class-conditional LDM has neither)
     repos = [s.reference_repo for s in FAMILIES.values() if s.pipeline_class != "DiffusionPipeline"]
     assert all(r and r.count("/") == 1 for r in repos) and len(set(repos)) == len(repos)
