@@ -39,6 +39,7 @@ from latentrt.manifest import (
 )
 from latentrt.manifest_checks import sealed
 from latentrt.outputs import check_replaceable, link_tree, output_lock, removed_if_failed, written_files
+from latentrt.step_cache import MANIFEST_KEY as STEP_CACHE
 from latentrt.tensors import PROMPT_WINDOWS, io_to_json
 
 from .build_int8 import (
@@ -422,4 +423,5 @@ def engine_manifest(export: OnnxExport, plan: ProfilePlan, opts: BuildOptions, g
         "plan": builder.plan_info(plan),
         "components": dict(components),
         "files": dict(files),
+        **({STEP_CACHE: export.manifest[STEP_CACHE]} if STEP_CACHE in export.manifest else {}),  # unet_shallow's split
     }

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="skip the ONNX Runtime vs PyTorch parity check")
     parser.add_argument("--components", help="comma-separated subset, e.g. unet,vae_decoder")
+    parser.add_argument("--step-cache", action="store_const", const=1, default=None,
+                        help="also export what `latentrt generate --step-cache N` needs (DeepCache, arXiv:2312.00858): "
+                             "the UNet returns the feature entering its last up block, plus a unet_shallow component")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace another model's export (or another LatentRT artifact) in OUTPUT; without it, "
                              "an export of the same model is updated. A folder holding anything LatentRT did "
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         out = export_model(args.model, args.output, family=args.family, opset=args.opset, dynamo=args.dynamo,
                            verify=args.verify, components=components, overwrite=args.overwrite, config=args.config,
+                           step_cache=args.step_cache,
                            progress=lambda line: print(line, flush=True))
     manifest = read_manifest(out)
     total_mb = sum(c["size_mb"] for c in manifest["components"].values())

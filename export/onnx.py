@@ -59,6 +59,7 @@ from latentrt.reference.models import (
     locate_checkpoint,
 )
 from latentrt.reference.wrappers import wrap
+from latentrt.step_cache import SHALLOW
 from latentrt.tensors import (
     DIM_BATCH,
     DIM_LATENT_HEIGHT,
@@ -77,6 +78,10 @@ from latentrt.tensors import (
     io_to_json,
     shape_of,
 )
+
+from .step_cache import check_components as check_step_cache_components
+from .step_cache import manifest_record as step_cache_record
+from .step_cache import step_cache_parts
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +300,8 @@ def check_output(out: Path, ref: CheckpointRef, overwrite: bool) -> dict[str, An
 def export_model(model: str | Path, out_dir: str | Path, *, family: str | None = None, opset: int = 17,
                  dynamo: bool = False, verify: bool = True, components: Sequence[str] | None = None,
                  progress: Progress | None = None, overwrite: bool = False,
-                 external_data_mb: float = EXTERNAL_DATA_MB, config: str | Path | None = None) -> Path:
+                 external_data_mb: float = EXTERNAL_DATA_MB, config: str | Path | None = None,
+                 step_cache: int | None = None) -> Path:
     """Export a checkpoint (tiny:<family>, diffusers folder, hub id, single file) to ONNX under `out_dir`.
 
     Returns `out_dir`.
@@ -313,6 +319,8 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
         external_data_mb: weights above this size go into `model.onnx.data` beside `model.onnx`.
         config: for a single original-layout `.safetensors` file, the diffusers folder (or hub id) of the
             same family whose configs describe it (see `latentrt.reference.single_file`).
+        step_cache: the DeepCache branch depth (1): export the UNet with its deep feature and `unet_shallow`
+            (`latentrt.export.step_cache`); None: the plain UNet.
     """
     if dynamo and isinstance(opset, int) and not isinstance(opset, bool) and opset < DYNAMO_MIN_OPSET:
         log.info("dynamo exporter: raising opset %d to %d", opset, DYNAMO_MIN_OPSET)
@@ -322,33 +330,39 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
     out = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." has no name to stage or lock beside
     with removed_if_failed(out.parent):  # a failed export leaves no folder the user did not have
         _export_locked(model, out, family, config, components, overwrite, opset, dynamo, verify, external_data_mb,
-                       say)
+                       say, step_cache)
     say(f"wrote {out}")
     return out
 
 
 def _export_locked(model: str | Path, out: Path, family: str | None, config: str | Path | None,
                    components: Sequence[str] | None, overwrite: bool, opset: int, dynamo: bool, verify: bool,
-                   external_data_mb: float, say: Progress) -> None:
+                   external_data_mb: float, say: Progress, step_cache: int | None = None) -> None:
     """The export proper: checks, then staging and swap while holding the output folder's lock."""
     check_writable(out.parent)  # the export is staged beside `out` and swapped in: `out` is created only then
     check_checkpoint(model)
     ref = locate_checkpoint(model, family, config)
     check_checkpoint(ref.folder)
     wanted = _select(ref, components)
+    check_step_cache_components(step_cache, wanted)
     with output_lock(out):
         previous = check_output(out, ref, overwrite)
         say(f"loading {ref.source} ({ref.folder})")
         loaded = load_checkpoint(ref)
+        split, parts = step_cache_parts(loaded, step_cache) if step_cache is not None else (None, {})
+        if parts:  # the step-cached UNet replaces the plain one; its shallow part follows it
+            wanted = [c for name in wanted for c in ([name, SHALLOW] if name in parts else [name])]
         say(f"family {loaded.spec.name} ({loaded.spec.title}); exporting {', '.join(wanted)}")
         with staging_dir(out) as stage:
             entries = {}
             for i, name in enumerate(wanted, 1):
                 entries[name] = _export_one(loaded, name, stage, opset=opset, dynamo=dynamo, verify=verify,
-                                            external_data_mb=external_data_mb, say=say, step=f"[{i}/{len(wanted)}]")
+                                            external_data_mb=external_data_mb, say=say, step=f"[{i}/{len(wanted)}]",
+                                            part=parts.get(name))
             entries.update(_keep_previous(previous, entries, out, stage))
             files = _copy_support_files(loaded, stage)
-            _publish(stage, out, _manifest(loaded, opset, dynamo, entries, files, stage))
+            record = step_cache_record(split, entries, previous)
+            _publish(stage, out, _manifest(loaded, opset, dynamo, entries, files, stage) | record)
 
 
 def _select(ref: CheckpointRef, components: Sequence[str] | None) -> list[str]:
@@ -363,9 +377,10 @@ def _select(ref: CheckpointRef, components: Sequence[str] | None) -> list[str]:
 
 
 def _export_one(loaded: LoadedModel, name: str, stage: Path, *, opset: int, dynamo: bool, verify: bool,
-                external_data_mb: float, say: Progress, step: str) -> dict[str, Any]:
-    io = loaded.ios()[name]
-    module = wrap(name, loaded)
+                external_data_mb: float, say: Progress, step: str,
+                part: tuple[torch.nn.Module, ComponentIO] | None = None) -> dict[str, Any]:
+    """Export, check and describe one component: the family's own wrapper, or `part` (module, IO) when given."""
+    module, io = part if part is not None else (wrap(name, loaded), loaded.ios()[name])
     say(f"{step} {name} …")
     start = time.perf_counter()
     try:
@@ -402,6 +417,8 @@ def _keep_previous(previous: Mapping[str, Any] | None, entries: Mapping[str, Any
     """A partial re-export of the same model keeps the components it did not redo (hard-linked into `stage`)."""
     kept = {}
     for name, entry in (previous or {}).get("components", {}).items():
+        if name == SHALLOW and "unet" in entries:  # the shallow part belongs to the UNet it was split from
+            continue
         if name not in entries and (out / entry["path"]).is_file():
             link_tree(out / name, stage / name)
             kept[name] = entry
@@ -410,7 +427,7 @@ def _keep_previous(previous: Mapping[str, Any] | None, entries: Mapping[str, Any
 
 def _manifest(loaded: LoadedModel, opset: int, dynamo: bool, entries: Mapping[str, Any], files: dict[str, str],
               stage: Path) -> dict[str, Any]:
-    order = [c for c in loaded.spec.components if c in entries]
+    order = [c for c in (*loaded.spec.components, SHALLOW) if c in entries]
     return sealed({
         "kind": ONNX_KIND, "schema": SCHEMA, "family": loaded.spec.name,
         "source": {"model": loaded.source, "sha256": loaded.source_sha256},

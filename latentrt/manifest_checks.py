@@ -29,6 +29,7 @@ from .families import FamilySpec, get_family
 from .manifest import MANIFEST, ONNX_KIND
 from .names import ENCODER_HIDDEN_STATES_KEYWORD, TEXT_EMBEDS, TIME_IDS
 from .paths import inside, relative_path
+from .step_cache import SHALLOW, expected_ios, spec_from_manifest
 from .tensors import DTYPES, ComponentIO, Dim, ModelDims, Scaled, component_ios, dims_value, io_from_json
 
 SEAL = "seal"
@@ -80,12 +81,14 @@ def check_manifest(folder: Path, data: Mapping[str, Any]) -> None:
     components = data.get("components")
     if not isinstance(components, dict) or not components:
         raise check.fail(f"'components' should be a non-empty JSON object, found {type(components).__name__}")
-    unknown = [c for c in components if c not in spec.components]
+    step_cache = spec_from_manifest(data)  # an export with step caching adds unet_shallow (latentrt.step_cache)
+    known = [*spec.components, *([SHALLOW] if step_cache is not None else [])]
+    unknown = [c for c in components if c not in known]
     check.require(not unknown, f"lists component(s) {', '.join(map(repr, unknown))}, which family {spec.name} "
-                               f"does not have (it has {', '.join(spec.components)})")
+                               f"does not have (it has {', '.join(known)})")
     _files(check, folder, spec, data.get("files") or {})
     dims = _dims(check, spec, (data.get("model") or {}).get("dims"))
-    expected = component_ios(spec, dims) if dims is not None else {}
+    expected = expected_ios(component_ios(spec, dims), step_cache) if dims is not None else {}
     for name, entry in components.items():
         _component(check, folder, name, entry, expected.get(name), spec)
     written = data.get("written")

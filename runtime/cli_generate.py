@@ -58,6 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", help="init image (img2img, inpainting)")
     parser.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8; inpainting 1.0)")
     parser.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
+    parser.add_argument("--step-cache", type=int, default=1, metavar="N",
+                        help="DeepCache (arXiv:2312.00858): a full UNet pass every N steps, the shallow part on its "
+                             "cached deep feature in between (engines from `latentrt export --step-cache`, or "
+                             "--backend torch); default 1: off")
     parser.add_argument("--refiner", metavar="DIR", help="SDXL refiner engines: the base hands over its latents")
     parser.add_argument("--denoising-end", type=float,
                         help="with --refiner: fraction of the schedule the base runs before the refiner (default 0.8)")
@@ -200,7 +204,7 @@ def request_from_args(args: argparse.Namespace) -> Any:
         sampler=args.sampler, width=args.width, height=args.height, aspect=args.aspect, seed=args.seed,
         num_images_per_prompt=args.num_images, image=args.image, strength=args.strength, mask=args.mask,
         denoising_end=args.denoising_end, guidance_rescale=args.guidance_rescale,
-        prompt_weighting=args.prompt_weighting, conditioning=conditioning)
+        prompt_weighting=args.prompt_weighting, conditioning=conditioning, step_cache=args.step_cache)
 
 
 def check_prompt_given(args: argparse.Namespace, spec: Any) -> None:

@@ -35,6 +35,7 @@ from latentrt.manifest import (
 )
 from latentrt.names import DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH
 from latentrt.paths import TINY_PREFIX, check_checkpoint, inside
+from latentrt.step_cache import SHALLOW
 from latentrt.tensors import ComponentIO, ModelDims, io_from_json
 
 from .backends.base import Engine
@@ -221,7 +222,8 @@ def _components(path: Path, manifest: dict[str, Any], spec: FamilySpec) -> dict[
     if missing:
         raise MissingComponent(f"{path / MANIFEST} lists no {', '.join(missing)} (family {spec.name} needs "
                                f"{', '.join(spec.components)}); re-run the export/build")
-    return {c: entries[c] for c in spec.components}
+    addons = [SHALLOW] if SHALLOW in entries else []  # `latentrt export --step-cache` (latentrt.step_cache)
+    return {c: entries[c] for c in (*spec.components, *addons)}
 
 
 _HASH_CACHE: dict[tuple[str, tuple[tuple[str, int, int, int], ...]], str] = {}

@@ -66,6 +66,7 @@ from .request import (  # noqa: F401 (re-exported: the request API has always be
 )
 from .samplers import SeededNoise
 from .scheduler_config import pipeline_fixes
+from .step_cache import OFF, CachedUNet, check_step_cache, step_cache_engines
 from .timing import StageTimer, TimingRecord
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,8 @@ class Pipeline:
                                  "every step; the refiner does not: inpaint without --refiner")
         if refiner is not None and settings.denoising_end is None:
             settings.denoising_end = DEFAULT_REFINER_SWITCH
+        if refiner is not None and settings.step_cache != OFF:
+            step_cache_engines(refiner.engines)  # the refiner caches too: refused before the base runs
         decode = settings.output_type is OutputType.PIL
         self.check_memory(settings, refiner, decode=decode)
         noise = SeededNoise(settings.seed, self.device)
@@ -275,6 +278,7 @@ class Pipeline:
         plan = plan_from_scheduler_config(self.engines.scheduler_config, s.sampler, s.steps, strength=s.strength,
                                           denoising_start=s.denoising_start, denoising_end=s.denoising_end,
                                           pipeline_fixes_scheduler=fixes)
+        check_step_cache(s.step_cache, plan, self.engines)
         if self._blends(s):
             plan.check_step_edits(f"inpainting with {self.spec.name} (no mask input: the image is blended back "
                                 "after every step, as diffusers does)")
@@ -354,12 +358,14 @@ class Pipeline:
         engine = self.engines["unet"]
         static = {k: v.to(engine.device) for k, v in conditioning_feed(self.spec, engine.io, ctx).items()}
         extra = concat_channels(self.spec, ctx)  # (rows, channels, h, w) or None
+        interval = ctx.request.step_cache
+        cached = CachedUNet(*step_cache_engines(self.engines), interval, timer) if interval != OFF else None
 
         def unet(x: torch.Tensor, t: float) -> torch.Tensor:
             sample = x if extra is None else torch.cat([x, extra], dim=1)
             feed = {SAMPLE: sample.to(engine.device),
                     TIMESTEP: torch.full((x.shape[0],), t, dtype=torch.float32, device=engine.device), **static}
-            out = engine.run(feed, timer)[OUT_SAMPLE]
+            out = engine.run(feed, timer)[OUT_SAMPLE] if cached is None else cached(feed)
             return out.to(x.device)
 
         return guided(unet, ctx.request.guidance, ctx.request.guidance_rescale) if ctx.cfg else unet

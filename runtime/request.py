@@ -40,6 +40,7 @@ from .images import ImageInput, load_image
 from .plan import check_fraction
 from .providers import check_conditioning, runs_cfg
 from .scheduler_config import parse_sampler
+from .step_cache import check_interval
 
 if TYPE_CHECKING:
     from .engine_set import EngineSet
@@ -79,6 +80,7 @@ class GenerationRequest:
     # values of conditioning inputs other than text, keyed by UNet input name: {"class_labels": 3} or one
     # per prompt ({"class_labels": [3, 7]}); "negative_<name>" gives the value of the unconditional CFG half
     conditioning: dict[str, Any] = field(default_factory=dict)
+    step_cache: int = 1  # DeepCache interval N: a full UNet pass every N steps, shallow ones between (1: off)
 
 
 @dataclass
@@ -106,6 +108,7 @@ class ResolvedRequest:
     prompt_weighting: bool = False
     conditioning: dict[str, Any] = field(default_factory=dict)
     output_type: OutputType = OutputType.PIL
+    step_cache: int = 1  # a full UNet pass every N steps (runtime/step_cache.py; 1: off)
 
     @property
     def batch(self) -> int:
@@ -126,6 +129,8 @@ class ResolvedRequest:
         if self.conditioning:  # arrays (token sequences given through the API) as nested lists: JSON-able
             out["conditioning"] = {k: v.tolist() if isinstance(v, (np.ndarray, torch.Tensor)) else v
                                    for k, v in self.conditioning.items()}
+        if self.step_cache != 1:
+            out["step_cache"] = self.step_cache
         return out
 
 
@@ -238,7 +243,8 @@ def resolve(request: GenerationRequest, engines: EngineSet) -> tuple[ResolvedReq
                                int(request.num_images_per_prompt), mode, strength, request.denoising_start,
                                request.denoising_end, request.sizes, image, mask, request.latents,
                                guidance_rescale(request.guidance_rescale), bool(request.prompt_weighting),
-                               dict(request.conditioning), output_type(request.output_type))
+                               dict(request.conditioning), output_type(request.output_type),
+                               check_interval(request.step_cache))
     check_batch(engines, settings)
     check_conditioning(spec, engines["unet"].io, settings, engines.dims.extra if engines.dims else {})
     return settings, notes
