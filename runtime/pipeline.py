@@ -67,6 +67,7 @@ from .request import (  # noqa: F401 (re-exported: the request API has always be
 from .samplers import SeededNoise
 from .scheduler_config import pipeline_fixes
 from .timing import StageTimer, TimingRecord
+from .unclip import image_condition
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +254,9 @@ class Pipeline:
         cfg = runs_cfg(self.spec, es["unet"].io, s.guidance)
         text = self._encode_prompts(s, cfg, timer) if self.spec.text_encoders else None
         shape = self.latent_shape(s.batch, s.height, s.width)
+        embeds = image_condition(es, s, noise, timer)  # issue 12 (H4): drawn before the latents, as diffusers
         x, images, blend = self._initial(s, plan, noise, timer, shape)
+        images = {**images, **embeds}
         info = es.dims.extra if es.dims else {}
         model = self._unet_model(FeedContext(s, cfg, info, text, shape, self.device, images=images), timer)
         out = plan.run(model, x, noise, callback=_step_callback(callback, plan), after_step=blend)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,7 @@ REAL_WIDTHS = {
     FamilyId.SD2_V: ((1024,), 0), FamilyId.SD2_INPAINT: ((1024,), 0), FamilyId.SD_TURBO: ((1024,), 0),
     FamilyId.SDXL: ((768, 1280), 1280), FamilyId.SDXL_TURBO: ((768, 1280), 1280),
     FamilyId.SDXL_REFINER: ((1280,), 1280),
+    FamilyId.SD2_UNCLIP: ((1024,), 0),  # issue 12: Stable unCLIP-H
 }
 
 
@@ -39,7 +41,12 @@ def real_dims(spec: FamilySpec) -> ModelDims:
     hidden, pooled = REAL_WIDTHS[spec.id]
     return ModelDims(text_hidden=hidden, pooled_dim=pooled, context_dim=sum(hidden),
                      unet_in_channels=spec.unet_in_channels, latent_channels=4, vae_scale_factor=8,
-                     time_ids=spec.time_ids.width)
+                     time_ids=spec.time_ids.width, **real_image_dims(spec))
+
+
+def real_image_dims(spec: FamilySpec) -> dict[str, Any]:
+    """issue 12: unCLIP-H's image side (ViT-H/14 at 224 px, 1024-wide embeddings, 1000 noise levels)."""
+    return {"image_size": 224, "image_embed_dim": 1024, "image_noise_levels": 1000} if spec.image_encoder else {}
 
 
 def all_ios() -> list[tuple[str, ComponentIO]]:
@@ -131,7 +138,8 @@ def test_family_facts_are_data() -> None:
     assert {f for f, s in FAMILIES.items() if s.fp16_vae_overflows} == {
         FamilyId.SDXL, FamilyId.SDXL_REFINER, FamilyId.SDXL_TURBO}
     assert {f for f, s in FAMILIES.items() if s.fp32_attention} == {
-        FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO}
+        FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO,
+        FamilyId.SD2_UNCLIP}  # issue 12: an SD 2.1 UNet
     repos = [s.reference_repo for s in FAMILIES.values()]
     assert all(r and r.count("/") == 1 for r in repos) and len(set(repos)) == len(repos)
 
