@@ -405,6 +405,8 @@ def _export_one(loaded: LoadedModel, name: str, stage: Path, *, opset: int, dyna
 def _copy_support_files(loaded: LoadedModel, stage: Path) -> dict[str, str]:
     """Copy the tokenizers and the scheduler config so the runtime needs only the export folder."""
     names = [te.tokenizer for te in loaded.spec.text_encoders] + ["scheduler"]
+    if loaded.spec.image_encoder is not None:  # issue 12 (H4): the image processor (resize, crop, normalize)
+        names.append(loaded.spec.image_encoder.processor)
     out = {}
     for name in names:
         shutil.copytree(loaded.folder / name, stage / name, dirs_exist_ok=True)

@@ -36,6 +36,8 @@ class FamilyId(str, Enum):
     # issue 12, H3: SD 2 depth-to-image and the SD x4 upscaler
     SD2_DEPTH = "sd2-depth"
     SD_X4_UPSCALER = "sd-x4-upscaler"
+    # issue 12 (H4): Stable unCLIP
+    SD2_UNCLIP = "sd2-unclip"
 
 
 class Prediction(str, Enum):
@@ -127,6 +129,21 @@ class TextEncoderSpec:
     hidden_state: HiddenState  # which hidden state feeds the UNet context
     pooled: bool  # also gives the pooled projection (SDXL's `text_embeds`)
     tower: TextTower  # which pretrained text model it is
+
+
+@dataclass(frozen=True)
+class ImageEncoderSpec:
+    """A CLIP image tower conditioning the UNet on an image embedding (Stable unCLIP; Ramesh et al. 2022).
+
+    Two exported components: `component` (pixel_values -> image_embeds, the processor's crop) and
+    `noising` (the embedding noise-augmented at a noise level, ++ that level's timestep embedding).
+    """
+
+    component: str = "image_encoder"  # folder / component: transformers CLIPVisionModelWithProjection
+    processor: str = "feature_extractor"  # folder: transformers CLIPImageProcessor (resize, crop, normalize)
+    normalizer: str = "image_normalizer"  # folder: diffusers StableUnCLIPImageNormalizer (embedding mean / std)
+    noising_scheduler: str = "image_noising_scheduler"  # folder: the DDPM schedule of the noise augmentation
+    noising: str = "image_noising"  # exported component: normalize, add noise, unnormalize, ++ level embedding
 
 
 @dataclass(frozen=True)
@@ -360,6 +377,7 @@ class FamilySpec:
     # issue 12, H1: the pipeline samples the autoencoder's latents unscaled, whatever its config's scaling_factor
     # (LDMSuperResolutionPipeline decodes its latents as they are)
     unscaled_latents: bool = False
+    image_encoder: ImageEncoderSpec | None = None  # issue 12 (H4): an image-embedding condition (Stable unCLIP)
 
     @property
     def name(self) -> str:
@@ -432,7 +450,8 @@ class FamilySpec:
     @property
     def components(self) -> tuple[str, ...]:
         """Exported components in pipeline order."""
-        return tuple(te.component for te in self.text_encoders) + ("unet", "vae_encoder", "vae_decoder")
+        image = () if self.image_encoder is None else (self.image_encoder.component, self.image_encoder.noising)
+        return tuple(te.component for te in self.text_encoders) + image + ("unet", "vae_encoder", "vae_decoder")
 
 
 _CLIP_L = TextEncoderSpec("text_encoder", "tokenizer", HiddenState.LAST, pooled=False, tower=TextTower.CLIP_L)
@@ -551,6 +570,17 @@ for _spec in (
         reference_repo="CompVis/ldm-super-resolution-4x-openimages"),
 ):
     FAMILIES[_spec.id] = _spec
+# ---------------------------------------------------------------------------- issue 12 (H4): Stable unCLIP
+# The noise-augmented CLIP image embedding ++ the noise level's timestep embedding, the UNet's `class_labels` through
+# its "projection" class embedding; its width (2 x the image embedding) is ModelDims.image_condition_dim.
+IMAGE_EMBEDDING = ConditioningInput(names.NOISED_IMAGE_EMBEDS, names.CLASS_LABELS_KEYWORD, "image_embedding",
+                                    width="image_condition_dim", unet_config=(("class_embed_type", "projection"),))
+FAMILIES[FamilyId.SD2_UNCLIP] = FamilySpec(
+    FamilyId.SD2_UNCLIP, "Stable unCLIP 2.1 (image variation, v-prediction, 768)", (_OPENCLIP_H,),
+    DenoiserSpec(Prediction.V, (CONTEXT, IMAGE_EMBEDDING)), (768, 768), _B768,
+    SamplingDefaults(SamplerId.EULER, 20, 10.0, Spacing.LEADING), fp32_attention=True, pipeline_fixes_scheduler=True,
+    reference_widths=_SD2_WIDTHS, pipeline_class="StableUnCLIPImg2ImgPipeline", image_encoder=ImageEncoderSpec(),
+    reference_repo="stabilityai/stable-diffusion-2-1-unclip")
 
 
 def register_family(spec: FamilySpec) -> FamilySpec:

@@ -113,6 +113,7 @@ def _family(check: _Check, family: Any) -> FamilySpec:
 
 def _files(check: _Check, folder: Path, spec: FamilySpec, files: Mapping[str, Any]) -> None:
     known = [te.tokenizer for te in spec.text_encoders] + ["scheduler"]
+    known += [spec.image_encoder.processor] if spec.image_encoder is not None else []  # issue 12 (H4)
     for rel, digest in files.items():
         inside(folder, rel, f"{check.where} files")
         check.require(rel in known, f"lists support file {rel!r}; family {spec.name} has {', '.join(known)}")

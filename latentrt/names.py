@@ -42,3 +42,10 @@ DIM_LATENT_HEIGHT = "latent_height"
 DIM_LATENT_WIDTH = "latent_width"
 DIM_IMAGE_HEIGHT = "image_height"  # the VAE factor times latent_height
 DIM_IMAGE_WIDTH = "image_width"
+
+# ---------------------------------------------------------------------------- issue 12 (H4): Stable unCLIP
+PIXEL_VALUES = "pixel_values"  # image encoder in: the CLIP image processor's normalized crop
+IMAGE_EMBEDS = "image_embeds"  # image encoder out: the projected CLIP image embedding
+NOISE = "noise"  # image noising in: standard normal noise drawn by the runtime (diffusers' draw)
+NOISE_LEVEL = "noise_level"  # image noising in: the noise augmentation timestep (integer)
+NOISED_IMAGE_EMBEDS = "noised_image_embeds"  # image noising out, UNet in: noised embeds ++ noise level embedding

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import names  # issue 12 (H4): the image side's tensor names
 from .buckets import MAX_NATIVE_SIDE, native_size
 from .errors import UnsupportedShape
 from .families import AutoencoderKind, ConditioningInput, FamilySpec, unet_config_key
@@ -281,6 +282,10 @@ class ModelDims:
     extra: dict[str, Any] = field(default_factory=dict)
     # issue 12 (H2): each text encoder's token id bound (its vocabulary), 0 where none is recorded (CLIP)
     text_vocab: tuple[int, ...] = ()
+    # issue 12 (H4): an image encoder (Stable unCLIP); 0 without one
+    image_size: int = 0  # the image processor's square crop (the vision tower's image_size)
+    image_embed_dim: int = 0  # the image encoder's projection width (image_embeds)
+    image_noise_levels: int = 0  # the noise augmentation's num_train_timesteps (noise levels 0 .. n-1)
 
     def __post_init__(self) -> None:
         """Keep the named copies and `unet_config` in step (either may be given); zero values are left out."""
@@ -293,6 +298,11 @@ class ModelDims:
     def unet_value(self, key: str) -> int:
         """A UNet config value a conditioning input declares (0: the checkpoint has none)."""
         return self.unet_config.get(key, 0)
+
+    @property
+    def image_condition_dim(self) -> int:
+        """The noised image embedding ++ its noise level's embedding (Stable unCLIP's UNet class input width)."""
+        return 2 * self.image_embed_dim
 
 
 NAMED_UNET_CONFIG = ("time_cond_proj_dim", "num_class_embeds")  # UNet config keys ModelDims also has as fields
@@ -362,7 +372,25 @@ def component_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
         ios[te.component] = ComponentIO(te.component, (ids,), tuple(outs))
     ios["unet"] = unet_io(spec, m, seq, lh, lw)
     ios["vae_encoder"], ios["vae_decoder"] = vae_ios(spec, m, lh, lw)
+    ios.update(image_ios(spec, m))
     return {c: ios[c] for c in spec.components}
+
+
+# issue 12 (H4): Stable unCLIP
+def image_ios(spec: FamilySpec, m: ModelDims) -> dict[str, ComponentIO]:
+    """The image encoder (pixel_values at the processor's crop -> image_embeds) and the embedding's noising
+    (image_embeds, noise, noise_level -> noised_image_embeds, twice as wide); none without an image encoder."""
+    image = spec.image_encoder
+    if image is None:
+        return {}
+    size, width = m.image_size, m.image_embed_dim
+    embeds = TensorSpec(names.IMAGE_EMBEDS, "float32", (BATCH, width))
+    pixels = TensorSpec(names.PIXEL_VALUES, "float32", (BATCH, 3, size, size))
+    noise = TensorSpec(names.NOISE, "float32", (BATCH, width))
+    level = TensorSpec(names.NOISE_LEVEL, "int64", (BATCH,), high=m.image_noise_levels or None)
+    noised = TensorSpec(names.NOISED_IMAGE_EMBEDS, "float32", (BATCH, m.image_condition_dim))
+    return {image.component: ComponentIO(image.component, (pixels,), (embeds,)),
+            image.noising: ComponentIO(image.noising, (embeds, noise, level), (noised,))}
 
 
 # ---------------------------------------------------------------------------- (de)serialisation

@@ -27,6 +27,7 @@ from latentrt.tensors import ComponentIO, ModelDims, component_ios
 from .parts import folder_name, pipeline_module_class
 from .structure import CheckpointFacts, match_family, mismatches
 from .tiny import tiny_folder
+from .unclip import IMAGE_ENCODER, image_dims, image_parts, image_problems, load_image_parts
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class LoadedModel:
     info: dict[str, Any]  # JSON-able facts for the runtime (VAE scaling, SDXL flags, prediction type, ...)
     source: str  # what the user asked for: a path, a hub id or tiny:<family>
     source_sha256: str = field(default="")
+    parts: dict[str, Any] = field(default_factory=dict)  # issue 12 (H4): parts that are no module (noising scheduler)
 
     def ios(self) -> dict[str, ComponentIO]:
         """The IO description of every exported component."""
@@ -158,6 +160,7 @@ def folder_facts(folder: Path, index: dict[str, Any]) -> CheckpointFacts:
         prediction=_str(sched, "prediction_type", Prediction.EPS.value),
         spacing=_str(sched, "timestep_spacing", Spacing.LEADING.value),
         pipeline_options={k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)},
+        image_encoder=_present(index, folder, IMAGE_ENCODER.component),  # issue 12 (H4)
     )
 
 
@@ -192,6 +195,7 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
     vae_blocks = config_ints(vae, "block_out_channels", vae_where, [0])
     unet_blocks = config_ints(unet, "block_out_channels", unet_where, [320])
     time_ids = spec.denoiser.conditioning_input(TIME_IDS)
+    image = image_dims(spec, folder)  # issue 12 (H4)
 
     def optional_int(key: str) -> int:  # 0 when the config has no such embedding
         return config_int(unet, key, unet_where, 0, minimum=0) if unet.get(key) is not None else 0
@@ -211,9 +215,12 @@ def model_dims(spec: FamilySpec, folder: Path) -> ModelDims:
         unet_config={key: optional_int(key) for c in spec.denoiser.conditioning for key in c.config_keys},
         extra={"unet_sample_size": unet.get("sample_size"), "addition_time_embed_dim": unet.get("addition_time_embed_dim"),
                "unet_attention": unet_attention(unet), "unet_channels": unet_blocks[0], "vae_channels": vae_blocks[0],
-               **pipeline_extra(folder)},
+               **pipeline_extra(folder),
+               **({"image_noise_levels": image["image_noise_levels"]} if image else {})},  # for request checks
+        **image,  # issue 12 (H4): the image encoder's crop and widths
     )
     problems = mismatches(spec, folder_facts(folder, model_index(folder)), towers=False)
+    problems += image_problems(spec, unet, {"image_embed_dim": dims.image_embed_dim})
     problems += [f"{c.name} needs a non-zero {c.width}" for c in spec.denoiser.conditioning  # "unet:<key>": above
                  if isinstance(c.width, str) and unet_config_key(c.width) is None and not c.optional
                  and not getattr(dims, c.width)]
@@ -263,9 +270,10 @@ def runtime_info(spec: FamilySpec, folder: Path, index: dict[str, Any], sched: d
     }
 
 
-def checkpoint_sha256(folder: Path) -> str:
-    """Hash of the files a LatentRT export reads (model_index.json and the used parts' folders)."""
-    return sha256_tree(folder, include=lambda rel: rel.parts[0] in HASHED_PARTS)
+def checkpoint_sha256(folder: Path, extra: tuple[str, ...] = ()) -> str:
+    """Hash of the files a LatentRT export reads (model_index.json, the used parts' folders and `extra` ones)."""
+    parts = HASHED_PARTS + extra
+    return sha256_tree(folder, include=lambda rel: rel.parts[0] in parts)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -375,6 +383,9 @@ def check_folder(folder: Path, family: str | None = None) -> FamilySpec:
         if not _present(index, folder, te.component) or not _present(index, folder, te.tokenizer):
             raise CheckpointError(f"{folder} has no '{te.component}'/'{te.tokenizer}', which family "
                                   f"{spec.name} needs")
+    missing = [p for p in image_parts(spec) if not _present(index, folder, p)]  # issue 12 (H4)
+    if missing:
+        raise CheckpointError(f"{folder} has no {', '.join(map(repr, missing))}, which family {spec.name} needs")
     model_dims(spec, folder)  # raises when the widths do not fit the family
     return spec
 
@@ -395,7 +406,7 @@ def locate_checkpoint(model: str | Path, family: str | None = None,
                               "folder carries its own configs)")
     folder, source = resolve(model)
     spec = check_folder(folder, family)
-    return CheckpointRef(folder, source, spec, checkpoint_sha256(folder))
+    return CheckpointRef(folder, source, spec, checkpoint_sha256(folder, image_parts(spec)))
 
 
 def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None,
@@ -413,7 +424,9 @@ def load_checkpoint(model: str | Path | CheckpointRef, family: str | None = None
     with quiet_progress():
         modules = {p: load_part(folder, index, p) for p in wanted}
         tokenizers = {te.tokenizer: load_part(folder, index, te.tokenizer) for te in spec.text_encoders}
+        image_modules, parts = load_image_parts(spec, folder, index)  # issue 12 (H4)
     log.info("loaded %s as %s from %s", ref.source, spec.name, folder)
-    return LoadedModel(spec=spec, dims=model_dims(spec, folder), folder=folder, modules=modules,
+    return LoadedModel(spec=spec, dims=model_dims(spec, folder), folder=folder, modules={**modules, **image_modules},
                        tokenizers=tokenizers, scheduler_config=dict(sched),
-                       info=runtime_info(spec, folder, index, sched), source=ref.source, source_sha256=ref.sha256)
+                       info=runtime_info(spec, folder, index, sched), source=ref.source, source_sha256=ref.sha256,
+                       parts=parts)

@@ -51,6 +51,7 @@ class CheckpointFacts:
     prediction: str | None = None  # soft facts: rank the families that fit
     spacing: str | None = None
     pipeline_options: Mapping[str, Any] = field(default_factory=dict)
+    image_encoder: bool | None = None  # issue 12 (H4): has an image encoder (Stable unCLIP); None: cannot tell
 
     def knows(self, key: str) -> bool:
         """Whether this source tells the UNet config value `key` (a missing key then means diffusers' default)."""
@@ -88,7 +89,16 @@ def in_channels_parts(spec: FamilySpec, latent_channels: int) -> str:
 
 def mismatches(spec: FamilySpec, f: CheckpointFacts, *, towers: bool = True) -> list[str]:
     """How the checkpoint's structure differs from the family's (empty: it fits); `towers` also compares text towers."""
-    return [*_text_mismatches(spec, f, towers), *_unet_mismatches(spec, f), *_autoencoder_mismatches(spec, f)]
+    return [*_text_mismatches(spec, f, towers), *_unet_mismatches(spec, f), *_autoencoder_mismatches(spec, f),
+            *_image_mismatches(spec, f)]
+
+
+def _image_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
+    """issue 12 (H4): an image encoder where the family declares one (Stable unCLIP); one the family does not use
+    (an IP-Adapter's, in an SD pipeline folder) is harmless."""
+    if spec.image_encoder is None or f.image_encoder is None or f.image_encoder:
+        return []
+    return [f"no image encoder, which family {spec.name} needs"]
 
 
 def _text_mismatches(spec: FamilySpec, f: CheckpointFacts, towers: bool) -> list[str]:

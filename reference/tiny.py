@@ -31,6 +31,7 @@ from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, TIME_IDS
 from .parts import pipeline_part
 from .structure import ADDITION_KEYS, AUTOENCODER_CLASSES
 from .tokenizers import EOS, save_clip_tokenizer
+from .unclip import tiny_image_parts
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +287,11 @@ def make_tiny(family: str, folder: Path) -> Path:
         encoders[te.component] = make_text_encoder(t, te.pooled, tokenizers[te.tokenizer].pad_token_id, SEED + i)
     context_dim = sum(t.hidden for t in texts)
     pooled_dim = next((t.projection for te, t in zip(spec.text_encoders, texts) if te.pooled), 0)
+    image_parts, image_unet = tiny_image_parts(spec, SEED + 30)  # issue 12 (H4): Stable unCLIP's image side
     parts = dict(
-        unet=make_unet(spec, context_dim, pooled_dim, SEED + 10, dict(variant.unet if variant else ())),
+        unet=make_unet(spec, context_dim, pooled_dim, SEED + 10, {**dict(variant.unet if variant else ()), **image_unet}),
         vae=make_vae(spec, SEED + 20), scheduler=make_scheduler(spec, variant), **encoders, **tokenizers,
+        **image_parts,
     )
     parts.update(pipeline_parts(spec))  # issue 12 (H3): parts the pipeline class owns besides the model
     from .models import quiet_progress
@@ -371,7 +374,7 @@ def _save_pipeline(spec: FamilySpec, parts: dict[str, Any], folder: Path, class_
 
 def _pipeline(spec: FamilySpec, cls: Any, params: Mapping[str, inspect.Parameter], parts: dict[str, Any]) -> Any:
     """The diffusers pipeline object that owns these parts (its class goes into model_index.json)."""
-    extra: dict[str, Any] = {k: None for k in ("safety_checker", "feature_extractor") if k in params}
+    extra: dict[str, Any] = {k: None for k in ("safety_checker", "feature_extractor") if k in params and k not in parts}
     extra.update({k: False for k in ("requires_safety_checker", "add_watermarker") if k in params})
     # parts the pipeline requires but the family does not have (the refiner's first text encoder)
     extra.update({k: None for k, p in params.items() if k != "self" and p.default is inspect.Parameter.empty

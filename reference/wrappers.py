@@ -21,6 +21,8 @@ from latentrt.errors import StaleArtifact
 from latentrt.families import UNET_2D, AutoencoderKind, DenoiserSpec, HiddenState, TextEncoderSpec
 from latentrt.names import ENCODER_HIDDEN_STATES_KEYWORD, SAMPLE, TIMESTEP
 
+from .unclip import wrap_image
+
 if TYPE_CHECKING:
     from .models import LoadedModel
 
@@ -153,4 +155,7 @@ def wrap(component: str, loaded: LoadedModel) -> nn.Module:
     vae = VAE_WRAPPERS[spec.autoencoder.kind].get(component)
     if vae is not None:
         return vae(loaded.modules["vae"]).eval()
+    image = wrap_image(component, spec, loaded.modules, loaded.parts)  # issue 12 (H4): Stable unCLIP's image side
+    if image is not None:
+        return image
     raise KeyError(f"{spec.name} has no component {component!r}; it has {', '.join(spec.components)}")

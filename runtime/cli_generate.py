@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1,
                         help="prompts per batch (the prompt, or without one each --condition value, repeated)")
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    parser.add_argument("--image", help="init image (img2img, inpainting)")
+    parser.add_argument("--image", help="init image (img2img, inpainting); the image to vary (sd2-unclip)")
     parser.add_argument("--strength", type=float, help="img2img strength in (0, 1] (default 0.8; inpainting 1.0)")
     parser.add_argument("--mask", help="inpainting mask (white = repaint), same size as --image")
     parser.add_argument("--step-cache", type=int, default=1, metavar="N",
@@ -211,7 +211,7 @@ def check_prompt_given(args: argparse.Namespace, spec: Any) -> None:
     """InvalidRequest naming -p/--prompt when a family conditioned on text gets none."""
     from latentrt.errors import InvalidRequest
 
-    if args.prompt is None and spec.text_encoders:
+    if args.prompt is None and spec.text_encoders and spec.image_encoder is None:  # issue 12: unCLIP takes ""
         raise InvalidRequest(f"{spec.name} is conditioned on text: give a prompt with -p/--prompt")
 
 

@@ -39,6 +39,7 @@ from latentrt.step_cache import SHALLOW
 from latentrt.tensors import ComponentIO, ModelDims, io_from_json
 
 from .backends.base import Engine
+from .unclip import load_image_processor
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class EngineSet:
     engines: dict[str, Engine]
     dims: ModelDims | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
+    image_processor: Any = None  # issue 12 (H4): the CLIP image processor of a family with an image encoder
 
     def __getitem__(self, component: str) -> Engine:
         if component not in self.engines:
@@ -391,7 +393,8 @@ def _assemble(path: Path, manifest: dict[str, Any], kind: str, backend: str, dev
         verify_files(path, dict(manifest.get("files") or {}))
     return EngineSet(folder=path, kind=kind, backend=backend, device=device, spec=spec, info=model,
                      source=source_of(manifest), tokenizers=load_tokenizers(path, spec),
-                     scheduler_config=load_scheduler_config(path), engines=engines, dims=dims, manifest=manifest)
+                     scheduler_config=load_scheduler_config(path), engines=engines, dims=dims, manifest=manifest,
+                     image_processor=load_image_processor(path, spec))
 
 
 def _dims(data: Any) -> ModelDims | None:
@@ -467,7 +470,7 @@ def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[
     return EngineSet(folder=folder or loaded.folder, kind=kind, backend="torch", device=device, spec=loaded.spec,
                      info=dict(loaded.info), source=source, tokenizers=dict(loaded.tokenizers),
                      scheduler_config=dict(loaded.scheduler_config), engines=engines, dims=loaded.dims,
-                     manifest=manifest)
+                     manifest=manifest, image_processor=load_image_processor(loaded.folder, loaded.spec))
 
 
 # ---------------------------------------------------------------------------- pairing

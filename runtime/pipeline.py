@@ -68,6 +68,7 @@ from .samplers import SeededNoise
 from .scheduler_config import pipeline_fixes
 from .step_cache import OFF, CachedUNet, check_step_cache, step_cache_engines
 from .timing import StageTimer, TimingRecord
+from .unclip import image_condition
 
 log = logging.getLogger(__name__)
 
@@ -259,9 +260,10 @@ class Pipeline:
         info = es.dims.extra if es.dims else {}
         # issue 12 (H3): pieces drawn before the initial latents (the x4 upscaler's noised low-res image)
         prepared = prepare_concat(self.spec, FeedContext(s, cfg, info, text, shape, self.device), noise)
+        embeds = image_condition(es, s, noise, timer)  # issue 12 (H4): drawn before the latents, as diffusers
         x, images, blend = self._initial(s, plan, noise, timer, shape)
-        model = self._unet_model(FeedContext(s, cfg, info, text, shape, self.device, images={**prepared, **images}),
-                                 timer)
+        images = {**prepared, **images, **embeds}
+        model = self._unet_model(FeedContext(s, cfg, info, text, shape, self.device, images=images), timer)
         out = plan.run(model, x, noise, callback=_step_callback(callback, plan), after_step=blend)
         return out, plan.sampler.value
 

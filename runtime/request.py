@@ -4,7 +4,8 @@
 sizes the engines cover, decides the mode from what the request gives, and lets each conditioning
 provider validate the request's `conditioning` values, all before any work runs.
 
-Prompts: a family with text encoders needs a prompt. A family without (class-conditional or
+Prompts: a family with text encoders needs a prompt (one with an image encoder, Stable unCLIP, takes
+none as "", as diffusers does). A family without (class-conditional or
 unconditional) ignores a given prompt (noted); its requests have one slot per entry of a list
 `conditioning` value (e.g. {"class_labels": [3, 7]}: two), else one; `num_images_per_prompt`
 images each.
@@ -229,13 +230,14 @@ def resolve(request: GenerationRequest, engines: EngineSet) -> tuple[ResolvedReq
     steps = resolve_steps(spec, request.steps, strength)
     check_fraction("denoising_start", request.denoising_start)
     check_fraction("denoising_end", request.denoising_end)
-    height, width = resolve_size(engines, request, image, notes)
+    init = image if spec.image_encoder is None else None  # issue 12 (H4): an image to vary is no init image
+    height, width = resolve_size(engines, request, init, notes)
     if mask is not None and image is not None and mask.size != image.size:
         raise InvalidRequest(f"the mask is {mask.size[1]}x{mask.size[0]} (HxW) but the image is "
                              f"{image.size[1]}x{image.size[0]}; give a mask of the image's size")
-    if image is not None and (image.size[1], image.size[0]) != (height, width) and not notes \
+    if init is not None and (init.size[1], init.size[0]) != (height, width) and not notes \
             and spec.denoiser.image_piece is None:
-        notes.append(f"resized the {image.size[1]}x{image.size[0]} init image to {height}x{width} (HxW)")
+        notes.append(f"resized the {init.size[1]}x{init.size[0]} init image to {height}x{width} (HxW)")
     seed = random.SystemRandom().randrange(2**32) if request.seed is None else int(request.seed)
     if not 0 <= seed < 2**64:
         raise InvalidRequest(f"seed must be in [0, 2^64), got {seed}")
@@ -253,6 +255,8 @@ def resolve(request: GenerationRequest, engines: EngineSet) -> tuple[ResolvedReq
 def resolve_prompts(spec: FamilySpec, request: GenerationRequest, notes: list[str]) -> list[str]:
     """The request's prompts; for a family without text encoders one "" per conditioning slot (module doc)."""
     if spec.text_encoders:
+        if request.prompt is None and spec.image_encoder is not None:  # issue 12: unCLIP varies the image with ""
+            return [""]
         if request.prompt is None:
             raise InvalidRequest(f"{spec.name} is conditioned on text: give a prompt (a string or a list of strings)")
         return as_list(request.prompt)
@@ -277,6 +281,10 @@ def resolve_mode(spec: FamilySpec, image: Image.Image | None, mask: Image.Image 
         if image is None or mask is not None:
             raise InvalidRequest(f"{spec.name} takes an image as its '{piece.name}' (e.g. the low-res image to "
                                  "upscale): give --image (and no mask)")
+        return Mode.TXT2IMG
+    if spec.image_encoder is not None:  # issue 12 (H4): the image is encoded to a CLIP embedding, not to latents
+        if mask is not None:
+            raise InvalidRequest(f"{spec.name} makes variations of an image; it does not inpaint: drop the mask")
         return Mode.TXT2IMG
     if spec.takes_mask:
         if image is None or mask is None:

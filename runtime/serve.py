@@ -184,7 +184,7 @@ def request_from_json(body: dict[str, Any], limits: ServerLimits = ServerLimits(
 
 def check_prompt_given(request: GenerationRequest, pipeline: Pipeline) -> None:
     """InvalidRequest in the wire's words when a model conditioned on text gets no prompt (others need none)."""
-    if request.prompt is None and pipeline.spec.text_encoders:
+    if request.prompt is None and pipeline.spec.text_encoders and pipeline.spec.image_encoder is None:  # unCLIP: ""
         raise InvalidRequest(f"the request needs a 'prompt': {pipeline.spec.name} is conditioned on text")
 
 

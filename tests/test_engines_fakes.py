@@ -33,9 +33,11 @@ def fake_dims(family: str) -> ModelDims:
     # the UNet config values non-optional inputs read (the x4 upscaler's noise-level count, issue 12): a tiny UNet's
     unet_config = {k: dict((*c.unet_config, *c.tiny_config)).get(k, 10) for c in spec.denoiser.conditioning
                    if not c.optional for k in c.config_keys}
+    image = spec.image_encoder is not None  # issue 12: Stable unCLIP's image side
     return ModelDims(text_hidden=hidden, pooled_dim=6 if spec.has_pooled else 0, context_dim=context,
                      unet_in_channels=spec.unet_in_channels, latent_channels=4, vae_scale_factor=spec.vae_scale_factor,
-                     time_ids=spec.time_ids.width, unet_config=unet_config)
+                     time_ids=spec.time_ids.width, unet_config=unet_config, image_size=8 * image,
+                     image_embed_dim=6 * image, image_noise_levels=1000 * image)
 
 
 def _value_info(t: TensorSpec) -> onnx.ValueInfoProto:
@@ -137,7 +139,31 @@ def _vae_decoder_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[
     return nodes, inits
 
 
-GRAPHS = {"unet": _unet_graph, "vae_encoder": _vae_encoder_graph, "vae_decoder": _vae_decoder_graph}
+def _image_encoder_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[Any], list[Any]]:
+    """issue 12 (unCLIP): pixel_values (B, 3, S, S) -> image_embeds (B, D): a spatial mean, then a projection."""
+    width = io.outputs[0].shape[1]
+    assert isinstance(width, int)
+    inits = [_const("proj", rng.standard_normal((3, width)).astype(np.float32) * 0.5),
+             _const("axes23", np.array([2, 3], np.int64))]
+    nodes = [helper.make_node("ReduceMean", ["pixel_values", "axes23"], ["pooled"], keepdims=0, name="/vision/Mean"),
+             helper.make_node("MatMul", ["pooled", "proj"], ["image_embeds"], name="/visual_projection/MatMul")]
+    return nodes, inits
+
+
+def _image_noising_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[Any], list[Any]]:
+    """issue 12 (unCLIP): image_embeds + noise, ++ noise scaled by the level: (B, 2D)."""
+    inits = [_const("level_scale", np.array(1e-3, np.float32)), _const("axes1", np.array([1], np.int64))]
+    nodes = [helper.make_node("Add", ["image_embeds", "noise"], ["noised"], name="/noise/Add"),
+             helper.make_node("Cast", ["noise_level"], ["level_f"], to=TensorProto.FLOAT, name="/level/Cast"),
+             helper.make_node("Mul", ["level_f", "level_scale"], ["level_s"], name="/level/Mul"),
+             helper.make_node("Unsqueeze", ["level_s", "axes1"], ["level_2"], name="/level/Unsqueeze"),
+             helper.make_node("Mul", ["noise", "level_2"], ["level_emb"], name="/level/Mul_1"),
+             helper.make_node("Concat", ["noised", "level_emb"], ["noised_image_embeds"], axis=1, name="/Concat")]
+    return nodes, inits
+
+
+GRAPHS = {"unet": _unet_graph, "vae_encoder": _vae_encoder_graph, "vae_decoder": _vae_decoder_graph,
+          "image_encoder": _image_encoder_graph, "image_noising": _image_noising_graph}
 
 
 def make_model(io: ComponentIO, seed: int = 0) -> onnx.ModelProto:
@@ -175,6 +201,13 @@ def make_fake_export(family: str, folder: Path, components: tuple[str, ...] | No
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "EulerDiscreteScheduler"}))
     files["scheduler"] = sha256_tree(folder / "scheduler")
+    if spec.image_encoder is not None:  # issue 12 (unCLIP): the image processor's config
+        processor = folder / spec.image_encoder.processor
+        processor.mkdir(exist_ok=True)
+        (processor / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": dims.image_size},
+            "crop_size": {"height": dims.image_size, "width": dims.image_size}}))
+        files[spec.image_encoder.processor] = sha256_tree(processor)
     manifest = {
         "kind": ONNX_KIND, "schema": SCHEMA, "family": spec.id.value,
         "source": {"model": f"fake:{family}", "sha256": "0" * 64},

@@ -56,7 +56,8 @@ def test_export_every_family(family: str, onnx_export_dir: Callable[[str], Path]
     assert set(m) == MANIFEST_KEYS
     assert m["family"] == family and m["exporter"] == "torchscript" and m["opset"] == 17
     assert m["source"]["model"] == f"tiny:{family}" and len(m["source"]["sha256"]) == 64
-    assert set(m["files"]) == {te.tokenizer for te in spec.text_encoders} | {"scheduler"}
+    image = {spec.image_encoder.processor} if spec.image_encoder is not None else set()  # issue 12: unCLIP's processor
+    assert set(m["files"]) == {te.tokenizer for te in spec.text_encoders} | {"scheduler"} | image
     verify_files(out, m["files"])
     assert m["model"]["vae_scaling_factor"] == spec.vae_scaling_factor
     assert m["model"]["prediction_type"] == spec.prediction.value

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +36,7 @@ REAL_WIDTHS = {
     FamilyId.LDM: ((), 0), FamilyId.LDM_CLASS_COND: ((), 0), FamilyId.LDM_SUPER_RES: ((), 0),  # issue 12: no text
     FamilyId.LDM_TEXT2IMG: ((1280,), 0),  # issue 12 (H2): LDM-BERT d_model 1280 (ldm-text2im-large-256)
     FamilyId.SD2_DEPTH: ((1024,), 0), FamilyId.SD_X4_UPSCALER: ((1024,), 0),  # issue 12 (H3)
+    FamilyId.SD2_UNCLIP: ((1024,), 0),  # issue 12: Stable unCLIP-H
 }
 REAL_UNET_CONFIG: dict[FamilyId | str, dict[str, int]] = {FamilyId.SD_X4_UPSCALER: {"num_class_embeds": 1000}}  # noise levels (issue 12)
 
@@ -46,7 +48,12 @@ def real_dims(spec: FamilySpec) -> ModelDims:
                      unet_in_channels=spec.unet_in_channels, latent_channels=spec.latent_channels,
                      vae_scale_factor=spec.vae_scale_factor, time_ids=spec.time_ids.width,
                      num_class_embeds=REAL_UNET_CONFIG.get(spec.id, {}).get("num_class_embeds", classes),
-                     unet_config=REAL_UNET_CONFIG.get(spec.id, {}))
+                     unet_config=REAL_UNET_CONFIG.get(spec.id, {}), **real_image_dims(spec))
+
+
+def real_image_dims(spec: FamilySpec) -> dict[str, Any]:
+    """issue 12: unCLIP-H's image side (ViT-H/14 at 224 px, 1024-wide embeddings, 1000 noise levels)."""
+    return {"image_size": 224, "image_embed_dim": 1024, "image_noise_levels": 1000} if spec.image_encoder else {}
 
 
 def all_ios() -> list[tuple[str, ComponentIO]]:
@@ -144,7 +151,7 @@ def test_family_facts_are_data() -> None:
         FamilyId.SDXL, FamilyId.SDXL_REFINER, FamilyId.SDXL_TURBO}
     assert {f for f, s in FAMILIES.items() if s.fp32_attention} == {
         FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO, FamilyId.SD2_DEPTH,
-        FamilyId.SD_X4_UPSCALER}  # issue 12 (H3): both are SD 2 UNets
+        FamilyId.SD_X4_UPSCALER, FamilyId.SD2_UNCLIP}  # issue 12: SD 2 UNets
     # every family with a diffusers pipeline has a reference checkpoint (class-conditional LDM has neither)
     repos = [s.reference_repo for s in FAMILIES.values() if s.pipeline_class != "DiffusionPipeline"]
     assert all(r and r.count("/") == 1 for r in repos) and len(set(repos)) == len(repos)
