@@ -38,6 +38,8 @@ class FamilyId(str, Enum):
     SD_X4_UPSCALER = "sd-x4-upscaler"
     # issue 12 (H4): Stable unCLIP
     SD2_UNCLIP = "sd2-unclip"
+    DEMO = "demo"  # LatentRT's built-in trained demo model (procedural scenes, 64x64)
+    DEMO_TURBO = "demo-turbo"  # its few-step distilled student
 
 
 class Prediction(str, Enum):
@@ -477,6 +479,11 @@ _XL_BASE = DenoiserSpec(Prediction.EPS, (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_TAR
 _XL_REFINER = DenoiserSpec(Prediction.EPS, (CONTEXT, POOLED, TIME_IDS_SIZE_CROP_AESTHETIC, GUIDANCE_EMBEDDING))
 _XL_VAE = AutoencoderSpec(scaling_factor=0.13025)
 _SD2_WIDTHS = ReferenceWidths(attention_heads=5)  # SD 2.x / SD-Turbo: attention_head_dim 5, 10, 20, 20
+# the built-in demo model (training/train_demo.py): 64x64 scenes, f = 8, a 2-level UNet with 8 heads, VAE width 16
+_DEMO_SIZE = (64, 64)
+_DEMO_STEPS = SamplingDefaults(SamplerId.DDIM, 20, 4.0, Spacing.LEADING)
+_DEMO_TURBO = SamplingDefaults(SamplerId.EULER, 1, 0.0, Spacing.TRAILING)
+_DEMO_WIDTHS = ReferenceWidths(attention_heads=8, unet_channels=32, vae_channels=16)
 _XL_WIDTHS = ReferenceWidths(attention_factor=2, attention_heads=10)  # SDXL: no attention at full resolution
 _INPAINT_PIPELINE = "StableDiffusionInpaintPipeline"
 # issue 12 (H3): SD 2 depth-to-image (eps, OpenCLIP-H, 4 latent + 1 depth channels); the x4 upscaler (v, OpenCLIP-H,
@@ -540,6 +547,12 @@ FAMILIES: dict[FamilyId | str, FamilySpec] = {
                    reference_widths=ReferenceWidths(attention_factor=2, attention_heads=8, unet_channels=256),
                    pipeline_class="StableDiffusionUpscalePipeline", pipeline_options=(("max_noise_level", 350),),
                    reference_repo="stabilityai/stable-diffusion-x4-upscaler"),
+        # no hub repository: the weights ship inside the package (latentrt.reference.demo_model)
+        FamilySpec(FamilyId.DEMO, "LatentRT demo (procedural scenes)", (_CLIP_L,), _SD_EPS, _DEMO_SIZE,
+                   (_DEMO_SIZE,), _DEMO_STEPS, pipeline_fixes_scheduler=True, reference_widths=_DEMO_WIDTHS),
+        FamilySpec(FamilyId.DEMO_TURBO, "LatentRT demo Turbo (distilled, 1-4 steps)", (_CLIP_L,), _SD_EPS,
+                   _DEMO_SIZE, (_DEMO_SIZE,), _DEMO_TURBO, min_turbo_steps_x_strength=1.0,
+                   pipeline_fixes_scheduler=True, reference_widths=_DEMO_WIDTHS),
     )
 }
 

@@ -8,8 +8,8 @@ width, ...), the autoencoder's kind. `mismatches` compares those facts with a `F
 and names each difference; a family fits when there is none. Facts a source cannot tell are None (or
 outside `unet_config_keys`) and not compared.
 Among the families that fit, the scheduler's prediction type and timestep spacing (SD 2 eps / v,
-Turbo's trailing spacing) and the pipeline settings pick the usual one; they never exclude a family,
-since the runtime reads them from the checkpoint's own scheduler config.
+Turbo's trailing spacing), the pipeline settings and the UNet's sample size pick the usual one; they
+never exclude a family, since the runtime reads them from the checkpoint's own scheduler config.
 """
 
 from __future__ import annotations
@@ -185,11 +185,17 @@ def _autoencoder_mismatches(spec: FamilySpec, f: CheckpointFacts) -> list[str]:
     return [f"vae is a {f.autoencoder}, not a {want}"] if f.autoencoder is not None and f.autoencoder != want else []
 
 
-def preference(spec: FamilySpec, f: CheckpointFacts) -> tuple[bool, bool, bool]:
-    """How well the soft facts agree with the family's defaults (prediction, spacing, pipeline settings)."""
+def preference(spec: FamilySpec, f: CheckpointFacts) -> tuple[bool, bool, bool, bool]:
+    """How well the soft facts agree with the family's defaults (prediction, spacing, pipeline settings, size).
+
+    The last, the UNet's `sample_size` against the family's native latent size, only breaks ties
+    between look-alikes trained at different sizes (the 64x64 demo model and SD 1.x).
+    """
+    size = f.unet_config.get("sample_size") if f.knows("sample_size") else None
     return (f.prediction is None or f.prediction == spec.prediction.value,
             f.spacing is None or f.spacing == spec.sampling.spacing.value,
-            all(f.pipeline_options.get(k, v) == v for k, v in spec.pipeline_options))
+            all(f.pipeline_options.get(k, v) == v for k, v in spec.pipeline_options),
+            not isinstance(size, int) or size == spec.native_size[0] // spec.vae_scale_factor)
 
 
 def fitting_families(f: CheckpointFacts) -> list[FamilySpec]:

@@ -37,6 +37,7 @@ REAL_WIDTHS = {
     FamilyId.LDM_TEXT2IMG: ((1280,), 0),  # issue 12 (H2): LDM-BERT d_model 1280 (ldm-text2im-large-256)
     FamilyId.SD2_DEPTH: ((1024,), 0), FamilyId.SD_X4_UPSCALER: ((1024,), 0),  # issue 12 (H3)
     FamilyId.SD2_UNCLIP: ((1024,), 0),  # issue 12: Stable unCLIP-H
+    FamilyId.DEMO: ((32,), 0), FamilyId.DEMO_TURBO: ((32,), 0),  # the shipped demo models (a 32-wide CLIP)
 }
 REAL_UNET_CONFIG: dict[FamilyId | str, dict[str, int]] = {FamilyId.SD_X4_UPSCALER: {"num_class_embeds": 1000}}  # noise levels (issue 12)
 
@@ -153,7 +154,8 @@ def test_family_facts_are_data() -> None:
         FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD2_INPAINT, FamilyId.SD_TURBO, FamilyId.SD2_DEPTH,
         FamilyId.SD_X4_UPSCALER, FamilyId.SD2_UNCLIP}  # issue 12: SD 2 UNets
     # every family with a diffusers pipeline has a reference checkpoint (class-conditional LDM has neither)
-    repos = [s.reference_repo for s in FAMILIES.values() if s.pipeline_class != "DiffusionPipeline"]
+    repos = [s.reference_repo for s in FAMILIES.values() if s.pipeline_class != "DiffusionPipeline"
+             and s.id not in (FamilyId.DEMO, FamilyId.DEMO_TURBO)]  # the demo models ship in the package
     assert all(r and r.count("/") == 1 for r in repos) and len(set(repos)) == len(repos)
 
 
