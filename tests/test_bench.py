@@ -184,7 +184,7 @@ def test_unknown_backend_is_refused(tmp_path: Path) -> None:
     from latentrt.workflows.bench import run_bench
 
     with pytest.raises(InvalidRequest, match="unknown backend"):
-        run_bench("tiny:sd1", backends=["openvino"], out_dir=tmp_path)
+        run_bench("tiny:sd1", backends=["coreml"], out_dir=tmp_path)  # openvino is a backend now (issue 11)
 
 
 def test_bench_takes_a_built_engine_folder_and_finds_its_checkpoint(onnx_export_dir, tmp_path: Path) -> None:

@@ -34,11 +34,13 @@ UNET_MODELS = ["tiny:sdxl", "tiny:sdxl-refiner", pytest.param("tiny:sd1", marks=
                # issue 12: UNet2DModel denoisers (no context; a class embedding; a low-res image concatenated)
                pytest.param("tiny:ldm", marks=SLOW), pytest.param("tiny:ldm-class-cond", marks=SLOW),
                pytest.param("tiny:ldm-super-res", marks=SLOW),
-               pytest.param("tiny:sd2-depth", marks=SLOW), pytest.param("tiny:sd-x4-upscaler", marks=SLOW)]
+               pytest.param("tiny:sd2-depth", marks=SLOW), pytest.param("tiny:sd-x4-upscaler", marks=SLOW),
+               pytest.param("tiny:ldm-text2img", marks=SLOW), pytest.param("tiny:sd2-unclip", marks=SLOW)]
 STRUCTURE_OF = {"tiny:sd1": "sd1", "tiny:sd1-inpaint": "sd1-inpaint", "tiny:sdxl": "sdxl",
                 "tiny:sdxl-refiner": "sdxl-refiner", "tiny:sd1-lcm": "sd1",
                 "tiny:ldm": "ldm", "tiny:ldm-class-cond": "ldm-class-cond", "tiny:ldm-super-res": "ldm-super-res",
-                "tiny:sd2-depth": "sd2-depth", "tiny:sd-x4-upscaler": "sd-x4-upscaler"}
+                "tiny:sd2-depth": "sd2-depth", "tiny:sd-x4-upscaler": "sd-x4-upscaler",
+                "tiny:ldm-text2img": "ldm-text2img", "tiny:sd2-unclip": "sd2-unclip"}
 
 
 def unet_structure(spec: FamilySpec) -> tuple[object, ...]:

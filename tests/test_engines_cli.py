@@ -34,7 +34,7 @@ def test_plan_prints_for_every_family_without_tensorrt(exports: dict[str, Path],
     assert out.startswith(f"family {family}: {profiles} profile(s), strategy grouped")
     for c in get_family(family).components:
         assert f"    {c} " in out
-    assert ("CFG off" in out) == get_family(family).is_turbo
+    assert ("CFG off" in out) == (not get_family(family).uses_cfg)  # Turbo, and LDM families without guidance
 
 
 def test_plan_options(exports: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:

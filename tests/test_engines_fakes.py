@@ -35,7 +35,8 @@ def fake_dims(family: str) -> ModelDims:
                    if not c.optional for k in c.config_keys}
     image = spec.image_encoder is not None  # issue 12: Stable unCLIP's image side
     return ModelDims(text_hidden=hidden, pooled_dim=6 if spec.has_pooled else 0, context_dim=context,
-                     unet_in_channels=spec.unet_in_channels, latent_channels=4, vae_scale_factor=spec.vae_scale_factor,
+                     unet_in_channels=spec.unet_in_channels, latent_channels=spec.latent_channels,
+                     vae_scale_factor=spec.vae_scale_factor,
                      time_ids=spec.time_ids.width, unet_config=unet_config, image_size=8 * image,
                      image_embed_dim=6 * image, image_noise_levels=1000 * image)
 
@@ -80,18 +81,22 @@ def _unet_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[Any], l
         helper.make_node("Conv", ["sample", "conv_w", "conv_b"], ["conv"], name="/conv_in/Conv"),
         helper.make_node("Mul", ["timestep", "t_scale"], ["t_scaled"], name="/time/Mul"),
         helper.make_node("Reshape", ["t_scaled", "shape_b111"], ["t4"], name="/time/Reshape"),
-        # attention island: softmax(ehs @ ehs^T) @ ehs
-        helper.make_node("Transpose", ["encoder_hidden_states"], ["ehs_t"], perm=[0, 2, 1], name="/attn1/Transpose"),
-        helper.make_node("MatMul", ["encoder_hidden_states", "ehs_t"], ["scores"], name="/mid/attn1/MatMul"),
-        helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="/mid/attn1/Softmax"),
-        helper.make_node("MatMul", ["probs", "encoder_hidden_states"], ["attended"], name="/mid/attn1/MatMul_1"),
-        helper.make_node("ReduceMean", ["attended", "axes12"], ["ctx"], keepdims=0, name="/mid/ReduceMean"),
-        helper.make_node("Reshape", ["ctx", "shape_b111"], ["ctx4"], name="/mid/Reshape"),
         helper.make_node("Add", ["conv", "t4"], ["a1"], name="/add_time"),
-        helper.make_node("Add", ["a1", "ctx4"], ["a2"], name="/add_ctx"),
     ]
-    last = "a2"
-    for extra in io.inputs[3:]:  # SDXL text_embeds / time_ids; one value per row (class labels, issue 12)
+    last = "a1"
+    if any(t.name == "encoder_hidden_states" for t in io.inputs):  # a UNet2DModel (issue 12) has no context
+        nodes += [  # attention island: softmax(ehs @ ehs^T) @ ehs
+            helper.make_node("Transpose", ["encoder_hidden_states"], ["ehs_t"], perm=[0, 2, 1],
+                             name="/attn1/Transpose"),
+            helper.make_node("MatMul", ["encoder_hidden_states", "ehs_t"], ["scores"], name="/mid/attn1/MatMul"),
+            helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="/mid/attn1/Softmax"),
+            helper.make_node("MatMul", ["probs", "encoder_hidden_states"], ["attended"], name="/mid/attn1/MatMul_1"),
+            helper.make_node("ReduceMean", ["attended", "axes12"], ["ctx"], keepdims=0, name="/mid/ReduceMean"),
+            helper.make_node("Reshape", ["ctx", "shape_b111"], ["ctx4"], name="/mid/Reshape"),
+            helper.make_node("Add", ["a1", "ctx4"], ["a2"], name="/add_ctx")]
+        last = "a2"
+    # SDXL text_embeds / time_ids; one value per row (class labels, issue 12)
+    for extra in [t for t in io.inputs[2:] if t.name != "encoder_hidden_states"]:
         if len(extra.shape) == 1:
             nodes.append(helper.make_node("Cast", [extra.name], [f"{extra.name}_m"], to=onnx.TensorProto.FLOAT,
                                           name=f"/add_embedding/{extra.name}/Cast"))
@@ -123,7 +128,8 @@ def _vae_encoder_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[
     inits = [_const("enc_w", rng.standard_normal((cout, 3, 1, 1)).astype(np.float32) * 0.5)]
     nodes = [helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[f, f], strides=[f, f],
                               name="/encoder/AveragePool"),
-             helper.make_node("Conv", ["pooled", "enc_w"], ["latent_parameters"], name="/quant_conv/Conv")]
+             helper.make_node("Conv", ["pooled", "enc_w"], [io.outputs[0].name],  # a VQ encoder's is "latent"
+                              name="/quant_conv/Conv")]
     return nodes, inits
 
 
@@ -133,7 +139,7 @@ def _vae_decoder_graph(io: ComponentIO, rng: np.random.Generator) -> tuple[list[
     inits = [_const("dec_w", rng.standard_normal((3, cin, 1, 1)).astype(np.float32) * 0.5),
              _const("roi", np.array([], np.float32)),
              _const("scales", np.array([1, 1, _factor(io.outputs[0]), _factor(io.outputs[0])], np.float32))]
-    nodes = [helper.make_node("Conv", ["latent", "dec_w"], ["small"], name="/post_quant_conv/Conv"),
+    nodes = [helper.make_node("Conv", [io.inputs[0].name, "dec_w"], ["small"], name="/post_quant_conv/Conv"),
              helper.make_node("Resize", ["small", "roi", "scales"], ["big"], mode="nearest", name="/decoder/Resize"),
              helper.make_node("Tanh", ["big"], ["images"], name="/decoder/Tanh")]
     return nodes, inits
