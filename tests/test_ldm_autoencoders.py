@@ -86,8 +86,9 @@ def test_factor_follows_the_checkpoint(exports: dict[tuple[AutoencoderKind, int]
     assert len(config["block_out_channels"]) == factor.bit_length()  # log2(f) downsamplings
     spec = detect_family(folder)
     assert spec.autoencoder.kind is kind
-    if kind is AutoencoderKind.VQ:
-        assert spec.name == "ldm"  # whatever the factor: the checkpoint's VAE config decides it
+    if kind is AutoencoderKind.VQ:  # ldm or one of its look-alikes registered here (the UNet's sample size breaks
+        # the tie since the demo families, issue 13): whatever the family, the checkpoint's VAE config sets the factor
+        assert spec.name == "ldm" or spec.name.startswith("test-ldm-vq-")
     dims = model_dims(spec, folder)
     assert dims.vae_scale_factor == factor
     ios = component_ios(spec, dims)
