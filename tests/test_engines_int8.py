@@ -105,7 +105,7 @@ def test_int8_on_tensorrt_or_without_int8_is_a_clear_error(sd1: Path, tmp_path: 
     code = main(["build", str(sd1), "-o", str(tmp_path / "e"), "--backend", "tensorrt", "--precision", "int8"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) == 1
-    assert "--precision int8 is for --backend onnxruntime on the CPU" in err[0]
+    assert "--precision int8 is for --backend onnxruntime or openvino on the CPU" in err[0]
     code = main(["build", str(sd1), "-o", str(tmp_path / "e"), "--backend", "onnxruntime", "--device", "cuda",
                  "--precision", "int8"])
     assert code != 0 and "on the CPU" in capsys.readouterr().err

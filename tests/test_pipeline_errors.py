@@ -162,8 +162,8 @@ def test_refiner_pairing(onnx_export_dir: Callable[[str], Path]) -> None:
 
 
 def test_backend_choice_errors(onnx_export_dir: Callable[[str], Path], tmp_path: Path) -> None:
-    with pytest.raises(InvalidRequest, match="unknown backend 'openvino'"):
-        load_engines(onnx_export_dir("sd1"), backend="openvino")
+    with pytest.raises(InvalidRequest, match="unknown backend 'coreml'"):  # openvino is one now (issue 11)
+        load_engines(onnx_export_dir("sd1"), backend="coreml")
     with pytest.raises(InvalidRequest, match="is an ONNX export; build tensorrt engines from it first"):
         load_engines(onnx_export_dir("sd1"), backend="tensorrt")
     with pytest.raises(MissingComponent, match="has no manifest.json"):

@@ -156,7 +156,8 @@ def test_family_is_read_from_the_keys(single_file: SingleFiles) -> None:
 
     assert [choose(f) for f in FAMILIES] == FAMILIES  # sd2 only provisionally: see the next lines
     sd2 = choose_family(read_single_file(single_file("sd2")[0]), None, None)
-    assert sd2.ambiguous and sd2.fits == (FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD_TURBO)
+    # sd2-unclip too: an original-layout file's keys do not say whether an image encoder comes with it
+    assert sd2.ambiguous and sd2.fits == (FamilyId.SD2, FamilyId.SD2_V, FamilyId.SD_TURBO, FamilyId.SD2_UNCLIP)
     assert not choose_family(read_single_file(single_file("sdxl")[0]), None, None).ambiguous
     assert choose("sdxl", "sdxl-turbo") == "sdxl-turbo" and choose("sd2", "sd2-v") == "sd2-v"
     with pytest.raises(CheckpointError, match="SD 1.x.*--family sdxl does not fit"):

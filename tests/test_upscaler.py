@@ -220,7 +220,7 @@ def test_cli_tiles(engines: Path, low: dict[str, Any], tmp_path: Path) -> None:
     ({"conditioning": {"noise_level": 2.5}}, "must be a whole number"),
     ({"conditioning": {"noise_level": True}}, "must be a whole number"),
     ({"conditioning": {"strength": 3}}, "takes no conditioning value 'strength'"),
-    ({"image": None}, "give the image"),
+    ({"image": None}, "give --image"),
     ({"mask": "MASK"}, "and no mask"),
     ({"strength": 0.5}, "strength applies to img2img"),
 ])
