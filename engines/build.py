@@ -41,6 +41,7 @@ from latentrt.manifest_checks import sealed
 from latentrt.outputs import check_replaceable, link_tree, output_lock, removed_if_failed, written_files
 from latentrt.step_cache import MANIFEST_KEY as STEP_CACHE
 from latentrt.tensors import PROMPT_WINDOWS, io_to_json
+from latentrt.tiny_vae import MANIFEST_KEY as TINY_VAE
 
 from .build_int8 import (
     INT8_CALIBRATION_STEPS,
@@ -424,4 +425,5 @@ def engine_manifest(export: OnnxExport, plan: ProfilePlan, opts: BuildOptions, g
         "components": dict(components),
         "files": dict(files),
         **({STEP_CACHE: export.manifest[STEP_CACHE]} if STEP_CACHE in export.manifest else {}),  # unet_shallow's split
+        **({TINY_VAE: export.manifest[TINY_VAE]} if TINY_VAE in export.manifest else {}),  # tiny_vae_decoder's scaling
     }

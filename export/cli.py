@@ -25,6 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step-cache", action="store_const", const=1, default=None,
                         help="also export what `latentrt generate --step-cache N` needs (DeepCache, arXiv:2312.00858): "
                              "the UNet returns the feature entering its last up block, plus a unet_shallow component")
+    parser.add_argument("--tiny-vae", metavar="PATH_OR_HUB_ID",
+                        help="also export a tiny VAE decoder (TAESD, a diffusers AutoencoderTiny folder or hub id, e.g. "
+                             "madebyollin/taesd for SD 1.x / 2.x, madebyollin/taesdxl for SDXL) as the component "
+                             "tiny_vae_decoder; `latentrt generate --tiny-vae` decodes with it")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace another model's export (or another LatentRT artifact) in OUTPUT; without it, "
                              "an export of the same model is updated. A folder holding anything LatentRT did "
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         out = export_model(args.model, args.output, family=args.family, opset=args.opset, dynamo=args.dynamo,
                            verify=args.verify, components=components, overwrite=args.overwrite, config=args.config,
-                           step_cache=args.step_cache,
+                           step_cache=args.step_cache, tiny_vae=args.tiny_vae,
                            progress=lambda line: print(line, flush=True))
     manifest = read_manifest(out)
     total_mb = sum(c["size_mb"] for c in manifest["components"].values())

@@ -78,10 +78,14 @@ from latentrt.tensors import (
     io_to_json,
     shape_of,
 )
+from latentrt.tiny_vae import TINY_VAE_DECODER
 
 from .step_cache import check_components as check_step_cache_components
 from .step_cache import manifest_record as step_cache_record
 from .step_cache import step_cache_parts
+from .tiny_vae import locate_for as locate_tiny_vae
+from .tiny_vae import manifest_record as tiny_vae_record
+from .tiny_vae import split_components, tiny_vae_part
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +305,7 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
                  dynamo: bool = False, verify: bool = True, components: Sequence[str] | None = None,
                  progress: Progress | None = None, overwrite: bool = False,
                  external_data_mb: float = EXTERNAL_DATA_MB, config: str | Path | None = None,
-                 step_cache: int | None = None) -> Path:
+                 step_cache: int | None = None, tiny_vae: str | Path | None = None) -> Path:
     """Export a checkpoint (tiny:<family>, diffusers folder, hub id, single file) to ONNX under `out_dir`.
 
     Returns `out_dir`.
@@ -321,6 +325,8 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
             same family whose configs describe it (see `latentrt.reference.single_file`).
         step_cache: the DeepCache branch depth (1): export the UNet with its deep feature and `unet_shallow`
             (`latentrt.export.step_cache`); None: the plain UNet.
+        tiny_vae: a diffusers AutoencoderTiny folder or hub id (TAESD): also export its decoder as the component
+            `tiny_vae_decoder` (`latentrt.export.tiny_vae`); `latentrt generate --tiny-vae` decodes with it.
     """
     if dynamo and isinstance(opset, int) and not isinstance(opset, bool) and opset < DYNAMO_MIN_OPSET:
         log.info("dynamo exporter: raising opset %d to %d", opset, DYNAMO_MIN_OPSET)
@@ -330,20 +336,23 @@ def export_model(model: str | Path, out_dir: str | Path, *, family: str | None =
     out = Path(os.path.abspath(Path(out_dir).expanduser()))  # "." has no name to stage or lock beside
     with removed_if_failed(out.parent):  # a failed export leaves no folder the user did not have
         _export_locked(model, out, family, config, components, overwrite, opset, dynamo, verify, external_data_mb,
-                       say, step_cache)
+                       say, step_cache, tiny_vae)
     say(f"wrote {out}")
     return out
 
 
 def _export_locked(model: str | Path, out: Path, family: str | None, config: str | Path | None,
                    components: Sequence[str] | None, overwrite: bool, opset: int, dynamo: bool, verify: bool,
-                   external_data_mb: float, say: Progress, step_cache: int | None = None) -> None:
+                   external_data_mb: float, say: Progress, step_cache: int | None = None,
+                   tiny_vae: str | Path | None = None) -> None:
     """The export proper: checks, then staging and swap while holding the output folder's lock."""
     check_writable(out.parent)  # the export is staged beside `out` and swapped in: `out` is created only then
     check_checkpoint(model)
     ref = locate_checkpoint(model, family, config)
     check_checkpoint(ref.folder)
-    wanted = _select(ref, components)
+    components, tiny_only = split_components(components, tiny_vae)
+    wanted = [] if tiny_only else _select(ref, components)
+    tiny = locate_tiny_vae(ref, tiny_vae) if tiny_vae is not None else None  # checked before any weights load
     check_step_cache_components(step_cache, wanted)
     with output_lock(out):
         previous = check_output(out, ref, overwrite)
@@ -352,6 +361,9 @@ def _export_locked(model: str | Path, out: Path, family: str | None, config: str
         split, parts = step_cache_parts(loaded, step_cache) if step_cache is not None else (None, {})
         if parts:  # the step-cached UNet replaces the plain one; its shallow part follows it
             wanted = [c for name in wanted for c in ([name, SHALLOW] if name in parts else [name])]
+        if tiny is not None:  # the tiny VAE decoder (TAESD) follows the family's components
+            parts[TINY_VAE_DECODER] = tiny_vae_part(loaded, tiny)
+            wanted = [*wanted, TINY_VAE_DECODER]
         say(f"family {loaded.spec.name} ({loaded.spec.title}); exporting {', '.join(wanted)}")
         with staging_dir(out) as stage:
             entries = {}
@@ -361,7 +373,7 @@ def _export_locked(model: str | Path, out: Path, family: str | None, config: str
                                             part=parts.get(name))
             entries.update(_keep_previous(previous, entries, out, stage))
             files = _copy_support_files(loaded, stage)
-            record = step_cache_record(split, entries, previous)
+            record = step_cache_record(split, entries, previous) | tiny_vae_record(tiny, entries, previous)
             _publish(stage, out, _manifest(loaded, opset, dynamo, entries, files, stage) | record)
 
 
@@ -429,7 +441,7 @@ def _keep_previous(previous: Mapping[str, Any] | None, entries: Mapping[str, Any
 
 def _manifest(loaded: LoadedModel, opset: int, dynamo: bool, entries: Mapping[str, Any], files: dict[str, str],
               stage: Path) -> dict[str, Any]:
-    order = [c for c in (*loaded.spec.components, SHALLOW) if c in entries]
+    order = [c for c in (*loaded.spec.components, SHALLOW, TINY_VAE_DECODER) if c in entries]
     return sealed({
         "kind": ONNX_KIND, "schema": SCHEMA, "family": loaded.spec.name,
         "source": {"model": loaded.source, "sha256": loaded.source_sha256},

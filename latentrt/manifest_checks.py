@@ -31,6 +31,9 @@ from .names import ENCODER_HIDDEN_STATES_KEYWORD, TEXT_EMBEDS, TIME_IDS
 from .paths import inside, relative_path
 from .step_cache import SHALLOW, expected_ios, spec_from_manifest
 from .tensors import DTYPES, ComponentIO, Dim, ModelDims, Scaled, component_ios, dims_value, io_from_json
+from .tiny_vae import TINY_VAE_DECODER
+from .tiny_vae import expected_ios as tiny_vae_ios
+from .tiny_vae import spec_from_manifest as tiny_vae_spec
 
 SEAL = "seal"
 # JSON types of the engine-entry fields the runtime reads (when present)
@@ -82,13 +85,15 @@ def check_manifest(folder: Path, data: Mapping[str, Any]) -> None:
     if not isinstance(components, dict) or not components:
         raise check.fail(f"'components' should be a non-empty JSON object, found {type(components).__name__}")
     step_cache = spec_from_manifest(data)  # an export with step caching adds unet_shallow (latentrt.step_cache)
-    known = [*spec.components, *([SHALLOW] if step_cache is not None else [])]
+    tiny_vae = tiny_vae_spec(data)  # an export with --tiny-vae adds tiny_vae_decoder (latentrt.tiny_vae)
+    known = [*spec.components, *([SHALLOW] if step_cache is not None else []),
+             *([TINY_VAE_DECODER] if tiny_vae is not None else [])]
     unknown = [c for c in components if c not in known]
     check.require(not unknown, f"lists component(s) {', '.join(map(repr, unknown))}, which family {spec.name} "
                                f"does not have (it has {', '.join(known)})")
     _files(check, folder, spec, data.get("files") or {})
     dims = _dims(check, spec, (data.get("model") or {}).get("dims"))
-    expected = expected_ios(component_ios(spec, dims), step_cache) if dims is not None else {}
+    expected = tiny_vae_ios(expected_ios(component_ios(spec, dims), step_cache), tiny_vae) if dims is not None else {}
     for name, entry in components.items():
         _component(check, folder, name, entry, expected.get(name), spec)
     written = data.get("written")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,12 +353,13 @@ def looks_like_hub_id(text: str) -> bool:
     return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
 
 
-def download(repo_id: str) -> Path:
-    """Fetch a hub pipeline's configs, tokenizers and weights (safetensors only) into the local hub cache."""
+def download(repo_id: str, patterns: Sequence[str] = HUB_PATTERNS) -> Path:
+    """Fetch a hub repository's configs, tokenizers and weights (safetensors only) into the local hub cache
+    (`patterns`: a pipeline's by default; a single model's, e.g. a tiny VAE, at the repository root)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=list(patterns)))
     except Exception as e:  # noqa: BLE001 - any hub failure (offline, 404, auth) is a checkpoint problem
         raise CheckpointError(f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}); download it and pass the "

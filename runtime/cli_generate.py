@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="DeepCache (arXiv:2312.00858): a full UNet pass every N steps, the shallow part on its "
                              "cached deep feature in between (engines from `latentrt export --step-cache`, or "
                              "--backend torch); default 1: off")
+    parser.add_argument("--tiny-vae", action="store_true",
+                        help="decode with the tiny VAE decoder (TAESD) added by `latentrt export --tiny-vae`: "
+                             "faster, slightly softer images")
     parser.add_argument("--refiner", metavar="DIR", help="SDXL refiner engines: the base hands over its latents")
     parser.add_argument("--denoising-end", type=float,
                         help="with --refiner: fraction of the schedule the base runs before the refiner (default 0.8)")
@@ -204,7 +207,8 @@ def request_from_args(args: argparse.Namespace) -> Any:
         sampler=args.sampler, width=args.width, height=args.height, aspect=args.aspect, seed=args.seed,
         num_images_per_prompt=args.num_images, image=args.image, strength=args.strength, mask=args.mask,
         denoising_end=args.denoising_end, guidance_rescale=args.guidance_rescale,
-        prompt_weighting=args.prompt_weighting, conditioning=conditioning, step_cache=args.step_cache)
+        prompt_weighting=args.prompt_weighting, conditioning=conditioning, step_cache=args.step_cache,
+        tiny_vae=args.tiny_vae)
 
 
 def check_prompt_given(args: argparse.Namespace, spec: Any) -> None:

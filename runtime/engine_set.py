@@ -37,6 +37,7 @@ from latentrt.names import DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH
 from latentrt.paths import TINY_PREFIX, check_checkpoint, inside
 from latentrt.step_cache import SHALLOW
 from latentrt.tensors import ComponentIO, ModelDims, io_from_json
+from latentrt.tiny_vae import TINY_VAE_DECODER
 
 from .backends.base import Engine
 from .unclip import load_image_processor
@@ -225,6 +226,7 @@ def _components(path: Path, manifest: dict[str, Any], spec: FamilySpec) -> dict[
         raise MissingComponent(f"{path / MANIFEST} lists no {', '.join(missing)} (family {spec.name} needs "
                                f"{', '.join(spec.components)}); re-run the export/build")
     addons = [SHALLOW] if SHALLOW in entries else []  # `latentrt export --step-cache` (latentrt.step_cache)
+    addons += [TINY_VAE_DECODER] if TINY_VAE_DECODER in entries else []  # `latentrt export --tiny-vae`
     return {c: entries[c] for c in (*spec.components, *addons)}
 
 
@@ -463,6 +465,10 @@ def _load_reference(model: str, device: torch.device, kind: str, manifest: dict[
     loaded = load_checkpoint(model, family=family, config=None if config is None else os.fspath(config))
     ios = loaded.ios()
     engines: dict[str, Engine] = {c: TorchEngine.from_loaded(c, loaded, ios[c], device) for c in ios}
+    if manifest and "vae_decoder" in ios:  # an export with --tiny-vae: its recorded AutoencoderTiny (TAESD)
+        from .tiny_vae import torch_tiny_vae
+
+        engines.update(torch_tiny_vae(manifest, ios["vae_decoder"], device))
     source = source_of(manifest) if manifest else {"model": model, "sha256": loaded.source_sha256}
     if manifest and source.get("sha256") and source["sha256"] != loaded.source_sha256:
         raise StaleArtifact(f"the checkpoint {model} changed since {folder} was exported (hash mismatch); "

@@ -68,6 +68,7 @@ from .samplers import SeededNoise
 from .scheduler_config import pipeline_fixes
 from .step_cache import OFF, CachedUNet, check_step_cache, step_cache_engines
 from .timing import StageTimer, TimingRecord
+from .tiny_vae import tiny_decoder, tiny_vae_spec
 from .unclip import image_condition
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,8 @@ class Pipeline:
         """Raise what `generate` would raise for a bad request or one beyond memory, without doing any work."""
         settings, _ = self.resolve(request)
         self._plan(settings)
+        if settings.tiny_vae and settings.output_type is OutputType.PIL:
+            tiny_vae_spec((request.refiner or self.refiner or self).engines)  # the pipeline that decodes
         self.check_memory(settings, request.refiner or self.refiner, decode=settings.output_type is OutputType.PIL)
 
     def check_memory(self, s: ResolvedRequest, refiner: Pipeline | None = None, decode: bool = True) -> None:
@@ -212,6 +215,8 @@ class Pipeline:
         if refiner is not None and settings.step_cache != OFF:
             step_cache_engines(refiner.engines)  # the refiner caches too: refused before the base runs
         decode = settings.output_type is OutputType.PIL
+        if decode and settings.tiny_vae:
+            tiny_vae_spec((refiner or self).engines)  # MissingComponent before any work (the refiner decodes if any)
         self.check_memory(settings, refiner, decode=decode)
         noise = SeededNoise(settings.seed, self.device)
         timer = StageTimer(self.device)
@@ -224,7 +229,7 @@ class Pipeline:
             array = None
             if decode:
                 with timer.prefixed("refiner_" if pipe is refiner else ""):
-                    array = tensor_to_float(pipe.decode(latents, timer))
+                    array = tensor_to_float(pipe.decode(latents, timer, tiny_vae=settings.tiny_vae))
         images = float_to_pil(array) if array is not None else []
         result_settings = settings.settings(self.engines) | {"sampler": sampler}
         if refiner is not None:
@@ -386,10 +391,15 @@ class Pipeline:
         sample = mean + std * noise(tuple(mean.shape)).to(mean)
         return (sample - self.engines.vae_shift_factor) * self.engines.vae_scaling_factor
 
-    def decode(self, latents: torch.Tensor, timer: StageTimer) -> torch.Tensor:
-        """Images in [-1, 1] (N, 3, H, W) from scaled latents, in chunks the decoder's batch range allows."""
-        engine = self.engines["vae_decoder"]
-        z = latents / self.engines.vae_scaling_factor + self.engines.vae_shift_factor
+    def decode(self, latents: torch.Tensor, timer: StageTimer, tiny_vae: bool = False) -> torch.Tensor:
+        """Images in [-1, 1] (N, 3, H, W) from scaled latents, in chunks the decoder's batch range allows;
+        `tiny_vae`: with the tiny VAE decoder (TAESD), latents divided by its own scaling factor (runtime/tiny_vae.py)."""
+        if tiny_vae:
+            engine, scaling = tiny_decoder(self.engines)
+            z = latents / scaling
+        else:
+            engine = self.engines["vae_decoder"]
+            z = latents / self.engines.vae_scaling_factor + self.engines.vae_shift_factor
         limit = engine.io.dims[DIM_BATCH].max if DIM_BATCH in engine.io.dims else z.shape[0]
         out = []
         for start in range(0, z.shape[0], limit):

@@ -82,6 +82,7 @@ class GenerationRequest:
     # per prompt ({"class_labels": [3, 7]}); "negative_<name>" gives the value of the unconditional CFG half
     conditioning: dict[str, Any] = field(default_factory=dict)
     step_cache: int = 1  # DeepCache interval N: a full UNet pass every N steps, shallow ones between (1: off)
+    tiny_vae: bool = False  # decode with the export's tiny VAE decoder (TAESD, `latentrt export --tiny-vae`)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class ResolvedRequest:
     conditioning: dict[str, Any] = field(default_factory=dict)
     output_type: OutputType = OutputType.PIL
     step_cache: int = 1  # a full UNet pass every N steps (runtime/step_cache.py; 1: off)
+    tiny_vae: bool = False  # decode with the tiny VAE decoder (runtime/tiny_vae.py)
 
     @property
     def batch(self) -> int:
@@ -132,6 +134,8 @@ class ResolvedRequest:
                                    for k, v in self.conditioning.items()}
         if self.step_cache != 1:
             out["step_cache"] = self.step_cache
+        if self.tiny_vae:
+            out["tiny_vae"] = True
         return out
 
 
@@ -169,6 +173,8 @@ def check_request(request: Any) -> None:
     if request.prompt_weighting is not None and not isinstance(request.prompt_weighting, (bool, np.bool_)):
         raise InvalidRequest(f"prompt_weighting must be True or False, got {request.prompt_weighting!r}")
     output_type(request.output_type)
+    if not isinstance(request.tiny_vae, (bool, np.bool_)):
+        raise InvalidRequest(f"tiny_vae must be True or False, got {request.tiny_vae!r}")
     if not isinstance(request.conditioning, dict) or not all(isinstance(k, str) for k in request.conditioning):
         raise InvalidRequest("conditioning must be a dict of input name -> value, e.g. {'class_labels': 3}, got "
                              f"{request.conditioning!r}")
@@ -246,7 +252,7 @@ def resolve(request: GenerationRequest, engines: EngineSet) -> tuple[ResolvedReq
                                request.denoising_end, request.sizes, image, mask, request.latents,
                                guidance_rescale(request.guidance_rescale), bool(request.prompt_weighting),
                                dict(request.conditioning), output_type(request.output_type),
-                               check_interval(request.step_cache))
+                               check_interval(request.step_cache), bool(request.tiny_vae))
     check_batch(engines, settings)
     check_conditioning(spec, engines["unet"].io, settings, engines.dims.extra if engines.dims else {})
     return settings, notes
