@@ -8,7 +8,11 @@ trains on when its budget is raised, e.g. a larger --unet-minutes):
              sees the caption grammar; the tokenizer is the real CLIP BPE), epsilon prediction on the SD noise
              schedule (scaled_linear 0.00085..0.012, 1000 steps), 10% caption dropout for classifier-free
              guidance, min-SNR-5 loss weights (Hang et al. 2023), EMA weights; --x0-weight K also weights
-             high-noise errors by min(1/snr, K) (x0-space loss, truncated-SNR weighting, Salimans & Ho 2022).
+             high-noise errors by min(1/snr, K) (x0-space loss, truncated-SNR weighting, Salimans & Ho 2022);
+             --terminal-share S trains a share S of each batch at t >= 900 on a pure-noise input (what the
+             sampler's first step sees; the SD schedule's non-zero terminal SNR otherwise leaks the object's
+             place into x_T and the UNet learns position from the noise, not the text), errors weighted in x0
+             space up to --terminal-weight; --min-snr 0 is the plain epsilon loss.
   4. teacher sample (noise, prompt) -> x0 pairs with the trained model: 20-step DDIM with CFG.
   5. turbo   the few-step student: knowledge distillation in the sense of Luhman & Luhman 2021 (arXiv:2101.02388):
              from the teacher's own noise z, the student's x0 at the trailing-schedule timesteps (999, 749,
@@ -179,10 +183,12 @@ def train_decoder(args: argparse.Namespace, work: Path, vae: Any) -> tuple[Any, 
     stage = Stage(work, "decoder", stage_minutes(args, "decoder"))
     parts = [vae.post_quant_conv, vae.decoder]
     params = [p for m in parts for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
     if "decoder" in stage.state:
         vae.load_state_dict(stage.state["decoder"])
         opt.load_state_dict(stage.state["opt"])
+        for g in opt.param_groups:  # a continuation may lower the rate
+            g["lr"] = args.decoder_lr
     if not stage.done:
         vae.decoder.train()
 
@@ -284,13 +290,26 @@ def train_unet(args: argparse.Namespace, work: Path, data: dict[str, Any], tok: 
             cap[torch.rand(args.batch, generator=g) < 0.1] = empty
             noise = torch.randn(x0.shape, generator=g)
             t = torch.randint(0, 1000, (args.batch,), generator=g)
+            k = int(round(args.terminal_share * args.batch))
+            if k:  # terminal samples: t near T and an input that is pure noise, as the sampler's first step sees
+                t[:k] = torch.randint(args.terminal_from, 1000, (k,), generator=g)
             xt = sched.add_noise(x0, noise, t)
+            target = noise
+            if k:
+                a = acp[t[:k]].view(-1, 1, 1, 1)
+                xt[:k] = torch.randn(xt[:k].shape, generator=g)
+                target = noise.clone()
+                target[:k] = (xt[:k] - a.sqrt() * x0[:k]) / (1 - a).sqrt()  # the epsilon that x_t = pure noise implies
             ctx = text(ids[cap]).last_hidden_state
             eps = unet(xt, t, encoder_hidden_states=ctx).sample
-            w = torch.clamp(snr[t], max=5.0) / snr[t]  # min-SNR-5 for epsilon prediction
+            w = torch.ones(args.batch)
+            if args.min_snr > 0:  # min-SNR-gamma for epsilon prediction (down-weights the low-noise steps)
+                w = torch.clamp(snr[t], max=args.min_snr) / snr[t]
             if args.x0_weight > 0:  # truncated-SNR x0 weighting at high noise (Salimans & Ho 2022): 1 / snr
                 w = torch.maximum(w, torch.clamp(1.0 / snr[t], max=args.x0_weight))
-            loss = (w * ((eps - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+            if k:  # the terminal samples' errors in x0 space (eps error * sqrt(1/snr)), capped
+                w[:k] = torch.clamp(1.0 / snr[t[:k]], max=args.terminal_weight)
+            loss = (w * ((eps - target) ** 2).mean(dim=(1, 2, 3))).mean()
             for grp in opt.param_groups:
                 grp["lr"] = args.lr * min(1.0, (i + 1) / 200)
             opt.zero_grad(set_to_none=True)
@@ -377,7 +396,9 @@ def train_turbo(args: argparse.Namespace, work: Path, teacher: Any, text: Any, t
             g = make_generator(args.seed * 32452843 + i)
             pick = torch.randint(0, n, (args.batch,), generator=g)
             z, x0 = noise_all[pick], x0_all[pick]
-            t = ts[torch.randint(0, len(ts), (args.batch,), generator=g)]
+            # --turbo-one-step-share of the batch at t = 999 (the 1-step sampler's only step), the rest uniform
+            first = torch.rand(args.batch, generator=g) < args.turbo_one_step_share
+            t = torch.where(first, ts[0], ts[1:][torch.randint(0, len(ts) - 1, (args.batch,), generator=g)])
             a = acp[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * x0 + (1 - a).sqrt() * z
             eps = student(xt, t, encoder_hidden_states=ctx_all[cap_all[pick]]).sample
@@ -432,9 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batch-vae", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--turbo-one-step-share", type=float, default=0.25,
+                   help="Turbo student: share of samples at t = 999 (0.25: the four timesteps uniformly)")
+    p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument("--turbo-lr", type=float, default=1e-4)
     p.add_argument("--x0-weight", type=float, default=0.0,
                    help="UNet loss: weight eps errors by min(1/snr, this) at high noise (0: min-SNR-5 only)")
+    p.add_argument("--min-snr", type=float, default=5.0, help="UNet: min-SNR-gamma loss weights (0: plain eps loss)")
+    p.add_argument("--terminal-share", type=float, default=0.0,
+                   help="UNet: this share of each batch is trained at t >= --terminal-from on a pure-noise input "
+                        "(the leaked signal that the SD schedule leaves at T is absent when sampling)")
+    p.add_argument("--terminal-from", type=int, default=900)
+    p.add_argument("--terminal-weight", type=float, default=20.0, help="cap of the terminal samples' x0 weight 1/snr")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: OpenMP spin-waits on a busy 2-core box)")
     p.add_argument("--stop-after", choices=("vae", "latents", "unet", "teacher", "turbo"), help="stop after a stage")
     p.add_argument("--only", choices=("decoder",), help="run only this stage (in parallel with the main run)")
