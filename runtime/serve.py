@@ -5,7 +5,9 @@ Endpoints (JSON in, JSON out):
 - ``POST /generate``  -> {"images": [base64 PNG, ...], "seed", "settings", "notes", "timing"}
   Body: the `GenerationRequest` fields that make sense over the wire (prompt, negative_prompt,
   steps, guidance, guidance_rescale, sampler, width, height, aspect, seed, num_images_per_prompt,
-  strength, denoising_end, prompt_weighting, conditioning) plus optional base64 PNG ``image`` / ``mask``.
+  strength, denoising_end, prompt_weighting, conditioning, step_cache, tiny_vae) plus optional base64 PNG
+  ``image`` / ``mask``. A ``step_cache`` or ``tiny_vae`` the served engines were not exported for is a 400
+  that names the export option.
   ``?format=png`` (or an ``Accept: image/png`` header) returns the first image as a PNG instead.
   ``conditioning`` holds values other than text by UNet input name, each a number or a list of
   numbers (one per prompt slot): ``{"class_labels": 3}`` for a class-conditional model, whose
@@ -47,7 +49,7 @@ from urllib.parse import parse_qs, urlparse
 
 from PIL import Image, UnidentifiedImageError
 
-from latentrt.errors import InvalidRequest, LatentRTError, TooLarge, UnsupportedShape
+from latentrt.errors import InvalidRequest, LatentRTError, MissingComponent, TooLarge, UnsupportedShape
 
 from .condition_values import is_condition_value
 from .images import decoded, png_bytes
@@ -62,6 +64,7 @@ WIRE_TYPES = {  # field -> the JSON types it accepts ("str[]": a list of strings
     "steps": ("int",), "seed": ("int",), "width": ("int",), "height": ("int",), "num_images_per_prompt": ("int",),
     "guidance": ("number",), "strength": ("number",), "denoising_end": ("number",), "aspect": ("str", "number"),
     "guidance_rescale": ("number",), "prompt_weighting": ("bool",), "conditioning": ("object",),
+    "step_cache": ("int",), "tiny_vae": ("bool",),
 }
 WIRE_FIELDS = set(WIRE_TYPES)
 
@@ -363,6 +366,9 @@ class _Handler(BaseHTTPRequestHandler):
             request = request_from_json(body, self.server.limits)
             check_prompt_given(request, self.server.pipeline)
             self.server.pipeline.check(request)  # bad settings and requests beyond memory never wait in the queue
+        except MissingComponent as e:  # an option (step_cache, tiny_vae) these engines lack: the client's to drop
+            self._client_error(InvalidRequest(str(e)))
+            return
         except LatentRTError as e:
             self._client_error(e)
             return

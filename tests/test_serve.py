@@ -86,6 +86,10 @@ def test_generate_png(server: GenerationServer) -> None:
     (dict(REQUEST, prompt=None), "needs a 'prompt'"),
     (dict(REQUEST, aspect=[16, 9]), "'aspect' must be a string or a number"),
     (dict(REQUEST, sampler=1), "'sampler' must be a string"),
+    (dict(REQUEST, tiny_vae="yes"), "'tiny_vae' must be true or false"),
+    (dict(REQUEST, step_cache=1.5), "'step_cache' must be an integer"),
+    (dict(REQUEST, tiny_vae=True), "--tiny-vae"),  # options the served export lacks are the client's to drop
+    (dict(REQUEST, step_cache=2), "--step-cache"),
 ])
 def test_bad_requests_get_400_with_a_message(server: GenerationServer, body: object, needle: str) -> None:
     status, raw, _ = _post(server.url + "/generate", body)

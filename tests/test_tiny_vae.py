@@ -235,3 +235,30 @@ def test_copied_folder_keeps_working(tiny_vae_dir: Path, tmp_path: Path) -> None
     shutil.copytree(tiny_vae_dir, copy)
     (copy / "README.md").write_text("TAESD")
     assert locate_tiny_vae(copy, 4, 8).spec.sha256 == locate_tiny_vae(tiny_vae_dir, 4, 8).spec.sha256
+
+
+def test_served_over_http(folders: dict[str, Path], diffusers_image: np.ndarray) -> None:
+    """`latentrt serve` takes `tiny_vae` over the wire: a real server on 127.0.0.1, the same image as diffusers."""
+    import base64
+    import io
+    import threading
+    import urllib.request
+
+    from latentrt.runtime.serve import serve
+
+    pipe = load_pipeline(folders["engines"], backend="onnxruntime")
+    srv = serve(pipe, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        body = json.dumps({**SETTINGS, "tiny_vae": True}).encode()
+        req = urllib.request.Request(srv.url + "/generate", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            reply = json.loads(r.read())
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        pipe.close()
+    assert reply["settings"]["tiny_vae"] is True and TINY_VAE_DECODER in reply["timing"]["summary"]
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["images"][0]))).convert("RGB"), dtype=np.int16)
+    assert np.abs(image - (diffusers_image[0] * 255).round().astype(np.int16)).max() <= 1
