@@ -354,12 +354,10 @@ def resolve_size(engines: EngineSet, request: GenerationRequest, image: Image.Im
         return low_res_size(engines, image, notes)
     if image is not None:
         size = (image.size[1], image.size[0])
-        if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
-            valid = nearest_valid(size, PIXEL_MULTIPLE, pixel_ranges(engines))[0]
+        if (valid := multiple_size(engines, size)) != size:
             notes.append(f"resized the {format_size(size)} init image to {format_size(valid)} (HxW; sides must "
                          f"be multiples of {PIXEL_MULTIPLE})")
-            size = valid
-        return covered(engines, size, notes)
+        return covered(engines, valid, notes)
     return covered(engines, native_size(engines.spec, engines.dims), notes)
 
 
@@ -367,12 +365,17 @@ def low_res_size(engines: EngineSet, image: Image.Image, notes: list[str]) -> tu
     """Issue 12, H1: an image at latent resolution (LDM super-resolution) gives the output size: factor x its size."""
     f = engines.vae_scale_factor
     size = (image.size[1] * f, image.size[0] * f)
-    if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
-        valid = nearest_valid(size, PIXEL_MULTIPLE, pixel_ranges(engines))[0]
+    if (valid := multiple_size(engines, size)) != size:
         notes.append(f"resized the {image.size[1]}x{image.size[0]} image to {valid[0] // f}x{valid[1] // f} (HxW): "
                      f"the output ({f}x its size) needs sides that are multiples of {PIXEL_MULTIPLE}")
-        size = valid
-    return covered(engines, size, notes)
+    return covered(engines, valid, notes)
+
+
+def multiple_size(engines: EngineSet, size: tuple[int, int]) -> tuple[int, int]:
+    """`size` (H, W) if both sides are multiples of PIXEL_MULTIPLE, else the nearest valid size the engines take."""
+    if size[0] % PIXEL_MULTIPLE or size[1] % PIXEL_MULTIPLE:
+        return nearest_valid(size, PIXEL_MULTIPLE, pixel_ranges(engines))[0]
+    return size
 
 
 def pixel_ranges(engines: EngineSet) -> SideRanges:
