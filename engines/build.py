@@ -58,6 +58,7 @@ from .builder import Builder, BuildEvent, BuildOptions, ComponentPrecision, GpuI
 from .calibration import Calibration, Feed
 from .layers import attention_core
 from .onnx_checks import check_onnx_files
+from .openvino import cpu_native_bf16
 from .profiles import ProfilePlan, format_plan, plan_profiles, vae_scale_factor
 from .recipes import DEFAULT_RECIPE, RECIPES
 from .source import OnnxExport, copy_files, read_onnx_export, select_components, tree_bytes, verify_export
@@ -363,8 +364,11 @@ def _build_component(export: OnnxExport, plan: ProfilePlan, c: str, tmp: Path, b
                      position: tuple[int, int], progress: Progress | None) -> dict[str, Any]:
     """Build (or reuse) one component's engine into `tmp/c` and return its manifest entry."""
     opts = builder.options
-    prec = (ov_component_precision(c, opts.precision, opts.component_precisions) if opts.backend == BuildBackend.OPENVINO
-            else component_precision(export.spec, c, opts.precision, fp16_fixed_vae=opts.fp16_fixed_vae))
+    if opts.backend == BuildBackend.OPENVINO:
+        prec = ov_component_precision(c, opts.precision, opts.component_precisions,
+                                      native_bf16=opts.precision == Precision.INT8 and cpu_native_bf16())
+    else:
+        prec = component_precision(export.spec, c, opts.precision, fp16_fixed_vae=opts.fp16_fixed_vae)
     io, profiles = builder.engine_io(plan, c, export.ios[c])
     fields = builder.cache_key(export.manifest["components"][c]["sha256"], prec, profiles, gpu)
     key = digest(fields)

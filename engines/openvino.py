@@ -10,6 +10,7 @@ once against its source ONNX graph (ONNX Runtime) on the same inputs (`latentrt.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -60,6 +61,17 @@ def require_openvino() -> str:
     if not ok:
         raise BackendUnavailable(why)
     return why.removeprefix("openvino ")
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_native_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin computes bf16 natively here ('BF16' among its optimization capabilities:
+    AVX512-BF16 or AMX); False without OpenVINO."""
+    if not openvino_available()[0]:
+        return False
+    import openvino as ov
+
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def nncf_version() -> str:

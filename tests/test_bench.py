@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from latentrt.cli import main
-from latentrt.errors import InvalidRequest
+from latentrt.errors import InvalidRequest, OutputConflict
 from latentrt.runtime.bench import (
     BenchCase,
     _linear_fit,
@@ -203,3 +204,25 @@ def test_bench_takes_a_built_engine_folder_and_finds_its_checkpoint(onnx_export_
     assert record.backends["onnxruntime"]["folder"] == str(engines)
     assert set(record.cases[0]["results"]) == {"reference", "onnxruntime"}
     assert (tmp_path / "out" / "bench.json").is_file() and not (tmp_path / "out" / "stages.png").exists()
+
+
+def test_a_second_bench_reuses_the_engines_it_built(onnx_export_dir, tmp_path: Path) -> None:
+    from latentrt.workflows.bench import prepare_targets
+
+    said: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = prepare_targets(onnx_export_dir("sd1"), ["onnxruntime"], tmp_path, torch.device("cpu"), said.append)
+        engine = first.folders["onnxruntime"] / "unet" / "model.onnx"
+        stamp = engine.stat().st_mtime_ns
+        manifest = (first.folders["onnxruntime"] / "manifest.json").read_text()
+        second = prepare_targets(onnx_export_dir("sd1"), ["onnxruntime"], tmp_path, torch.device("cpu"), said.append)
+    assert second.folders == first.folders
+    assert engine.stat().st_mtime_ns == stamp  # unchanged cache keys: not rebuilt
+    assert json.loads((second.folders["onnxruntime"] / "manifest.json").read_text())["components"] == \
+        json.loads(manifest)["components"]
+    # a folder there that is not engines is replaced only when LatentRT wrote it: a stranger's file is refused
+    (tmp_path / "engines-onnxruntime" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputConflict):
+        prepare_targets(onnx_export_dir("sd1"), ["onnxruntime"], tmp_path, torch.device("cpu"), said.append)
+    assert (tmp_path / "engines-onnxruntime" / "notes.txt").read_text() == "mine"

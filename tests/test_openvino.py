@@ -182,6 +182,22 @@ def test_openvino_only_settings_are_refused_elsewhere(sd1: Path, tmp_path: Path,
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_int8_builds_run_the_other_components_in_bf16_where_the_cpu_has_it() -> None:
+    from latentrt.choices import Precision
+    from latentrt.engines.build_openvino import ov_component_precision
+
+    def chosen(component: str, native: bool, **overrides: str) -> Precision:
+        return ov_component_precision(component, Precision.INT8, overrides, native_bf16=native).precision
+
+    assert chosen("unet", True) == chosen("unet", False) == Precision.INT8
+    assert chosen("text_encoder", True) == chosen("vae_decoder", True) == Precision.BF16
+    assert chosen("text_encoder", False) == chosen("vae_decoder", False) == Precision.FP32
+    assert chosen("vae_decoder", True, vae_decoder="fp32") == Precision.FP32  # an override wins
+    assert ov_component_precision("vae_decoder", Precision.FP32, native_bf16=True).precision == Precision.FP32
+    with pytest.raises(BuildError, match="int8 is for the UNet"):
+        chosen("vae_decoder", True, vae_decoder="int8")
+
+
 def test_rebuild_reuses_unchanged_openvino_engines(sd1: Path, ov_fp32: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "again"

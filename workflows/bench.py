@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from latentrt.choices import Backend, Precision
-from latentrt.errors import BackendUnavailable, InvalidRequest
+from latentrt.errors import BackendUnavailable, InvalidRequest, OutputConflict
 from latentrt.manifest import ONNX_KIND, check_writable, read_manifest
 from latentrt.outputs import removed_if_failed
 from latentrt.paths import inside
@@ -68,16 +68,12 @@ def prepare_targets(model_or_dir: str | os.PathLike[str], labels: Sequence[str],
         t.onnx_dir, t.build["export_s"] = _timed(lambda: export_model(t.checkpoint or "", out_dir / "onnx",
                                                                        family=t.family, overwrite=True))
     for label in missing:
-        from latentrt.workflows.build import (
-            build_engines,  # records int8 calibration feeds when it needs them
-        )
-
         backend, _, precision = label.partition("-")
         say(f"building {label} engines")
         dest, build_device = out_dir / f"engines-{label}", "cuda" if device.type == "cuda" else "cpu"
         t.folders[label], t.build[f"build_{label}_s"] = _timed(
-            lambda b=backend, p=precision or None, d=dest, bd=build_device: build_engines(
-                t.onnx_dir or "", d, backend=b, device=bd, precision=p, overwrite=True))
+            lambda b=backend, p=precision or None, d=dest, bd=build_device: _build_or_reuse(
+                t.onnx_dir or "", d, backend=b, device=bd, precision=p))
     if naive and t.onnx_dir is not None:
         t.folders[OV_NAIVE] = t.onnx_dir
     if TORCH in labels:
@@ -85,6 +81,17 @@ def prepare_targets(model_or_dir: str | os.PathLike[str], labels: Sequence[str],
             raise InvalidRequest(f"{model_or_dir} names no source checkpoint: the torch backend cannot be loaded")
         t.folders[TORCH] = t.onnx_dir or Path(t.checkpoint)
     return t
+
+
+def _build_or_reuse(onnx_dir: str | os.PathLike[str], dest: Path, **options: Any) -> Path:
+    """Build engines into `dest`, reusing those an earlier bench of the same export left there whose cache keys
+    still match (a full SD build takes tens of minutes on a small CPU); anything else there is replaced."""
+    from latentrt.workflows.build import build_engines  # records int8 calibration feeds when it needs them
+
+    try:
+        return build_engines(onnx_dir, dest, overwrite=False, **options)
+    except OutputConflict:  # another model's engines, or a folder that is not usable engines: replace it
+        return build_engines(onnx_dir, dest, overwrite=True, **options)
 
 
 def prepare_int8(t: Targets, fp32: PipelineRunner, case: BenchCase, guidance: float, recipe: str, out_dir: Path,

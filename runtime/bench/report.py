@@ -40,8 +40,9 @@ def case_table(case: Mapping[str, Any]) -> list[str]:
         img = case.get("image_vs_reference", {}).get(label)
         img_cell = f"PSNR {img['psnr_db']:.1f} dB, max {img['max_abs_diff']:.3g}" if img else \
             ("(baseline)" if label == baseline else "–")
+        speed_cell = "1 (baseline)" if label == "reference" else "–" if speed is None else f"{speed:,.2f}x"
         lines.append(f"| {label} | {_fmt(e2e['p50'])} | {_fmt(e2e['p90'])} | {_fmt(e2e['p99'])} | "
-                     f"{r['images_per_s']:.3f} | {'1 (baseline)' if label == 'reference' else _fmt(speed, 2) + 'x'} | "
+                     f"{r['images_per_s']:.3f} | {speed_cell} | "
                      f"{_stage_cell(r, ('text_encoder', 'text_encoder_2'))} | {_fmt(stage_p50(r, 'unet', 'per_call'))} | "
                      f"{_fmt(stage_p50(r, 'unet'))} | {_stage_cell(r, ('vae_decoder',))} | {overhead} | {img_cell} |")
     if "int8_vs_fp32" in case:
