@@ -126,8 +126,10 @@ def default_precision(backend: str, device: str) -> Precision:
 
 
 def int8_needs_calibration(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], int8: Int8Options, *,
-                           components: Sequence[str] | None = None, overwrite: bool = False) -> bool:
-    """Whether a build with these settings quantizes the UNet with a static recipe (so needs recorded feeds).
+                           components: Sequence[str] | None = None, overwrite: bool = False,
+                           decoder: bool = False) -> bool:
+    """Whether a build with these settings quantizes the UNet (or, with `decoder`, an int8 VAE decoder) with a
+    static recipe, so needs recorded feeds.
 
     The UNet is quantized when it is built (all components, or `unet` among them) or when the folder's
     kept UNet is not an int8 UNet made with these settings.
@@ -135,7 +137,8 @@ def int8_needs_calibration(onnx_dir: str | os.PathLike[str], out_dir: str | os.P
     export = read_onnx_export(onnx_dir)
     if not int8.static or "unet" not in export.ios:
         return False
-    if "unet" in select_components(export, components):
+    selected = select_components(export, components)
+    if "unet" in selected or (decoder and "vae_decoder" in selected):
         return True
     out = Path(os.path.abspath(out_dir))
     previous = _previous_build(export, out, overwrite)

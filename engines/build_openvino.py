@@ -30,30 +30,33 @@ from .openvino import (
 )
 from .profiles import ProfilePlan
 
-INT8_COMPONENTS = ("unet",)  # calibration feeds are recorded for the UNet only
+INT8_COMPONENTS = ("unet", "vae_decoder")  # the components whose calibration feeds are recorded
+INT8_BY_DEFAULT = ("unet",)  # what --precision int8 quantizes (an int8 decoder is asked for by name)
 
 
 def ov_component_precision(component: str, base: Precision, overrides: Mapping[str, str] | None = None, *,
                            native_bf16: bool = False) -> ComponentPrecision:
     """A component's OpenVINO precision: an override for it, else the build's.
 
-    An int8 build quantizes the UNet only (its calibration feeds are recorded); the other components run in
-    bf16 where the CPU computes bf16 natively (`native_bf16`: bf16 costs ~46 dB PSNR, far above int8's ~36 dB,
-    and halves their time), else in fp32.
+    An int8 build quantizes the UNet (and the VAE decoder when asked for by name: `vae_decoder=int8`; its
+    calibration feeds are the latents the calibration runs decode); the other components run in bf16 where
+    the CPU computes bf16 natively (`native_bf16`: bf16 costs ~46 dB PSNR, far above int8's ~36 dB, and
+    halves their time), else in fp32.
     """
     chosen = (overrides or {}).get(component)
     precision = Precision(chosen) if chosen else base
     if precision not in OV_PRECISIONS:
         raise BuildError(f"{component}: OpenVINO builds fp32, bf16 or int8, not {precision.value}")
-    if precision == Precision.INT8 and component not in INT8_COMPONENTS:
+    if precision == Precision.INT8 and component not in (INT8_COMPONENTS if chosen else INT8_BY_DEFAULT):
         if chosen:
-            raise BuildError(f"{component}: OpenVINO int8 is for the UNet (its calibration feeds are recorded); "
-                             f"build {component} in bf16 or fp32")
+            raise BuildError(f"{component}: OpenVINO int8 is for the UNet and the VAE decoder (their calibration "
+                             f"feeds are recorded); build {component} in bf16 or fp32")
         if native_bf16:
-            return ComponentPrecision(Precision.BF16, note="int8 build: the UNet is quantized, the rest runs in bf16 "
-                                                           "(the CPU computes bf16 natively)")
-        return ComponentPrecision(Precision.FP32, note="int8 build: only the UNet is quantized (no native bf16 on "
-                                                       "this CPU: the rest stays fp32)")
+            return ComponentPrecision(Precision.BF16, note="int8 build: the rest runs in bf16, native on this CPU")
+        return ComponentPrecision(Precision.FP32, note="int8 build: the rest stays fp32, no native bf16 on this CPU")
+    if chosen and precision == Precision.INT8 and base != Precision.INT8:
+        raise BuildError(f"{component}=int8 needs --precision int8 (its calibration feeds come from the int8 "
+                         "build's fp32 sampling runs)")
     return ComponentPrecision(precision)
 
 
@@ -85,6 +88,8 @@ class OpenVinoBuilder(Builder):
         require_openvino()
         if self.options.device != Device.CPU:
             raise BuildError(f"--backend openvino builds for the CPU (got --device {self.options.device.value})")
+        for component in self.options.component_precisions:  # refuse an impossible choice before any work
+            ov_component_precision(component, self.options.precision, self.options.component_precisions)
         if self.options.precision == Precision.INT8 or Precision.INT8 in self.options.component_precisions.values():
             nncf_version()
         return None
@@ -117,7 +122,8 @@ class OpenVinoBuilder(Builder):
         o = self.options
         int8 = precision.precision == Precision.INT8
         calibration = o.int8.calibration if int8 and o.int8 is not None else None
-        feeds = list(calibration.feeds) if calibration is not None else []
+        feeds = [] if calibration is None else \
+            list(calibration.decoder_feeds if io.component == "vae_decoder" else calibration.feeds)
         info = prepare_ov_engine(onnx_path, dest, io, precision=precision.precision, threads=o.threads, feeds=feeds,
                                  verify=o.verify)
         out: dict[str, Any] = {"build_s": info.pop("prepare_s"), "openvino": info}
@@ -125,7 +131,9 @@ class OpenVinoBuilder(Builder):
             seconds = calibration.seconds if calibration is not None else 0.0
             out["build_s"] = round(out["build_s"] + seconds, 3)
             out["int8_build"] = {**o.int8.as_json(), "calibration_s": round(seconds, 3), "calibration_feeds": len(feeds)}
-            out["int8"] = {"recipe_name": NNCF_RECIPE, "nncf": info.get("nncf"), "model_type": "transformer"}
+            out["int8"] = {"recipe_name": NNCF_RECIPE, "nncf": info.get("nncf"),
+                           "model_type": "transformer" if io.component == "unet" else "default, preset mixed, "
+                                                                                       "first and last conv in float"}
         return out
 
     def verify(self, onnx_path: Path, engine: Path, io: ComponentIO,

@@ -1,4 +1,5 @@
-"""Recorded calibration data for static int8 UNets: UNet input feeds from fp32 sampling runs.
+"""Recorded calibration data for static int8 engines: UNet input feeds from fp32 sampling runs (and, for an
+int8 VAE decoder, the latents those runs decoded).
 
 The engines stage never samples: whoever can run the pipeline (`latentrt.workflows.build`) records the
 feeds and hands them over, as values or as one `.npz` file (written atomically; read without pickles,
@@ -26,7 +27,9 @@ from latentrt.manifest import atomic_write_bytes
 
 Feed = Mapping[str, np.ndarray]  # UNet input name -> array, one UNet call
 META = "meta"  # the .npz entry holding how the feeds were recorded (JSON text)
-_KEY = re.compile(r"^(\d{1,6})/([A-Za-z_][A-Za-z0-9_.:-]{0,127})$")  # "<call index>/<input name>"
+# "<call index>/<input name>" (UNet feeds) or "vae_decoder/<call index>/<input name>" (decoder feeds)
+_KEY = re.compile(r"^(?:(vae_decoder)/)?(\d{1,6})/([A-Za-z_][A-Za-z0-9_.:-]{0,127})$")
+DECODER = "vae_decoder"
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,14 @@ class Calibration:
     size: Size | None = None  # (height, width) px of the sampling runs
     steps: int | None = None  # sampling steps of each run
     seconds: float = 0.0  # how long recording took
+    decoder_feeds: tuple[Feed, ...] = ()  # VAE decoder inputs of the same runs (for an int8 decoder)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the feeds and their description to one `.npz` file, atomically."""
         arrays: dict[str, Any] = {f"{i}/{name}": np.asarray(a) for i, feed in enumerate(self.feeds)
                                   for name, a in feed.items()}
+        arrays.update({f"{DECODER}/{i}/{name}": np.asarray(a) for i, feed in enumerate(self.decoder_feeds)
+                       for name, a in feed.items()})
         meta = {"size": list(self.size) if self.size else None, "steps": self.steps, "seconds": self.seconds}
         arrays[META] = np.array(json.dumps(meta))
         buffer = io.BytesIO()
@@ -54,15 +60,16 @@ class Calibration:
         """Read a file written by `save` (BuildError when it is not one; never unpickles)."""
         entries = _read_npz(path)
         meta = _meta(entries.pop(META, None), path)
-        feeds: dict[int, dict[str, np.ndarray]] = {}
+        feeds: dict[str | None, dict[int, dict[str, np.ndarray]]] = {None: {}, DECODER: {}}
         for key, array in entries.items():
             m = _KEY.match(key)
             if m is None or array.dtype.kind not in "fiub":
                 raise BuildError(f"{path} is not a calibration feed file: unexpected entry {key[:80]!r}")
-            feeds.setdefault(int(m[1]), {})[m[2]] = array
+            feeds[m[1]].setdefault(int(m[2]), {})[m[3]] = array
         size = meta.get("size")
-        return cls(tuple(feeds[i] for i in sorted(feeds)), (int(size[0]), int(size[1])) if size else None,
-                   meta.get("steps"), float(meta.get("seconds") or 0.0))
+        unet, decoder = feeds[None], feeds[DECODER]
+        return cls(tuple(unet[i] for i in sorted(unet)), (int(size[0]), int(size[1])) if size else None,
+                   meta.get("steps"), float(meta.get("seconds") or 0.0), tuple(decoder[i] for i in sorted(decoder)))
 
 
 def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:

@@ -89,7 +89,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="compile static-shape engines at run time for the planned sizes (--sizes), dynamic ones for "
                          "any other size")
     ov.add_argument("--component-precision", metavar="NAME=PREC,...",
-                    help="per-component precision, e.g. text_encoder=bf16,vae_decoder=bf16 (int8: the UNet only)")
+                    help="per-component precision, e.g. text_encoder=fp32,vae_decoder=int8 (int8: the UNet and, with "
+                         "--precision int8, the VAE decoder; an int8 build runs the rest in bf16 where the CPU has it)")
 
 
 def parse_batch(text: str) -> tuple[int, int]:

@@ -107,14 +107,21 @@ def quantize_int8(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], io: Com
     import nncf
 
     if not feeds:
-        raise BuildError(f"{io.component}: OpenVINO int8 needs recorded calibration feeds (UNet inputs of fp32 "
+        raise BuildError(f"{io.component}: OpenVINO int8 needs recorded calibration feeds (its inputs during fp32 "
                          "sampling runs): build with `latentrt build`, which records them, or pass calibration=")
     names = set(io.input_names)
     missing = [n for n in io.input_names if any(n not in f for f in feeds)]
     if missing:
         raise BuildError(f"{io.component}: the calibration feeds lack input(s) {', '.join(missing)}")
     data = [{k: np.asarray(v) for k, v in f.items() if k in names} for f in feeds]
-    return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), model_type=nncf.ModelType.TRANSFORMER)
+    if io.component != "vae_decoder":
+        return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), model_type=nncf.ModelType.TRANSFORMER)
+    # A convolutional decoder: asymmetric activations (preset MIXED: its SiLU outputs are one-sided) and the
+    # first and last convolutions kept in float. Measured on the full-size SD 1.5 VAE decoder at 256x256:
+    # 35.2 dB output PSNR vs fp32 (default preset 33.3 dB), 1.66x faster than bf16 (benchmarks/README.md).
+    convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
+    return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), preset=nncf.QuantizationPreset.MIXED,
+                         ignored_scope=nncf.IgnoredScope(names=convs[:1] + convs[-1:]))
 
 
 def prepare_ov_engine(src: Path, dest: Path, io: ComponentIO, *, precision: Precision, threads: int | None,

@@ -53,6 +53,22 @@ def test_a_file_that_is_not_a_feed_file_gets_one_fixed_message(tmp_path: Path) -
         Calibration.load(tmp_path / "missing.npz")
 
 
+def test_decoder_feeds_round_trip_next_to_the_unet_feeds(tmp_path: Path) -> None:
+    unet = ({"sample": np.ones((2, 4, 8, 8), np.float32), "timestep": np.array([999.0], np.float32)},
+            {"sample": np.zeros((2, 4, 8, 8), np.float32), "timestep": np.array([1.0], np.float32)})
+    decoder = ({"latent": np.full((1, 4, 8, 8), 0.5, np.float32)},)
+    got = Calibration.load(Calibration(unet, (64, 64), 2, 1.5, decoder).save(tmp_path / "feeds.npz"))
+    assert (got.size, got.steps, got.seconds) == ((64, 64), 2, 1.5)
+    assert len(got.feeds) == 2 and len(got.decoder_feeds) == 1
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(got.feeds, unet) for k in a)
+    assert np.array_equal(got.decoder_feeds[0]["latent"], decoder[0]["latent"])
+    assert Calibration.load(Calibration(unet).save(tmp_path / "unet-only.npz")).decoder_feeds == ()
+    bad = {"unet/0/sample": np.zeros(2, np.float32)}  # only the decoder may prefix its feeds
+    np.savez(tmp_path / "bad.npz", **bad)
+    with pytest.raises(BuildError, match="unexpected entry"):
+        Calibration.load(tmp_path / "bad.npz")
+
+
 def test_the_cli_refuses_a_bad_feed_file_in_one_line(sd1: Path, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     bad = _bad_files(tmp_path)[0]

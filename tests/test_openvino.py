@@ -178,7 +178,7 @@ def test_openvino_only_settings_are_refused_elsewhere(sd1: Path, tmp_path: Path,
     assert _build(sd1, tmp_path / "y", "--precision", "int8", "--int8-recipe", "dynamic-matmul") == 2
     assert "ONNX Runtime recipe" in capsys.readouterr().err
     assert _build(sd1, tmp_path / "y", "--component-precision", "text_encoder=int8") == 2
-    assert "int8 is for the UNet" in capsys.readouterr().err
+    assert "int8 is for the UNet and the VAE decoder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -194,8 +194,30 @@ def test_int8_builds_run_the_other_components_in_bf16_where_the_cpu_has_it() -> 
     assert chosen("text_encoder", False) == chosen("vae_decoder", False) == Precision.FP32
     assert chosen("vae_decoder", True, vae_decoder="fp32") == Precision.FP32  # an override wins
     assert ov_component_precision("vae_decoder", Precision.FP32, native_bf16=True).precision == Precision.FP32
-    with pytest.raises(BuildError, match="int8 is for the UNet"):
-        chosen("vae_decoder", True, vae_decoder="int8")
+    assert chosen("vae_decoder", True, vae_decoder="int8") == Precision.INT8  # asked for by name
+    with pytest.raises(BuildError, match="int8 is for the UNet and the VAE decoder"):
+        chosen("text_encoder", True, text_encoder="int8")
+    with pytest.raises(BuildError, match="needs --precision int8"):
+        ov_component_precision("vae_decoder", Precision.BF16, {"vae_decoder": "int8"})
+
+
+def test_an_int8_vae_decoder_calibrates_on_the_latents_the_runs_decode(sd1: Path, ov_fp32: Path,
+                                                                         fp32_image: np.ndarray, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copytree(ov_fp32, tmp_path / "int8")  # text encoder and VAE encoder kept (fewer builds on 2 cores)
+    assert _build(sd1, tmp_path / "int8", "--precision", "int8", "--calibration-size", "64x64",
+                  "--calibration-steps", "1", "--components", "unet,vae_decoder",
+                  "--component-precision", "vae_decoder=int8") == 0
+    manifest = read_manifest(tmp_path / "int8")
+    decoder = manifest["components"]["vae_decoder"]
+    assert decoder["precision"] == "int8" and decoder["openvino"]["ir_weights"] == "int8 (NNCF)"
+    # 4 calibration prompts x 1 step: 4 UNet calls and 4 decoded latents
+    assert decoder["int8_build"]["calibration_feeds"] == manifest["components"]["unet"]["int8_build"][
+        "calibration_feeds"] == 4
+    assert _psnr(_image(tmp_path / "int8"), fp32_image) >= INT8_MIN_PSNR_DB
+    # asked for without the int8 build's calibration runs: refused before anything is built
+    assert _build(sd1, tmp_path / "bf16", "--precision", "bf16", "--component-precision", "vae_decoder=int8") == 2
+    assert "needs --precision int8" in capsys.readouterr().err and not (tmp_path / "bf16").exists()
 
 
 def test_rebuild_reuses_unchanged_openvino_engines(sd1: Path, ov_fp32: Path, tmp_path: Path,

@@ -47,15 +47,17 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             int8_recipe=kwargs.get("int8_recipe"), calibration_size=kwargs.get("calibration_size"),
             calibration_steps=kwargs.get("calibration_steps", INT8_CALIBRATION_STEPS),
             components=kwargs.get("components"), overwrite=kwargs.get("overwrite", False),
-            progress=kwargs.get("progress"))
+            progress=kwargs.get("progress"),
+            decoder=(kwargs.get("component_precisions") or {}).get("vae_decoder") == Precision.INT8)
     return build_stage(onnx_dir, out_dir, **kwargs)
 
 
 def record_calibration(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, backend: str,
                        device: str, int8_recipe: str | None, calibration_size: Size | None, calibration_steps: int,
                        components: Sequence[str] | None = None, overwrite: bool = False,
-                       progress: Progress | None = None) -> Calibration | None:
-    """The UNet inputs fp32 sampling runs over the export feed the UNet, when the build quantizes it statically.
+                       progress: Progress | None = None, decoder: bool = False) -> Calibration | None:
+    """The UNet inputs fp32 sampling runs over the export feed the UNet, when the build quantizes it statically
+    (with `decoder`: also the latents those runs decode, for an int8 VAE decoder).
 
     None when no feeds are needed (a dynamic recipe, or the folder's int8 UNet is kept); BuildError when an
     int8 build is not possible here (checked before any sampling).
@@ -65,12 +67,14 @@ def record_calibration(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathL
     int8 = int8_options(read_onnx_export(onnx_dir).spec, backend, device, int8_recipe, calibration_size,
                         calibration_steps)
     if int8.calibration_size is None or int8.calibration_steps is None \
-            or not int8_needs_calibration(onnx_dir, out_dir, int8, components=components, overwrite=overwrite):
+            or not int8_needs_calibration(onnx_dir, out_dir, int8, components=components, overwrite=overwrite,
+                                      decoder=decoder):
         return None
     (h, w), steps = int8.calibration_size, int8.calibration_steps
     if progress is not None:
         progress(BuildEvent("unet", 0, 1, "calibrate", "onnxruntime", Precision.FP32.value,
                             {**int8.as_json(), "runs": len(CALIBRATION_PROMPTS)}))
     start = time.perf_counter()
-    feeds = calibration_feeds(onnx_dir, height=h, width=w, steps=steps)
-    return Calibration(tuple(feeds), (h, w), steps, round(time.perf_counter() - start, 3))
+    decoder_feeds: list[dict[str, Any]] = []
+    feeds = calibration_feeds(onnx_dir, height=h, width=w, steps=steps, decoder_feeds=decoder_feeds if decoder else None)
+    return Calibration(tuple(feeds), (h, w), steps, round(time.perf_counter() - start, 3), tuple(decoder_feeds))

@@ -248,11 +248,16 @@ def measure_case(runners: Mapping[str, Runner], case: BenchCase, *, warmup: int,
 
 
 def collect_unet_feeds(runner: PipelineRunner, case: BenchCase, guidance: float, prompts: Sequence[str],
-                       limit: int = 32, tick: Callable[[], None] | None = None) -> list[dict[str, np.ndarray]]:
+                       limit: int = 32, tick: Callable[[], None] | None = None,
+                       decoder_feeds: list[dict[str, np.ndarray]] | None = None) -> list[dict[str, np.ndarray]]:
     """UNet inputs seen while `runner` (fp32) samples `prompts` (one seed each): calibration data for static int8,
-    at most `limit` of them, evenly spread over the runs."""
+    at most `limit` of them, evenly spread over the runs. With a `decoder_feeds` list, the VAE decoder's inputs
+    (one per run) are appended to it too."""
     feeds: list[dict[str, np.ndarray]] = []
-    with recording_feeds(runner.pipe.engines.engines, "unet", feeds):
+    engines = runner.pipe.engines.engines
+    with recording_feeds(engines, "unet", feeds), \
+            recording_feeds(engines, "vae_decoder", decoder_feeds) if decoder_feeds is not None \
+            else contextlib.nullcontext():
         for seed, prompt in enumerate(prompts):
             runner.generate(case, seed, prompt, guidance)
             if tick:
@@ -265,13 +270,16 @@ def collect_unet_feeds(runner: PipelineRunner, case: BenchCase, guidance: float,
 
 def calibration_feeds(folder: str | os.PathLike[str], *, height: int, width: int, steps: int,
                       guidance: float | None = None, prompts: Sequence[str] = CALIBRATION_PROMPTS,
-                      limit: int = 32) -> list[dict[str, np.ndarray]]:
+                      limit: int = 32, decoder_feeds: list[dict[str, np.ndarray]] | None = None,
+                      ) -> list[dict[str, np.ndarray]]:
     """Static-int8 calibration data for the engine builder: UNet inputs recorded while the fp32 engines (or ONNX
-    export) in `folder` sample `prompts` (one seed each) on ONNX Runtime (CPU) at the given size and steps."""
+    export) in `folder` sample `prompts` (one seed each) on ONNX Runtime (CPU) at the given size and steps (and
+    the VAE decoder's inputs appended to `decoder_feeds` when given)."""
     ort = Backend.ONNXRUNTIME.value
     runner = PipelineRunner(ort, folder, ort, torch.device("cpu"))
     try:
         scale = runner.pipe.spec.sampling.guidance if guidance is None else float(guidance)
-        return collect_unet_feeds(runner, BenchCase(height, width, 1, steps), scale, prompts, limit=limit)
+        return collect_unet_feeds(runner, BenchCase(height, width, 1, steps), scale, prompts, limit=limit,
+                                  decoder_feeds=decoder_feeds)
     finally:
         runner.close()
