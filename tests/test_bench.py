@@ -226,3 +226,24 @@ def test_a_second_bench_reuses_the_engines_it_built(onnx_export_dir, tmp_path: P
     with pytest.raises(OutputConflict):
         prepare_targets(onnx_export_dir("sd1"), ["onnxruntime"], tmp_path, torch.device("cpu"), said.append)
     assert (tmp_path / "engines-onnxruntime" / "notes.txt").read_text() == "mine"
+
+
+def test_diffusers_baselines_in_bfloat16_and_on_one_thread(onnx_export_dir, tmp_path: Path) -> None:
+    from latentrt.workflows.bench import run_bench
+
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = run_bench(onnx_export_dir("sd1"), backends=["reference", "reference-bf16", "reference-1thread"],
+                           steps=1, sizes=[(128, 128)], warmup=0, runs=1, out_dir=tmp_path / "out", flops=False,
+                           plots=False)
+    assert torch.get_num_threads() == threads  # the one-thread runs leave torch as they found it
+    assert "bfloat16" in record.backends["reference-bf16"]["describe"][0]
+    assert "1 thread(s)" in record.backends["reference-1thread"]["describe"][0]
+    case = record.cases[0]
+    assert set(case["vs_reference"]) == {"reference-bf16", "reference-1thread"}
+    same = case["image_vs_reference"]["reference-1thread"]
+    assert same["max_abs_diff"] < 1e-4  # float32 on fewer threads: the same picture, summed in another order
+    bf16 = case["image_vs_reference"]["reference-bf16"]
+    assert 0 < bf16["max_abs_diff"] and bf16["psnr_db"] > 20  # bfloat16 rounds, the picture stays
+    assert case["vs_fp32"]["reference-bf16"]["fp32"] == "reference" and "reference-1thread" not in case["vs_fp32"]

@@ -131,7 +131,8 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
 
     Args:
         model_or_dir: a checkpoint (diffusers folder, tiny:<family>), an ONNX export, or an engine folder.
-        backends: any of reference (diffusers), torch, onnxruntime, onnxruntime-int8, tensorrt (CUDA only),
+        backends: any of reference (diffusers, float32), reference-bf16 (diffusers in bfloat16), reference-1thread
+            (diffusers float32, torch on one thread), torch, onnxruntime, onnxruntime-int8, tensorrt (CUDA only),
             openvino, openvino-bf16, openvino-int8 (built here when not given) and openvino-naive (the export's
             ONNX files on OpenVINO with default settings and the bf16 hint: the plain-OpenVINO baseline).
         steps / guidance: sampling settings (default: the family's).

@@ -12,12 +12,14 @@ from latentrt.choices import Backend, Precision
 from latentrt.errors import InvalidRequest
 
 REFERENCE = "reference"  # the diffusers pipeline itself
+REF_BF16 = "reference-bf16"  # the diffusers pipeline in bfloat16 (torch_dtype=torch.bfloat16)
+REF_1THREAD = "reference-1thread"  # the diffusers pipeline (float32) with torch on one thread
 INT8 = "onnxruntime-int8"  # ONNX Runtime engines with an int8 UNet
 OPENVINO = Backend.OPENVINO.value  # OpenVINO IR engines, fp32
 OV_BF16 = "openvino-bf16"  # OpenVINO engines compiled with the bf16 inference precision hint
 OV_INT8 = "openvino-int8"  # OpenVINO engines with an NNCF int8 UNet
 OV_NAIVE = "openvino-naive"  # the export's ONNX files on OpenVINO, default settings + bf16 hint (the baseline)
-BACKENDS = (REFERENCE, Backend.TORCH.value, Backend.ONNXRUNTIME.value, INT8, Backend.TENSORRT.value, OPENVINO, OV_BF16,
+BACKENDS = (REFERENCE, REF_BF16, REF_1THREAD, Backend.TORCH.value, Backend.ONNXRUNTIME.value, INT8, Backend.TENSORRT.value, OPENVINO, OV_BF16,
             OV_INT8, OV_NAIVE)
 # a label is BACKEND or BACKEND-PRECISION: the engines' runtime backend and the precision they were built in
 BUILT_PRECISIONS = (Precision.INT8.value, Precision.BF16.value)
@@ -104,7 +106,7 @@ def label_for(backend: str, precision: str | None) -> str:
 def fp32_label(label: str) -> str | None:
     """The fp32 counterpart a lower-precision label is compared with ('openvino-bf16' -> 'openvino'), else None."""
     backend, _, precision = label.partition("-")
-    return backend if precision else None
+    return backend if precision and label != REF_1THREAD else None
 
 
 def parse_size(text: str) -> Size:

@@ -23,7 +23,16 @@ from latentrt.families import FamilySpec
 
 from ..backends.base import Engine
 from ..timing import StageTimer, TimingRecord
-from .cases import CALIBRATION_PROMPTS, OV_NAIVE, REFERENCE, BenchCase, Sample, runtime_backend
+from .cases import (
+    CALIBRATION_PROMPTS,
+    OV_NAIVE,
+    REF_1THREAD,
+    REF_BF16,
+    REFERENCE,
+    BenchCase,
+    Sample,
+    runtime_backend,
+)
 from .stats import rss_mb
 from .targets import Targets
 
@@ -137,21 +146,23 @@ class NaiveOpenVinoRunner(PipelineRunner):
 
 
 class ReferenceRunner:
-    """The diffusers pipeline (eager PyTorch, float32) on the checkpoint's own folder, timed from module hooks."""
+    """The diffusers pipeline (eager PyTorch) on the checkpoint's own folder, timed from module hooks: float32 on
+    torch's threads ("reference"), bfloat16 ("reference-bf16") or float32 on one thread ("reference-1thread": eager
+    torch degrades badly on a busy machine, so both baselines are worth quoting)."""
 
-    label = REFERENCE
-
-    def __init__(self, checkpoint: str, device: torch.device, family: str | None = None):
+    def __init__(self, checkpoint: str, device: torch.device, family: str | None = None, *,
+                 dtype: torch.dtype = torch.float32, threads: int | None = None):
         from diffusers import DiffusionPipeline
 
         from latentrt.families import get_family
         from latentrt.reference.models import detect_family, quiet_progress, resolve
 
         folder, _ = resolve(checkpoint)
-        self.device = device
+        self.device, self.threads = device, threads
+        self.label = REF_BF16 if dtype == torch.bfloat16 else REF_1THREAD if threads == 1 else REFERENCE
         before, start = rss_mb(), time.perf_counter()
         with quiet_progress():
-            self.pipe: Any = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+            self.pipe: Any = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
         self.pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.load_s = time.perf_counter() - start
@@ -159,7 +170,9 @@ class ReferenceRunner:
         self.spec = get_family(family) if family else detect_family(folder)
         self.timer = StageTimer(device)
         self._hook()
-        self.describe = [f"diffusers {type(self.pipe).__name__} (eager PyTorch float32) on {device}"]
+        where = f"{device}, {threads} thread(s)" if threads else str(device)
+        self.describe = [f"diffusers {type(self.pipe).__name__} (eager PyTorch {str(dtype).removeprefix('torch.')}) "
+                         f"on {where}"]
 
     def _hook(self) -> None:
         for name in ("text_encoder", "text_encoder_2", "unet"):
@@ -185,10 +198,16 @@ class ReferenceRunner:
             kwargs["mask_image"] = kwargs.pop("mask")
         generator = torch.Generator("cpu").manual_seed(seed)
         self.timer = StageTimer(self.device)
-        with self.timer.stage("total"):
-            out = self.pipe(prompt=prompt, num_inference_steps=case.steps, guidance_scale=guidance,
-                            height=case.height, width=case.width, num_images_per_prompt=case.batch,
-                            generator=generator, output_type="np", **kwargs)
+        threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            with self.timer.stage("total"):
+                out = self.pipe(prompt=prompt, num_inference_steps=case.steps, guidance_scale=guidance,
+                                height=case.height, width=case.width, num_images_per_prompt=case.batch,
+                                generator=generator, output_type="np", **kwargs)
+        finally:
+            torch.set_num_threads(threads)
         return Sample(stages_of(self.timer.record()), None, _gpu_peak(self.device),
                       np.asarray(out.images, dtype=np.float32))
 
@@ -210,10 +229,11 @@ Runner = PipelineRunner | ReferenceRunner
 
 def make_runner(label: str, t: Targets, device: torch.device) -> Runner:
     """The runner of one benchmark label, over the folder `t` holds for it."""
-    if label == REFERENCE:
+    if label in (REFERENCE, REF_BF16, REF_1THREAD):
         if t.checkpoint is None:
-            raise InvalidRequest("the reference backend needs the source checkpoint, which the folder does not name")
-        return ReferenceRunner(t.checkpoint, device, t.family)
+            raise InvalidRequest(f"the {label} backend needs the source checkpoint, which the folder does not name")
+        return ReferenceRunner(t.checkpoint, device, t.family, dtype=torch.bfloat16 if label == REF_BF16 else
+                               torch.float32, threads=1 if label == REF_1THREAD else None)
     if label == OV_NAIVE:
         return NaiveOpenVinoRunner(t.folders[label])
     return PipelineRunner(label, t.folders[label], runtime_backend(label), device)
