@@ -215,6 +215,9 @@ def test_an_int8_vae_decoder_calibrates_on_the_latents_the_runs_decode(sd1: Path
     assert decoder["int8_build"]["calibration_feeds"] == manifest["components"]["unet"]["int8_build"][
         "calibration_feeds"] == 4
     assert _psnr(_image(tmp_path / "int8"), fp32_image) >= INT8_MIN_PSNR_DB
+    # int8 values are judged on a recorded feed (what it was quantized for); random inputs only have to run
+    check = decoder["openvino"]["check"]
+    assert check["judged_on"] == "on a recorded calibration feed" and check["calibration_feed"]["images"]["psnr_db"] > 20
     # asked for without the int8 build's calibration runs: refused before anything is built
     assert _build(sd1, tmp_path / "bf16", "--precision", "bf16", "--component-precision", "vae_decoder=int8") == 2
     assert "needs --precision int8" in capsys.readouterr().err and not (tmp_path / "bf16").exists()
