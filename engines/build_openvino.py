@@ -19,10 +19,10 @@ from latentrt.tensors import ComponentIO
 from .builder import Builder, ComponentPrecision, GpuInfo
 from .layers import InputProfile
 from .openvino import (
-    INFERENCE_PRECISION,
     MODEL,
     NNCF_RECIPE,
     OV_PRECISIONS,
+    inference_precision,
     nncf_version,
     prepare_ov_engine,
     require_openvino,
@@ -110,7 +110,7 @@ class OpenVinoBuilder(Builder):
         o = self.options
         int8 = o.int8.as_json() if precision.precision == Precision.INT8 and o.int8 is not None else None
         return {"backend": self.backend.value, "openvino": require_openvino(),
-                "inference_precision": INFERENCE_PRECISION[precision.precision], "ir_weights": "fp32",
+                "inference_precision": inference_precision(precision.precision), "ir_weights": "fp32",
                 "threads": o.threads, "int8": int8, "note": precision.note}
 
     def plan_info(self, plan: ProfilePlan) -> dict[str, Any] | None:

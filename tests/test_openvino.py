@@ -211,6 +211,11 @@ def test_an_int8_vae_decoder_calibrates_on_the_latents_the_runs_decode(sd1: Path
     manifest = read_manifest(tmp_path / "int8")
     decoder = manifest["components"]["vae_decoder"]
     assert decoder["precision"] == "int8" and decoder["openvino"]["ir_weights"] == "int8 (NNCF)"
+    from latentrt.engines.openvino import cpu_native_bf16
+
+    # the ops int8 leaves in float run in bf16 where the CPU has it natively (OpenVINO's inference precision hint)
+    native = "bf16" if cpu_native_bf16() else "f32"
+    assert {manifest["components"][c]["openvino"]["inference_precision"] for c in ("unet", "vae_decoder")} == {native}
     # 4 calibration prompts x 1 step: 4 UNet calls and 4 decoded latents
     assert decoder["int8_build"]["calibration_feeds"] == manifest["components"]["unet"]["int8_build"][
         "calibration_feeds"] == 4
