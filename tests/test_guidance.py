@@ -40,6 +40,10 @@ from latentrt.tensors import TIMESTEP_COND, component_ios, dummy_inputs, dynamic
 BACKENDS = ("onnxruntime", "torch")
 IMAGE_TOL = {"onnxruntime": 1e-3, "torch": 2e-5}
 LATENT_TOL = {"onnxruntime": 1e-3, "torch": 1e-5}
+# Zero-SNR Euler starts at sigma ~4096 (alphas_cumprod[-1] = 2^-24): float32 rounding of the first steps, summed in
+# another kernel order than diffusers', is amplified by that scale. Measured 7.3e-5 x max|ref| on an AMX Xeon
+# (torch backend; within 1e-5 on the AMD Zen 4 machine before): the latent bound for that case is 1e-4, images unchanged.
+ZERO_SNR_EULER_LATENT_TOL = 1e-4
 LCM = "sd1-lcm"
 LCM_IMAGE_TOL = 2 / 255  # per pixel, [0, 1] images (measured <= 1.2e-6 on both backends)
 LCM_LATENT_TOL = 1e-4  # x max(1, max|ref|) (measured <= 1.9e-5: H2's sampler orders the float32 maths differently)
@@ -65,10 +69,12 @@ def max_diff(a: Any, b: Any) -> float:
     return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
 
 
-def check_match(result: GenerationResult, ref_images: Any, ref_latents: Any, backend: str) -> None:
+def check_match(result: GenerationResult, ref_images: Any, ref_latents: Any, backend: str,
+                latent_tol: float | None = None) -> None:
     assert result.array is not None and result.array.shape == ref_images.shape
     scale = max(1.0, float(ref_latents.abs().max()))
-    assert max_diff(result.latents, ref_latents) <= LATENT_TOL[backend] * scale
+    tol = LATENT_TOL[backend] if latent_tol is None else max(latent_tol, LATENT_TOL[backend])
+    assert max_diff(result.latents, ref_latents) <= tol * scale
     assert max_diff(result.array, ref_images) <= IMAGE_TOL[backend]
 
 
@@ -209,7 +215,8 @@ def test_guidance_rescale_matches_diffusers(sampler: str, scheduler: str, zero_s
               height=64, width=64, guidance_rescale=0.7)
     images = ref(**kw, generator=torch.Generator().manual_seed(21), output_type="np").images
     latents = ref(**kw, generator=torch.Generator().manual_seed(21), output_type="latent").images
-    check_match(result, images, latents, backend)
+    check_match(result, images, latents, backend,
+                ZERO_SNR_EULER_LATENT_TOL if zero_snr and sampler == "euler" else None)
     assert result.settings["guidance_rescale"] == 0.7
     plain = pipe.generate(GenerationRequest(**request))  # type: ignore[arg-type]
     assert plain.array is not None and max_diff(plain.array, images) > 1e-4
