@@ -120,11 +120,10 @@ def quantize_int8(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], io: Com
     if not feeds:
         raise BuildError(f"{io.component}: OpenVINO int8 needs recorded calibration feeds (its inputs during fp32 "
                          "sampling runs): build with `latentrt build`, which records them, or pass calibration=")
-    names = set(io.input_names)
     missing = [n for n in io.input_names if any(n not in f for f in feeds)]
     if missing:
         raise BuildError(f"{io.component}: the calibration feeds lack input(s) {', '.join(missing)}")
-    data = [{k: np.asarray(v) for k, v in f.items() if k in names} for f in feeds]
+    data = [_inputs_of(f, io) for f in feeds]
     if io.component != "vae_decoder":
         return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), model_type=nncf.ModelType.TRANSFORMER)
     # A convolutional decoder: asymmetric activations (preset MIXED: its SiLU outputs are one-sided) and the
@@ -134,6 +133,11 @@ def quantize_int8(model: Any, feeds: Sequence[Mapping[str, np.ndarray]], io: Com
     convs = [op.get_friendly_name() for op in model.get_ordered_ops() if op.get_type_name() == "Convolution"]
     return nncf.quantize(model, nncf.Dataset(data), subset_size=len(data), preset=nncf.QuantizationPreset.MIXED,
                          ignored_scope=nncf.IgnoredScope(names=convs[:1] + convs[-1:]))
+
+
+def _inputs_of(feed: Mapping[str, np.ndarray], io: ComponentIO) -> dict[str, np.ndarray]:
+    """The entries of a recorded feed that are inputs of the component (a feed may carry more)."""
+    return {k: np.asarray(v) for k, v in feed.items() if k in io.input_names}
 
 
 def prepare_ov_engine(src: Path, dest: Path, io: ComponentIO, *, precision: Precision, threads: int | None,
@@ -196,13 +200,11 @@ def verify_ov_engine(src: Path, engine: Path, io: ComponentIO, *, precision: Pre
     random = both(dummy_inputs(io, sizes, seed=0), f"at {dict(sizes)}")
     judged = random
     if precision == Precision.INT8:
-        if not all(t.shape == t.ref_shape and math.isfinite(t.max_abs_diff) for t in random.tensors):
-            bad = next(t for t in random.tensors if t.shape != t.ref_shape or not math.isfinite(t.max_abs_diff))
+        bad = next((t for t in random.tensors if t.shape != t.ref_shape or not math.isfinite(t.max_abs_diff)), None)
+        if bad is not None:
             raise BuildError(f"{io.component}: OpenVINO int8 engine output '{bad.name}' has shape {bad.shape} or "
                              f"non-finite values (source: {bad.ref_shape}) {random.context}")
-        names = set(io.input_names)
-        judged = both({k: np.asarray(v) for k, v in feeds[0].items() if k in names},
-                      "on a recorded calibration feed") if feeds else None
+        judged = both(_inputs_of(feeds[0], io), "on a recorded calibration feed") if feeds else None
     worst = judged.worst if judged is not None else None
     if judged is not None and worst is not None and not judged.ok:
         raise BuildError(f"{io.component}: OpenVINO {precision.value} engine output '{worst.name}' differs from the "
