@@ -124,9 +124,9 @@ def test_turbo_one_step_on_onnxruntime_matches_diffusers(turbo_engines: Path) ->
 def test_turbo_draws_the_prompted_scenes(turbo_engines: Path) -> None:
     """A quality floor over the first 20 evaluation prompts, 1 step on ONNX Runtime (seeds 0..19).
 
-    Measured with the shipped weights: shape 0.95, colour 0.5, position 1.0, all three 0.5 (the 200-prompt
-    scores are in benchmarks/results/demo-model/). The floors sit below that, so the test guards against a
-    broken model, sampler or decoder rather than against seed noise.
+    Measured with the shipped weights: shape 0.95, colour 1.0, position 1.0, all three 0.95 (the 200-prompt
+    scores are in benchmarks/results/demo-model/: 98% at 1 step). The floors sit below that (two misses
+    more than measured), so the test guards against a broken model, sampler or decoder, not seed noise.
     """
     from latentrt.runtime.pipeline import GenerationRequest, load_pipeline
 
@@ -138,8 +138,8 @@ def test_turbo_draws_the_prompted_scenes(turbo_engines: Path) -> None:
     finally:
         pipe.close()
     got = scenes.attribute_scores(prompts, images)
-    assert got["shape"] >= 0.8 and got["position"] >= 0.8, got
-    assert got["all"] >= 0.3, got
+    assert min(got["shape"], got["colour"], got["position"]) >= 0.85, got
+    assert got["all"] >= 0.85, got
 
 
 def test_multi_step_on_torch_matches_diffusers() -> None:

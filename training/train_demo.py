@@ -2,27 +2,31 @@
 
 Stages (each resumes from its checkpoint under --work and is skipped once finished; a finished stage
 trains on when its budget is raised, e.g. a larger --unet-minutes):
-  1. vae     AutoencoderKL, f = 8 (64x64x3 -> 8x8x4), MSE + a small KL term (Rombach et al. 2022, LDM).
+  1. vae     AutoencoderKL, f = 8 (64x64x3 -> 8x8x4), MSE + a small KL term (Rombach et al. 2022, LDM), plus two
+             latent regularisers: whitening (the four channels uncorrelated and equal in variance; without it
+             the latent was ~rank 1 per cell and red/yellow, blue/purple were a UNet error apart) and a linear
+             colour probe (each cell's 8x8 average colour must be a linear function of its latent).
   2. latents encode --scenes procedural scenes once (posterior means) and fix the VAE scaling factor = 1 / std.
   3. unet    UNet2DConditionModel + CLIPTextModel trained jointly (the text tower starts random and only ever
              sees the caption grammar; the tokenizer is the real CLIP BPE), epsilon prediction on the SD noise
              schedule (scaled_linear 0.00085..0.012, 1000 steps), 10% caption dropout for classifier-free
-             guidance, min-SNR-5 loss weights (Hang et al. 2023), EMA weights; --x0-weight K also weights
-             high-noise errors by min(1/snr, K) (x0-space loss, truncated-SNR weighting, Salimans & Ho 2022);
+             guidance, EMA weights; --min-snr G: min-SNR-G loss weights (Hang et al. 2023; default 0, the plain
+             epsilon loss); --x0-weight K also weights high-noise errors by min(1/snr, K) (x0-space loss,
+             truncated-SNR weighting, Salimans & Ho 2022);
              --terminal-share S trains a share S of each batch at t >= 900 on a pure-noise input (what the
              sampler's first step sees; the SD schedule's non-zero terminal SNR otherwise leaks the object's
              place into x_T and the UNet learns position from the noise, not the text), errors weighted in x0
-             space up to --terminal-weight; --min-snr 0 is the plain epsilon loss.
+             space up to --terminal-weight.
   4. teacher sample (noise, prompt) -> x0 pairs with the trained model: 20-step DDIM with CFG.
   5. turbo   the few-step student: knowledge distillation in the sense of Luhman & Luhman 2021 (arXiv:2101.02388):
              from the teacher's own noise z, the student's x0 at the trailing-schedule timesteps (999, 749,
-             499, 249) regresses onto the teacher's 20-step CFG sample. At t = 999 the input is z itself, so
-             1-step Euler (trailing) returns exactly the trained x0; later timesteps see the DDIM-consistent
-             point sqrt(a) x0 + sqrt(1 - a) z. Guidance is baked in (the student runs without CFG).
+             499, 249) regresses onto the teacher's 20-step CFG sample. At t = 999 the input is sqrt(1 - a) z,
+             what 1-step Euler (trailing) feeds the UNet, so that sampler returns exactly the trained x0; later
+             timesteps see the DDIM-consistent point sqrt(a) x0 + sqrt(1 - a) z. Guidance is baked in (the student runs without CFG).
   6. save    diffusers StableDiffusionPipeline folders `demo` (DDIM, leading) and `demo-turbo` (Euler, trailing),
              fp16 safetensors, CLIP tokenizer files, plus RESULTS.json with seed, command, wall times and losses.
 
-    python training/train_demo.py --seed 0 --minutes 55 --work /tmp/demo-train --out reference/demo_weights
+    python training/train_demo.py --seed 0 --minutes 60 --work /tmp/demo-train --out reference/demo_weights
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ LATENT = 8  # latent side (64 px / f = 8)
 GUIDANCE = 4.0
 TEACHER_STEPS = 20
 TURBO_TIMESTEPS = (999, 749, 499, 249)
-SHARES = {"vae": 0.15, "unet": 0.57, "teacher": 0.1, "turbo": 0.18, "decoder": 0.5}  # of --minutes
+SHARES = {"vae": 16 / 60, "unet": 33 / 60, "teacher": 4 / 60, "turbo": 7 / 60, "decoder": 0.5}  # of --minutes
 
 
 def vae_config() -> dict[str, Any]:
@@ -139,16 +143,38 @@ def make_generator(seed: int) -> torch.Generator:
 
 # ---- 1. VAE ---------------------------------------------------------------------------------------------------
 
+def latent_whitening_loss(z: torch.Tensor) -> torch.Tensor:
+    """How far the latent channels' covariance (over every cell of the batch) is from a multiple of the identity.
+
+    Without it the demo VAE put nearly all of its latent variance in one direction per cell (covariance
+    eigenvalues 3.82 / 0.083 / 0.030 / 0.001): colours that differ only along the small directions (red vs
+    yellow, blue vs purple) were a UNet error apart. Zero when the four channels are uncorrelated and equal
+    in variance; the scale itself is left free (the scaling factor normalises it afterwards).
+    """
+    c = z.shape[1]
+    flat = z.transpose(0, 1).reshape(c, -1)
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    cov = flat @ flat.T / flat.shape[1]
+    cov = cov / (torch.diagonal(cov).mean() + 1e-8)
+    return ((cov - torch.eye(c)) ** 2).sum() / c
+
+
 def train_vae(args: argparse.Namespace, work: Path) -> tuple[Any, Stage]:
     from diffusers import AutoencoderKL
 
     stage = Stage(work, "vae", stage_minutes(args, "vae"))
     torch.manual_seed(args.seed)
     vae: Any = AutoencoderKL(**vae_config())
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    # linear colour probe: the latent's cells must give the 8x8 average colour linearly (training aid, not saved
+    # with the VAE), so colour lies along large latent directions, as in SD's own latents
+    probe = torch.nn.Conv2d(4, 3, 1)
+    params = list(vae.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
     if "model" in stage.state:
         vae.load_state_dict(stage.state["model"])
-        opt.load_state_dict(stage.state["opt"])
+        if "probe" in stage.state:
+            probe.load_state_dict(stage.state["probe"])
+            opt.load_state_dict(stage.state["opt"])
     if not stage.done:
         vae.train()
 
@@ -160,14 +186,19 @@ def train_vae(args: argparse.Namespace, work: Path) -> tuple[Any, Stage]:
             rec = vae.decode(z).sample
             kl = post.kl().mean() / (4 * LATENT * LATENT)
             loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+            if args.vae_whiten > 0:
+                loss = loss + args.vae_whiten * latent_whitening_loss(post.mean)
+            if args.vae_probe > 0:
+                loss = loss + args.vae_probe * F.mse_loss(probe(post.mean), F.avg_pool2d(x, 64 // LATENT))
             for g in opt.param_groups:
-                g["lr"] = 1e-3 * min(1.0, (i + 1) / 100)
+                g["lr"] = args.vae_lr * min(1.0, (i + 1) / 100)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             return loss.item()
 
-        stage.run(step, lambda: {"model": vae.state_dict(), "opt": opt.state_dict()})
+        stage.run(step, lambda: {"model": vae.state_dict(), "probe": probe.state_dict(), "opt": opt.state_dict()})
     return vae.eval(), stage
 
 
@@ -400,7 +431,8 @@ def train_turbo(args: argparse.Namespace, work: Path, teacher: Any, text: Any, t
             first = torch.rand(args.batch, generator=g) < args.turbo_one_step_share
             t = torch.where(first, ts[0], ts[1:][torch.randint(0, len(ts) - 1, (args.batch,), generator=g)])
             a = acp[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * z
+            # at t = 999 exactly what 1-step Euler (trailing) feeds the UNet: sqrt(1 - a) z, no x0 in it
+            xt = torch.where(first.view(-1, 1, 1, 1), (1 - a).sqrt() * z, a.sqrt() * x0 + (1 - a).sqrt() * z)
             eps = student(xt, t, encoder_hidden_states=ctx_all[cap_all[pick]]).sample
             pred = (xt - (1 - a).sqrt() * eps) / a.sqrt()
             loss = F.mse_loss(pred, x0)
@@ -443,7 +475,7 @@ def schedulers() -> tuple[Any, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=55.0, help="total training budget (split between stages)")
+    p.add_argument("--minutes", type=float, default=60.0, help="total training budget (split between stages)")
     p.add_argument("--work", type=Path, default=Path("demo-train"), help="checkpoints (resume from here)")
     p.add_argument("--out", type=Path, default=Path("reference/demo_weights"), help="where demo/ and demo-turbo/ go")
     for stage in SHARES:
@@ -453,19 +485,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batch-vae", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--turbo-one-step-share", type=float, default=0.25,
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-whiten", type=float, default=0.05,
+                   help="VAE: weight of the latent whitening loss (channels uncorrelated, equal variance)")
+    p.add_argument("--vae-probe", type=float, default=1.0,
+                   help="VAE: weight of the linear colour probe loss (8x8 average colour from the latent)")
+    p.add_argument("--turbo-one-step-share", type=float, default=0.5,
                    help="Turbo student: share of samples at t = 999 (0.25: the four timesteps uniformly)")
     p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument("--turbo-lr", type=float, default=1e-4)
     p.add_argument("--x0-weight", type=float, default=0.0,
                    help="UNet loss: weight eps errors by min(1/snr, this) at high noise (0: min-SNR-5 only)")
-    p.add_argument("--min-snr", type=float, default=5.0, help="UNet: min-SNR-gamma loss weights (0: plain eps loss)")
-    p.add_argument("--terminal-share", type=float, default=0.0,
+    p.add_argument("--min-snr", type=float, default=0.0, help="UNet: min-SNR-gamma loss weights (0: plain eps loss)")
+    p.add_argument("--terminal-share", type=float, default=0.25,
                    help="UNet: this share of each batch is trained at t >= --terminal-from on a pure-noise input "
                         "(the leaked signal that the SD schedule leaves at T is absent when sampling)")
     p.add_argument("--terminal-from", type=int, default=900)
-    p.add_argument("--terminal-weight", type=float, default=20.0, help="cap of the terminal samples' x0 weight 1/snr")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1: OpenMP spin-waits on a busy 2-core box)")
+    p.add_argument("--terminal-weight", type=float, default=150.0, help="cap of the terminal samples' x0 weight 1/snr")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a busy machine: OpenMP spin-waits)")
     p.add_argument("--stop-after", choices=("vae", "latents", "unet", "teacher", "turbo"), help="stop after a stage")
     p.add_argument("--only", choices=("decoder",), help="run only this stage (in parallel with the main run)")
     args = p.parse_args(argv)
