@@ -161,7 +161,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
                   strongly_typed: bool = False, workspace_mb: int | None = None,
                   timing_cache: str | os.PathLike[str] | None = None, verify: bool = True,
                   int8_recipe: str | None = None, calibration_size: Size | None = None,
-                  calibration_steps: int = INT8_CALIBRATION_STEPS,
+                  calibration_steps: int = INT8_CALIBRATION_STEPS, calibration_guidance: float | None = None,
                   calibration: Calibration | Sequence[Feed] | str | os.PathLike[str] | None = None,
                   prompt_windows: int = PROMPT_WINDOWS, static_shapes: bool = False,
                   component_precisions: Mapping[str, str] | None = None) -> Path:
@@ -191,6 +191,8 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
         int8_recipe: with precision "int8", a name from `engines.recipes.RECIPES` (default "static-qdq-mha").
         calibration_size / calibration_steps: how static int8 recipes' feeds were recorded (fp32 sampling at
             this (height, width) and step count; default the native size capped to 256 px, 4 steps).
+        calibration_guidance: their guidance scale (default: the family's); 1 for a no-guidance workload
+            such as 1-step Turbo sampling, whose latents an int8 VAE decoder must be calibrated on.
         calibration: static int8 recipes: the recorded UNet input feeds (a `Calibration`, a sequence of
             {input name: array}, or a `.npz` file from `Calibration.save`). This stage never samples:
             `latentrt.workflows.build.build_engines` records them (fp32 sampling runs) and calls this.
@@ -212,7 +214,8 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
     _check_calibration_used(precision, int8_recipe, calibration)
     export = read_onnx_export(onnx_dir)
     int8 = None if precision != Precision.INT8 else int8_options(export.spec, backend, device, int8_recipe,
-                                                                 calibration_size, calibration_steps, calibration)
+                                                                 calibration_size, calibration_steps, calibration,
+                                                                 calibration_guidance)
     plan = plan_for_export(export, sizes=sizes, batch=batch, strategy=strategy, groups=groups, cfg=cfg,
                            opt_batch=opt_batch, components=components, prompt_windows=prompt_windows)
     if plan_only:

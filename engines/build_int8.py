@@ -9,6 +9,7 @@ caller; this stage never samples (`latentrt.workflows.build` records them with t
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -45,6 +46,7 @@ class Int8Options:
     calibration_size: Size | None
     calibration_steps: int | None = INT8_CALIBRATION_STEPS
     calibration: Calibration | None = field(default=None, compare=False)  # the recorded feeds (static recipes)
+    calibration_guidance: float | None = None  # guidance scale of the runs (None: the family's default)
 
     @property
     def static(self) -> bool:
@@ -53,7 +55,7 @@ class Int8Options:
     def as_json(self) -> dict[str, Any]:
         size = self.calibration_size
         return {"recipe": self.recipe, "calibration_size": f"{size[0]}x{size[1]}" if size else None,
-                "calibration_steps": self.calibration_steps}
+                "calibration_steps": self.calibration_steps, "calibration_guidance": self.calibration_guidance}
 
 
 def default_calibration_size(spec: FamilySpec) -> Size:
@@ -65,11 +67,11 @@ def default_calibration_size(spec: FamilySpec) -> Size:
 
 def int8_options(spec: FamilySpec, backend: str, device: str, recipe: str | None, calibration_size: Size | None,
                  calibration_steps: int, calibration: Calibration | Sequence[Feed] | str | os.PathLike[str] |
-                 None = None) -> Int8Options:
+                 None = None, calibration_guidance: float | None = None) -> Int8Options:
     """Check that an int8 build is possible here and fill in its defaults (BuildError otherwise).
 
-    `calibration` (static recipes): the recorded feeds; their own size and steps, when they say, win over
-    `calibration_size` / `calibration_steps`.
+    `calibration` (static recipes): the recorded feeds; their own size, steps and guidance, when they say, win
+    over `calibration_size` / `calibration_steps` / `calibration_guidance` (None: the family's default scale).
     """
     if backend not in (BuildBackend.ONNXRUNTIME, BuildBackend.OPENVINO) or device != Device.CPU:
         raise BuildError(f"--precision int8 is for --backend onnxruntime or openvino on the CPU (got backend {backend}, "
@@ -83,12 +85,15 @@ def int8_options(spec: FamilySpec, backend: str, device: str, recipe: str | None
     recorded = as_calibration(calibration)
     size = (recorded.size if recorded else None) or calibration_size or default_calibration_size(spec)
     steps = (recorded.steps if recorded else None) or calibration_steps
+    guidance = recorded.guidance if recorded and recorded.guidance is not None else calibration_guidance
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise BuildError(f"int8 calibration guidance {guidance} is not a scale >= 0")
     if min(size) < 8 or any(s % 8 for s in size) or steps < 1:
         raise BuildError(f"int8 calibration at {size[0]}x{size[1]} px with {steps} step(s) is not "
                          "possible: sizes must be multiples of 8 and steps at least 1")
     if name != NNCF_RECIPE and RECIPES[name].method != "static":
         return Int8Options(name, None, None)
-    return Int8Options(name, size, steps, recorded)
+    return Int8Options(name, size, steps, recorded, None if guidance is None else float(guidance))
 
 
 def same_int8(manifest: Mapping[str, Any] | None, int8: Int8Options) -> bool:

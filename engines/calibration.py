@@ -41,6 +41,7 @@ class Calibration:
     steps: int | None = None  # sampling steps of each run
     seconds: float = 0.0  # how long recording took
     decoder_feeds: tuple[Feed, ...] = ()  # VAE decoder inputs of the same runs (for an int8 decoder)
+    guidance: float | None = None  # classifier-free guidance scale of the runs (None: the family's default)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the feeds and their description to one `.npz` file, atomically."""
@@ -48,7 +49,8 @@ class Calibration:
                                   for name, a in feed.items()}
         arrays.update({f"{DECODER}/{i}/{name}": np.asarray(a) for i, feed in enumerate(self.decoder_feeds)
                        for name, a in feed.items()})
-        meta = {"size": list(self.size) if self.size else None, "steps": self.steps, "seconds": self.seconds}
+        meta = {"size": list(self.size) if self.size else None, "steps": self.steps, "seconds": self.seconds,
+                "guidance": self.guidance}
         arrays[META] = np.array(json.dumps(meta))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
@@ -69,7 +71,8 @@ class Calibration:
         size = meta.get("size")
         unet, decoder = feeds[None], feeds[DECODER]
         return cls(tuple(unet[i] for i in sorted(unet)), (int(size[0]), int(size[1])) if size else None,
-                   meta.get("steps"), float(meta.get("seconds") or 0.0), tuple(decoder[i] for i in sorted(decoder)))
+                   meta.get("steps"), float(meta.get("seconds") or 0.0), tuple(decoder[i] for i in sorted(decoder)),
+                   meta.get("guidance"))
 
 
 def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
@@ -91,7 +94,8 @@ def _read_npz(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
 
 
 def _meta(entry: np.ndarray | None, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The recorded description, checked: {"size": [h, w] | None, "steps": int | None, "seconds": float}."""
+    """The recorded description, checked: {"size": [h, w] | None, "steps": int | None, "seconds": float,
+    "guidance": float | None}."""
     if entry is None:
         return {}
     try:
@@ -101,9 +105,14 @@ def _meta(entry: np.ndarray | None, path: str | os.PathLike[str]) -> dict[str, A
     size, steps = (meta.get("size"), meta.get("steps")) if isinstance(meta, dict) else (0, 0)
     ok_size = size is None or (isinstance(size, list) and len(size) == 2 and all(isinstance(s, int) for s in size))
     if not isinstance(meta, dict) or not ok_size or not (steps is None or isinstance(steps, int)) \
-            or not isinstance(meta.get("seconds", 0.0), (int, float)):
+            or not isinstance(meta.get("seconds", 0.0), (int, float)) \
+            or not (meta.get("guidance") is None or _finite_number(meta.get("guidance"))):
         raise BuildError(f"{path} is not a calibration feed file: its '{META}' entry is malformed")
     return meta
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
 
 
 def as_calibration(value: Calibration | Sequence[Feed] | str | os.PathLike[str] | None) -> Calibration | None:

@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "256 px)")
     int8.add_argument("--calibration-steps", type=int, default=4, metavar="N",
                       help="sampling steps of each calibration run (default 4)")
+    int8.add_argument("--calibration-guidance", type=float, metavar="G",
+                      help="guidance scale of the calibration runs (default: the family's; 1 = no guidance, as "
+                           "1-step Turbo sampling runs: calibrate an int8 VAE decoder on the latents it will see)")
     int8.add_argument("--calibration-feeds", metavar="FILE.npz",
                       help="UNet inputs already recorded by fp32 sampling runs (`latentrt.engines.calibration."
                            "Calibration.save`): used instead of new calibration runs")
@@ -150,10 +153,16 @@ def run(args: argparse.Namespace, build: BuildFunction | None = None) -> int:
         optimization_level=args.opt_level, refittable=args.refittable, strongly_typed=args.strongly_typed,
         workspace_mb=args.workspace_mb, timing_cache=args.timing_cache, int8_recipe=args.int8_recipe,
         prompt_windows=args.prompt_windows, calibration_size=calibration_size,
-        calibration_steps=args.calibration_steps, calibration=args.calibration_feeds, static_shapes=args.static,
+        calibration_steps=args.calibration_steps, calibration_guidance=args.calibration_guidance,
+        calibration=args.calibration_feeds, static_shapes=args.static,
         component_precisions=parse_component_precisions(args.component_precision))
     print(_summary(rows, out, args.backend, time.perf_counter() - start))
     return 0
+
+
+def _guidance(detail: dict[str, Any]) -> str:
+    g = detail.get("calibration_guidance")
+    return "" if g is None else f", guidance {g:g}"
 
 
 def _printer(rows: list[dict[str, Any]]) -> Any:
@@ -162,11 +171,13 @@ def _printer(rows: list[dict[str, Any]]) -> Any:
         if event.stage == "calibrate":
             d = event.detail
             print(f"{event.component}: recording int8 calibration inputs (fp32 sampling at {d['calibration_size']}, "
-                  f"{d['calibration_steps']} step(s), {d['runs']} run(s)) ...", file=sys.stderr, flush=True)
+                  f"{d['calibration_steps']} step(s){_guidance(d)}, {d['runs']} run(s)) ...", file=sys.stderr,
+                  flush=True)
             return
         if event.stage == "start" and event.precision == Precision.INT8 and "calibration" in event.detail:
             cal = event.detail["calibration"]
             how = (f"calibrating with fp32 sampling at {cal['calibration_size']}, {cal['calibration_steps']} step(s)"
+                   f"{_guidance(cal)}"
                    if cal["calibration_size"] else "no calibration")
             print(f"[{event.index + 1}/{event.total}] unet: quantizing to int8 ({event.detail['recipe']}, {how}) ...",
                   file=sys.stderr, flush=True)

@@ -129,14 +129,21 @@ def test_static_int8_stage_takes_recorded_feeds_and_refuses_without(sd1: Path, t
     unet = read_manifest(out)["components"]["unet"]
     assert unet["precision"] == "int8" and unet["sha256"] == sha256_tree(out / "unet")
     assert unet["int8_build"] == {"recipe": "static-qdq", "calibration_size": "64x64", "calibration_steps": 2,
-                                  "calibration_s": 0.25, "calibration_feeds": 3}
+                                  "calibration_guidance": None, "calibration_s": 0.25, "calibration_feeds": 3}
     assert unet["int8"]["recipe_name"] == "static-qdq" and unet["int8"]["calibration_feeds"] == 3  # quantize_static
     # The kept int8 UNet needs no new feeds; other calibration settings do.
     same = int8_options(get_family("sd1"), "onnxruntime", "cpu", "static-qdq", (64, 64), 2)
     other = int8_options(get_family("sd1"), "onnxruntime", "cpu", "static-qdq", (64, 64), 3)
     dynamic = int8_options(get_family("sd1"), "onnxruntime", "cpu", "dynamic-matmul", None, 4)
+    unguided = int8_options(get_family("sd1"), "onnxruntime", "cpu", "static-qdq", (64, 64), 2,
+                            calibration_guidance=1.0)
+    assert unguided.calibration_guidance == 1.0 and unguided.as_json()["calibration_guidance"] == 1.0
     assert not int8_needs_calibration(sd1, out, same, components=["vae_decoder"])
     assert int8_needs_calibration(sd1, out, other, components=["vae_decoder"])
+    assert int8_needs_calibration(sd1, out, unguided, components=["vae_decoder"])  # other guidance: new feeds
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(BuildError, match="not a scale"):
+            int8_options(get_family("sd1"), "onnxruntime", "cpu", "static-qdq", (64, 64), 2, calibration_guidance=bad)
     assert int8_needs_calibration(sd1, out, same, components=["unet"])
     assert not int8_needs_calibration(sd1, out, dynamic)
 

@@ -57,12 +57,19 @@ def test_decoder_feeds_round_trip_next_to_the_unet_feeds(tmp_path: Path) -> None
     unet = ({"sample": np.ones((2, 4, 8, 8), np.float32), "timestep": np.array([999.0], np.float32)},
             {"sample": np.zeros((2, 4, 8, 8), np.float32), "timestep": np.array([1.0], np.float32)})
     decoder = ({"latent": np.full((1, 4, 8, 8), 0.5, np.float32)},)
-    got = Calibration.load(Calibration(unet, (64, 64), 2, 1.5, decoder).save(tmp_path / "feeds.npz"))
-    assert (got.size, got.steps, got.seconds) == ((64, 64), 2, 1.5)
+    got = Calibration.load(Calibration(unet, (64, 64), 2, 1.5, decoder, 1.0).save(tmp_path / "feeds.npz"))
+    assert (got.size, got.steps, got.seconds, got.guidance) == ((64, 64), 2, 1.5, 1.0)
     assert len(got.feeds) == 2 and len(got.decoder_feeds) == 1
     assert all(np.array_equal(a[k], b[k]) for a, b in zip(got.feeds, unet) for k in a)
     assert np.array_equal(got.decoder_feeds[0]["latent"], decoder[0]["latent"])
     assert Calibration.load(Calibration(unet).save(tmp_path / "unet-only.npz")).decoder_feeds == ()
+    assert Calibration.load(tmp_path / "unet-only.npz").guidance is None  # the family's default scale
+    for guidance in ('"4"', "true", "NaN"):  # meta written by something else: a number or null only
+        arrays: dict[str, Any] = {"0/sample": np.zeros(2, np.float32),
+                                  "meta": np.array(f'{{"steps": 2, "guidance": {guidance}}}')}
+        np.savez(tmp_path / "g.npz", **arrays)
+        with pytest.raises(BuildError, match="malformed"):
+            Calibration.load(tmp_path / "g.npz")
     bad = {"unet/0/sample": np.zeros(2, np.float32)}  # only the decoder may prefix its feeds
     np.savez(tmp_path / "bad.npz", **bad)
     with pytest.raises(BuildError, match="unexpected entry"):

@@ -168,3 +168,16 @@ def test_calibration_feeds_are_real_unet_inputs_from_sampling(onnx_export_dir, t
     info = quantize_unet_int8(onnx_export_dir("sd1") / "unet" / "model.onnx", tmp_path / "u.onnx",
                               calibration_feeds=feeds)
     assert info["calibration_feeds"] == 6
+
+
+def test_calibration_runs_take_the_guidance_they_are_given(onnx_export_dir, tmp_path: Path) -> None:
+    """`latentrt build --calibration-guidance 1`: runs without guidance (as 1-step Turbo sampling does), so the
+    UNet feeds are unbatched and the decoder feeds are the latents such runs end on; the scale is recorded."""
+    from latentrt.workflows.build import record_calibration
+
+    cal = record_calibration(onnx_export_dir("sd1"), tmp_path / "e", backend="onnxruntime", device="cpu",
+                             int8_recipe="static-qdq", calibration_size=(64, 64), calibration_steps=1,
+                             calibration_guidance=1.0, decoder=True)
+    assert cal is not None and cal.guidance == 1.0 and cal.steps == 1
+    assert {f["sample"].shape[0] for f in cal.feeds} == {1}  # no CFG batch
+    assert len(cal.decoder_feeds) == len(cal.feeds)

@@ -46,6 +46,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
             onnx_dir, out_dir, backend=kwargs.get("backend", "onnxruntime"), device=kwargs.get("device", "cpu"),
             int8_recipe=kwargs.get("int8_recipe"), calibration_size=kwargs.get("calibration_size"),
             calibration_steps=kwargs.get("calibration_steps", INT8_CALIBRATION_STEPS),
+            calibration_guidance=kwargs.get("calibration_guidance"),
             components=kwargs.get("components"), overwrite=kwargs.get("overwrite", False),
             progress=kwargs.get("progress"),
             decoder=(kwargs.get("component_precisions") or {}).get("vae_decoder") == Precision.INT8)
@@ -54,6 +55,7 @@ def build_engines(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[s
 
 def record_calibration(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, backend: str,
                        device: str, int8_recipe: str | None, calibration_size: Size | None, calibration_steps: int,
+                       calibration_guidance: float | None = None,
                        components: Sequence[str] | None = None, overwrite: bool = False,
                        progress: Progress | None = None, decoder: bool = False) -> Calibration | None:
     """The UNet inputs fp32 sampling runs over the export feed the UNet, when the build quantizes it statically
@@ -65,7 +67,7 @@ def record_calibration(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathL
     from latentrt.runtime.bench import CALIBRATION_PROMPTS, calibration_feeds
 
     int8 = int8_options(read_onnx_export(onnx_dir).spec, backend, device, int8_recipe, calibration_size,
-                        calibration_steps)
+                        calibration_steps, calibration_guidance=calibration_guidance)
     if int8.calibration_size is None or int8.calibration_steps is None \
             or not int8_needs_calibration(onnx_dir, out_dir, int8, components=components, overwrite=overwrite,
                                       decoder=decoder):
@@ -76,5 +78,7 @@ def record_calibration(onnx_dir: str | os.PathLike[str], out_dir: str | os.PathL
                             {**int8.as_json(), "runs": len(CALIBRATION_PROMPTS)}))
     start = time.perf_counter()
     decoder_feeds: list[dict[str, Any]] = []
-    feeds = calibration_feeds(onnx_dir, height=h, width=w, steps=steps, decoder_feeds=decoder_feeds if decoder else None)
-    return Calibration(tuple(feeds), (h, w), steps, round(time.perf_counter() - start, 3), tuple(decoder_feeds))
+    feeds = calibration_feeds(onnx_dir, height=h, width=w, steps=steps, guidance=int8.calibration_guidance,
+                              decoder_feeds=decoder_feeds if decoder else None)
+    return Calibration(tuple(feeds), (h, w), steps, round(time.perf_counter() - start, 3), tuple(decoder_feeds),
+                       int8.calibration_guidance)
