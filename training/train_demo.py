@@ -22,7 +22,8 @@ trains on when its budget is raised, e.g. a larger --unet-minutes):
              from the teacher's own noise z, the student's x0 at the trailing-schedule timesteps (999, 749,
              499, 249) regresses onto the teacher's 20-step CFG sample. At t = 999 the input is sqrt(1 - a) z,
              what 1-step Euler (trailing) feeds the UNet, so that sampler returns exactly the trained x0; later
-             timesteps see the DDIM-consistent point sqrt(a) x0 + sqrt(1 - a) z. Guidance is baked in (the student runs without CFG).
+             timesteps see the DDIM-consistent point sqrt(a) x0 + sqrt(1 - a) z. Guidance is baked in (the
+             student runs without CFG).
   6. save    diffusers StableDiffusionPipeline folders `demo` (DDIM, leading) and `demo-turbo` (Euler, trailing),
              fp16 safetensors, CLIP tokenizer files, plus RESULTS.json with seed, command, wall times and losses.
 
