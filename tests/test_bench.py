@@ -238,6 +238,9 @@ def test_diffusers_baselines_in_bfloat16_and_on_one_thread(onnx_export_dir, tmp_
                            steps=1, sizes=[(128, 128)], warmup=0, runs=1, out_dir=tmp_path / "out", flops=False,
                            plots=False)
     assert torch.get_num_threads() == threads  # the one-thread runs leave torch as they found it
+    one = record.backends["reference-1thread"]  # float32 on one thread runs the float32 pipeline already loaded
+    assert "weights shared" in one["describe"][0] and one["load_s"] == 0 and one["rss_load_mb"] == 0
+    assert "weights shared" not in record.backends["reference-bf16"]["describe"][0]  # its own bfloat16 copy
     assert "bfloat16" in record.backends["reference-bf16"]["describe"][0]
     assert "1 thread(s)" in record.backends["reference-1thread"]["describe"][0]
     case = record.cases[0]
@@ -247,3 +250,64 @@ def test_diffusers_baselines_in_bfloat16_and_on_one_thread(onnx_export_dir, tmp_
     bf16 = case["image_vs_reference"]["reference-bf16"]
     assert 0 < bf16["max_abs_diff"] and bf16["psnr_db"] > 20  # bfloat16 rounds, the picture stays
     assert case["vs_fp32"]["reference-bf16"]["fp32"] == "reference" and "reference-1thread" not in case["vs_fp32"]
+
+
+def test_named_engine_folders_are_measured_and_compared(onnx_export_dir, tmp_path: Path) -> None:
+    """`--engines ours=DIR`: a folder of the user's own build runs next to the standard labels (on the backend its
+    manifest names) and `--compare-to` rates every backend against one of them."""
+    from latentrt.engines.build import build_engines
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = build_engines(onnx_export_dir("sd1"), tmp_path / "mine", backend="onnxruntime")
+        out = tmp_path / "out"
+        rc = main(["bench", str(onnx_export_dir("sd1")), "-o", str(out), "--backends", "onnxruntime",
+                   "--engines", f"ours={ours}", "--compare-to", "onnxruntime", "--steps", "1", "--size", "128x128",
+                   "--warmup", "0", "--runs", "1", "--no-flops", "--no-plots", "--no-progress"])
+    assert rc == 0
+    record = json.loads((out / "bench.json").read_text())
+    assert record["settings"]["backends"] == ["onnxruntime", "ours"]
+    assert record["settings"]["engines"] == {"ours": str(ours)} and record["settings"]["compare_to"] == ["onnxruntime"]
+    assert record["backends"]["ours"]["folder"] == str(ours)
+    assert "onnxruntime unet" in " ".join(record["backends"]["ours"]["describe"])
+    case = record["cases"][0]
+    assert case["image_baseline"] == "onnxruntime"  # a named folder is never the fp32 baseline
+    assert "ours" not in case["vs_fp32"]
+    vs = case["vs"]["onnxruntime"]["ours"]
+    assert vs["speedup"]["end_to_end"] > 0
+    assert vs["image"]["max_abs_diff"] < 1e-5  # the same engines built twice: the same picture
+    md = (out / "bench.md").read_text()
+    assert "vs onnxruntime (speedup = onnxruntime p50 / backend p50" in md and "| ours |" in md
+
+
+def test_named_engine_folders_are_checked(onnx_export_dir, tmp_path: Path) -> None:
+    from latentrt.engines.build import build_engines
+    from latentrt.runtime.bench import read_targets
+    from latentrt.runtime.bench.cli import parse_engines
+    from latentrt.runtime.bench.targets import add_named
+    from latentrt.workflows.bench import run_bench
+
+    for bad in ("ours", "=x", "ours=", "a=x,a=y"):
+        with pytest.raises(InvalidRequest, match="--engines"):
+            parse_engines(bad.split(","))
+    assert parse_engines(["ours = /x"]) == {"ours": "/x"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = build_engines(onnx_export_dir("sd1"), tmp_path / "mine", backend="onnxruntime")
+        other = onnx_export_dir("sd2")
+    t = read_targets(onnx_export_dir("sd1"))
+    for label, folder, message in (("on nx", ours, "letters, digits"), ("openvino", ours, "backend's own name"),
+                                   ("ours", tmp_path, "no manifest.json"), ("ours", other, "not engines")):
+        with pytest.raises(InvalidRequest, match=message):
+            add_named(t, label, folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd2 = build_engines(other, tmp_path / "sd2-engines", backend="onnxruntime")
+    with pytest.raises(InvalidRequest, match="engines; the benchmark's model is 'sd1'"):
+        add_named(t, "ours", sd2)
+    add_named(t, "ours", ours)
+    with pytest.raises(InvalidRequest, match="given twice"):
+        add_named(t, "ours", ours)
+    with pytest.raises(InvalidRequest, match="--compare-to openvino"):
+        run_bench(onnx_export_dir("sd1"), backends=["onnxruntime"], compare_to=["openvino"], out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()

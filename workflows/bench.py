@@ -38,6 +38,7 @@ from latentrt.runtime.bench.cases import Size, check_args, plan_cases
 from latentrt.runtime.bench.runner import Runner
 from latentrt.runtime.bench.session import Reporter, finish, generations, measure
 from latentrt.runtime.bench.stats import machine_info
+from latentrt.runtime.bench.targets import add_named
 
 __all__ = ["prepare_int8", "prepare_targets", "run_bench"]
 
@@ -126,7 +127,9 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
               out_dir: str | os.PathLike[str] = "bench-out", progress: Progress | None = None,
               precision: str = Precision.FP32.value, int8_recipe: str | None = None, device: str = "cpu",
               seed: int = 0, prompt: str = PROMPT, flops: bool = True, plots: bool = True,
-              build_dir: str | os.PathLike[str] | None = None) -> BenchRecord:
+              build_dir: str | os.PathLike[str] | None = None,
+              engines: Mapping[str, str | os.PathLike[str]] | None = None,
+              compare_to: Sequence[str] = ()) -> BenchRecord:
     """Benchmark backends side by side on one model; writes bench.json, bench.md and PNG plots to `out_dir`.
 
     Args:
@@ -149,6 +152,10 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
         flops: count UNet FLOPs (PyTorch flop counter) and report achieved GFLOP/s.
         plots: write PNG plots (matplotlib, Agg).
         build_dir: where the ONNX export and engines built for the benchmark go (default: `out_dir`).
+        engines: more engine folders to measure, each under a label of the caller's choosing ({"ours": folder}):
+            engines `latentrt build` wrote from the same checkpoint, run on the backend their manifest names.
+        compare_to: labels every other backend is also compared with (speedup and image difference), e.g.
+            "openvino-naive" to rate each backend against plain OpenVINO.
     """
     from latentrt.engines.quantize import DEFAULT_RECIPE, RECIPES
 
@@ -156,6 +163,11 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
     if INT8 in labels and ORT not in labels:
         labels.insert(labels.index(INT8), ORT)  # the fp32 engines calibrate and anchor the int8 ones
     check_args(labels, runs, warmup, batch, precision)
+    named = dict(engines or {})
+    unknown = [k for k in compare_to if k not in labels and k not in named]
+    if unknown:
+        raise InvalidRequest(f"--compare-to {', '.join(unknown)}: not among the benchmarked labels "
+                             f"({', '.join([*labels, *named])})")
     recipe = int8_recipe or DEFAULT_RECIPE
     if recipe not in RECIPES:
         raise InvalidRequest(f"unknown int8 recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
@@ -166,6 +178,9 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
         machine = machine_info(dev, peaks=flops)
         reporter = Reporter(progress)
         t = prepare_targets(model_or_dir, labels, builds, dev, reporter.say)
+        for name, folder in named.items():
+            add_named(t, name, folder)
+        labels += list(named)
         spec = t.spec()
         main = BenchCase(*(list(sizes)[0] if sizes else spec.native_size), batch=batch,
                          steps=steps if steps is not None else spec.sampling.steps)
@@ -182,12 +197,13 @@ def run_bench(model_or_dir: str | os.PathLike[str], *, backends: Sequence[str] =
                     assert isinstance(fp32, PipelineRunner)
                     prepare_int8(t, fp32, main, scale, recipe, builds, reporter.say, reporter.tick)
                 reporter.say(f"loading {label}")
-                runners[label] = make_runner(label, t, dev)
+                runners[label] = make_runner(label, t, dev, runners)
             info, results = measure(runners, t, spec, cases, warmup=warmup, runs=runs, seed=seed, prompt=prompt,
-                                    guidance=scale, flops=flops, machine=machine, reporter=reporter)
+                                    guidance=scale, flops=flops, machine=machine, reporter=reporter,
+                                    compare_to=compare_to)
         finally:
             for r in runners.values():
                 r.close()
         return finish(model_or_dir, t, spec, labels, cases, sweeps, info, results, machine, out, guidance=scale,
                       warmup=warmup, runs=runs, seed=seed, prompt=prompt, device=str(dev), precision=precision,
-                      int8_recipe=recipe, plots=plots)
+                      int8_recipe=recipe, plots=plots, compare_to=compare_to)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from latentrt.runtime.bench.cli import Bar, add_arguments, check_size, parse_sweeps
+from latentrt.runtime.bench.cli import Bar, add_arguments, check_size, parse_engines, parse_sweeps
 
 __all__ = ["add_arguments", "run"]
 
@@ -15,6 +15,8 @@ def run(args: argparse.Namespace) -> int:
 
     sweep = parse_sweeps(args.sweep)  # every value checked before anything is built or measured
     sizes = [check_size(s) for s in args.size] if args.size else None
+    engines = parse_engines(args.engines)
+    compare_to = [c.strip() for item in args.compare_to or [] for c in item.split(",") if c.strip()]
     bar = Bar(args.progress)
     try:
         record = run_bench(args.model, backends=[b.strip() for b in args.backends.split(",") if b.strip()],
@@ -22,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
                            warmup=args.warmup, runs=args.runs, sweep=sweep, out_dir=args.output,
                            progress=bar, precision=args.precision, int8_recipe=args.int8_recipe, device=args.device,
                            seed=args.seed, prompt=args.prompt or PROMPT, flops=args.flops, plots=args.plots,
-                           build_dir=args.build_dir)
+                           build_dir=args.build_dir, engines=engines, compare_to=compare_to)
     finally:
         bar.close()
     print(format_markdown(record))

@@ -75,7 +75,7 @@ class OpenVinoEngine(Engine):
                                 "engines") from None
         self.core = _core()
         try:
-            self.model = self.core.read_model(str(self.path))
+            self.model: Any = self.core.read_model(str(self.path))
         except Exception as e:  # a truncated or foreign file
             raise StaleArtifact(f"{io.component}: {self.path} is not a readable OpenVINO model ({_first_line(e)}); "
                                 "rebuild the engines") from None
@@ -119,14 +119,16 @@ class OpenVinoEngine(Engine):
         with _LOCK:
             compiled = _COMPILED.get(key)
             if compiled is None:
-                model = self.model
+                model = self.model if self.model is not None else self.core.read_model(str(self.path))
                 if shapes is not None:
-                    model = self.model.clone()
+                    model = model.clone()
                     model.reshape(dict(shapes))
                 log.info("%s: compiling the OpenVINO model (%s%s)", self.component, self.inference_precision,
                          f", static {shapes}" if shapes else ", dynamic")
                 compiled = _COMPILED[key] = self.core.compile_model(model, "CPU", self.config())
         self._compiled, self._request, self._key = compiled, compiled.create_infer_request(), key
+        if not self.static:  # nothing left to reshape: free the source model (an ONNX one holds its weights)
+            self.model = None
 
     def _run(self, inputs: dict[str, torch.Tensor], sizes: Sizes) -> Mapping[str, torch.Tensor]:
         """Infer on the inputs' memory (shared, no copy); outputs copied out of the request's buffers."""

@@ -105,6 +105,8 @@ def label_for(backend: str, precision: str | None) -> str:
 
 def fp32_label(label: str) -> str | None:
     """The fp32 counterpart a lower-precision label is compared with ('openvino-bf16' -> 'openvino'), else None."""
+    if label not in BACKENDS:  # a user-named engine folder: compared with what `--compare-to` names
+        return None
     backend, _, precision = label.partition("-")
     return backend if precision and label != REF_1THREAD else None
 

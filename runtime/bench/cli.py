@@ -31,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=5, help="measured rounds per case (interleaved across backends)")
     parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2",
                         help="steps=1,2,4 | size=256x256,512x512 | batch=1,2 (repeatable)")
+    parser.add_argument("--engines", action="append", metavar="NAME=DIR",
+                        help="also measure the engine folder DIR (built by `latentrt build` from the same checkpoint) "
+                             "under the label NAME, e.g. ours=engines-tuned (repeatable)")
+    parser.add_argument("--compare-to", action="append", metavar="LABEL",
+                        help="also rate every backend against LABEL (speedup and image difference), e.g. "
+                             "openvino-naive (repeatable)")
     parser.add_argument("--precision", choices=PRECISIONS, default=Precision.FP32.value,
                         help="int8: also measure ONNX Runtime engines with an int8 UNet (onnxruntime-int8)")
     parser.add_argument("--int8-recipe", help="int8 quantization recipe (`latentrt build --help` lists them)")
@@ -63,6 +69,20 @@ def parse_sweeps(items: list[str] | None) -> dict[str, list[str]]:
             elif not value.isdigit() or int(value) < 1:
                 raise InvalidRequest(f"--sweep {key} values must be whole numbers >= 1, got {value!r}")
         out[key] = parts
+    return out
+
+
+def parse_engines(items: list[str] | None) -> dict[str, str]:
+    """['ours=/path/engines'] -> {'ours': '/path/engines'} (each name once; the folders are read later)."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, folder = item.partition("=")
+        name, folder = name.strip(), folder.strip()
+        if not sep or not name or not folder:
+            raise InvalidRequest(f"cannot read --engines {item!r}; write NAME=DIR (ours=engines-tuned)")
+        if name in out:
+            raise InvalidRequest(f"--engines names {name!r} twice")
+        out[name] = folder
     return out
 
 

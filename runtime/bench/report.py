@@ -56,6 +56,14 @@ def case_table(case: Mapping[str, Any]) -> list[str]:
         lines += ["", f"{label} vs {q['fp32']} (fp32): end-to-end {_fmt(q['speedup'].get('end_to_end'), 2)}x, UNet/step "
                       f"{_fmt(q['speedup'].get('unet_per_step'), 2)}x, VAE decode {_fmt(q['speedup'].get('vae_decoder'), 2)}x; "
                       f"final image PSNR {q['image']['psnr_db']:.1f} dB, max |diff| {q['image']['max_abs_diff']:.3g}."]
+    for base, others in case.get("vs", {}).items():
+        lines += ["", f"vs {base} (speedup = {base} p50 / backend p50; image difference from {base}'s):", "",
+                  "| backend | end-to-end | UNet/step | VAE decode | image |", "|---|---:|---:|---:|---|"]
+        for label, q in others.items():
+            sp, img = q["speedup"], q["image"]
+            lines.append(f"| {label} | {_fmt(sp.get('end_to_end'), 2)}x | {_fmt(sp.get('unet_per_step'), 2)}x | "
+                         f"{_fmt(sp.get('vae_decoder'), 2)}x | PSNR {img['psnr_db']:.1f} dB, max "
+                         f"{img['max_abs_diff']:.3g} |")
     if "flops" in case:
         fl = case["flops"]
         share = fl.get("fraction_of_fp32_gemm_peak", {})

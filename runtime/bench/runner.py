@@ -145,21 +145,18 @@ class NaiveOpenVinoRunner(PipelineRunner):
         self.describe = self.pipe.engines.describe()
 
 
-class ReferenceRunner:
-    """The diffusers pipeline (eager PyTorch) on the checkpoint's own folder, timed from module hooks: float32 on
-    torch's threads ("reference"), bfloat16 ("reference-bf16") or float32 on one thread ("reference-1thread": eager
-    torch degrades badly on a busy machine, so both baselines are worth quoting)."""
+class DiffusersModel:
+    """The diffusers pipeline of a checkpoint (eager PyTorch in one dtype), loaded once and timed per stage from
+    module hooks into `timer`; the float32 one is shared by "reference" and "reference-1thread"."""
 
-    def __init__(self, checkpoint: str, device: torch.device, family: str | None = None, *,
-                 dtype: torch.dtype = torch.float32, threads: int | None = None):
+    def __init__(self, checkpoint: str, device: torch.device, family: str | None, dtype: torch.dtype):
         from diffusers import DiffusionPipeline
 
         from latentrt.families import get_family
         from latentrt.reference.models import detect_family, quiet_progress, resolve
 
         folder, _ = resolve(checkpoint)
-        self.device, self.threads = device, threads
-        self.label = REF_BF16 if dtype == torch.bfloat16 else REF_1THREAD if threads == 1 else REFERENCE
+        self.device, self.dtype = device, dtype
         before, start = rss_mb(), time.perf_counter()
         with quiet_progress():
             self.pipe: Any = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype)
@@ -170,9 +167,6 @@ class ReferenceRunner:
         self.spec = get_family(family) if family else detect_family(folder)
         self.timer = StageTimer(device)
         self._hook()
-        where = f"{device}, {threads} thread(s)" if threads else str(device)
-        self.describe = [f"diffusers {type(self.pipe).__name__} (eager PyTorch {str(dtype).removeprefix('torch.')}) "
-                         f"on {where}"]
 
     def _hook(self) -> None:
         for name in ("text_encoder", "text_encoder_2", "unet"):
@@ -191,28 +185,46 @@ class ReferenceRunner:
 
         return timed
 
+
+class ReferenceRunner:
+    """The diffusers pipeline (eager PyTorch) on the checkpoint's own folder: float32 on torch's threads
+    ("reference"), bfloat16 ("reference-bf16") or float32 on one thread ("reference-1thread": eager torch degrades
+    badly on a busy machine, so both baselines are worth quoting). Given a loaded `model` of the same dtype (the
+    other float32 label's), it runs that one: no second copy of the weights, no load time of its own."""
+
+    def __init__(self, checkpoint: str, device: torch.device, family: str | None = None, *,
+                 dtype: torch.dtype = torch.float32, threads: int | None = None, model: DiffusersModel | None = None):
+        self.device, self.threads = device, threads
+        self.label = REF_BF16 if dtype == torch.bfloat16 else REF_1THREAD if threads == 1 else REFERENCE
+        shared = model is not None and model.dtype == dtype and model.device == device
+        self.model = model if model is not None and shared else DiffusersModel(checkpoint, device, family, dtype)
+        self.load_s, self.rss_load_mb = (0.0, 0.0) if shared else (self.model.load_s, self.model.rss_load_mb)
+        self.spec = self.model.spec
+        where = f"{device}, {threads} thread(s)" if threads else str(device)
+        self.describe = [f"diffusers {type(self.model.pipe).__name__} (eager PyTorch "
+                         f"{str(dtype).removeprefix('torch.')}) on {where}" + (", weights shared" if shared else "")]
+
     def generate(self, case: BenchCase, seed: int, prompt: str, guidance: float) -> Sample:
         _reset_gpu_peak(self.device)
         kwargs = request_inputs(self.spec, case)
         if "mask" in kwargs:
             kwargs["mask_image"] = kwargs.pop("mask")
         generator = torch.Generator("cpu").manual_seed(seed)
-        self.timer = StageTimer(self.device)
+        timer = self.model.timer = StageTimer(self.device)
         threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
         try:
-            with self.timer.stage("total"):
-                out = self.pipe(prompt=prompt, num_inference_steps=case.steps, guidance_scale=guidance,
-                                height=case.height, width=case.width, num_images_per_prompt=case.batch,
-                                generator=generator, output_type="np", **kwargs)
+            with timer.stage("total"):
+                out = self.model.pipe(prompt=prompt, num_inference_steps=case.steps, guidance_scale=guidance,
+                                      height=case.height, width=case.width, num_images_per_prompt=case.batch,
+                                      generator=generator, output_type="np", **kwargs)
         finally:
             torch.set_num_threads(threads)
-        return Sample(stages_of(self.timer.record()), None, _gpu_peak(self.device),
-                      np.asarray(out.images, dtype=np.float32))
+        return Sample(stages_of(timer.record()), None, _gpu_peak(self.device), np.asarray(out.images, dtype=np.float32))
 
     def close(self) -> None:
-        self.pipe = None
+        self.model = cast(DiffusersModel, None)
 
 
 def _reset_gpu_peak(device: torch.device) -> None:
@@ -227,15 +239,21 @@ def _gpu_peak(device: torch.device) -> float | None:
 Runner = PipelineRunner | ReferenceRunner
 
 
-def make_runner(label: str, t: Targets, device: torch.device) -> Runner:
-    """The runner of one benchmark label, over the folder `t` holds for it."""
+def make_runner(label: str, t: Targets, device: torch.device, loaded: Mapping[str, Runner] | None = None) -> Runner:
+    """The runner of one benchmark label, over the folder `t` holds for it. `loaded`: the runners made so far (a
+    diffusers label reuses another's pipeline of the same dtype instead of loading the weights twice)."""
     if label in (REFERENCE, REF_BF16, REF_1THREAD):
         if t.checkpoint is None:
             raise InvalidRequest(f"the {label} backend needs the source checkpoint, which the folder does not name")
-        return ReferenceRunner(t.checkpoint, device, t.family, dtype=torch.bfloat16 if label == REF_BF16 else
-                               torch.float32, threads=1 if label == REF_1THREAD else None)
+        dtype = torch.bfloat16 if label == REF_BF16 else torch.float32
+        model = next((r.model for r in (loaded or {}).values() if isinstance(r, ReferenceRunner)
+                      and r.model.dtype == dtype and r.model.device == device), None)
+        return ReferenceRunner(t.checkpoint, device, t.family, dtype=dtype,
+                               threads=1 if label == REF_1THREAD else None, model=model)
     if label == OV_NAIVE:
         return NaiveOpenVinoRunner(t.folders[label])
+    if label in t.named:
+        return PipelineRunner(label, t.folders[label], t.named[label], device)
     return PipelineRunner(label, t.folders[label], runtime_backend(label), device)
 
 

@@ -57,8 +57,10 @@ def _cold(sample: Sample) -> dict[str, Any]:
 
 def measure(runners: Mapping[str, Runner], t: Targets, spec: FamilySpec, cases: Sequence[BenchCase], *,
             warmup: int, runs: int, seed: int, prompt: str, guidance: float, flops: bool,
-            machine: Mapping[str, Any], reporter: Reporter) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Cold runs of the first case, then every case measured; (per-backend info, per-case results by name)."""
+            machine: Mapping[str, Any], reporter: Reporter,
+            compare_to: Sequence[str] = ()) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Cold runs of the first case, then every case measured; (per-backend info, per-case results by name).
+    `compare_to`: labels every other backend is also compared with (speedup and image difference)."""
     info = {label: {"describe": r.describe, "load_s": round(r.load_s, 3), "rss_load_mb": round(r.rss_load_mb, 1),
                     "folder": str(t.folders.get(label, t.checkpoint))} for label, r in runners.items()}
     reporter.say("cold runs")
@@ -76,14 +78,15 @@ def measure(runners: Mapping[str, Runner], t: Targets, spec: FamilySpec, cases: 
         gflop = unet_gflop(t.checkpoint, t.family, case, cfg) if flops and t.checkpoint else None
         results[case.name] = case_result(case, samples, gflop, (case.height // f, case.width // f),
                                          case.batch * (2 if cfg else 1),
-                                         machine.get("peak", {}).get("fp32_gemm_gflops"))
+                                         machine.get("peak", {}).get("fp32_gemm_gflops"), compare_to)
     return info, results
 
 
 def finish(model_or_dir: str | os.PathLike[str], t: Targets, spec: FamilySpec, labels: Sequence[str],
            cases: Sequence[BenchCase], sweeps: Mapping[str, Sequence[BenchCase]], info: dict[str, dict[str, Any]],
            results: Mapping[str, Any], machine: dict[str, Any], out: Path, *, guidance: float, warmup: int, runs: int,
-           seed: int, prompt: str, device: str, precision: str, int8_recipe: str, plots: bool) -> BenchRecord:
+           seed: int, prompt: str, device: str, precision: str, int8_recipe: str, plots: bool,
+           compare_to: Sequence[str] = ()) -> BenchRecord:
     """The record of a finished benchmark (`cases[0]` is the main case), written to `out` as bench.json, bench.md
     and PNG plots."""
     main = cases[0]
@@ -92,7 +95,8 @@ def finish(model_or_dir: str | os.PathLike[str], t: Targets, spec: FamilySpec, l
                 "backends": list(labels), "steps": main.steps, "guidance": guidance, "size": [main.height, main.width],
                 "batch": main.batch, "warmup": warmup, "runs": runs, "seed": seed, "prompt": prompt, "device": device,
                 "precision": precision, "int8_recipe": int8_recipe if INT8 in labels else None,
-                "sweep": {k: [c.name for c in v] for k, v in sweeps.items()},
+                "sweep": {k: [c.name for c in v] for k, v in sweeps.items()}, "compare_to": list(compare_to),
+                "engines": {k: str(t.folders[k]) for k in t.named},
                 "ratio_definition": "reference p50 / backend p50 (> 1: faster than the diffusers pipeline); "
                                     "unet_per_step compares single UNet calls"}
     record = BenchRecord(machine, settings, t.build, info, [results[c.name] for c in cases],

@@ -20,7 +20,7 @@ from latentrt.manifest import tool_versions
 from latentrt.names import DIM_LATENT_HEIGHT, DIM_LATENT_WIDTH, DIM_SEQUENCE, DIM_UNET_BATCH
 from latentrt.parity import compare
 
-from .cases import INT8, REFERENCE, BenchCase, Sample, fp32_label
+from .cases import BACKENDS, INT8, REFERENCE, BenchCase, Sample, fp32_label
 
 PERCENTILES = (50, 90, 99)
 
@@ -202,12 +202,14 @@ def image_baseline(labels: Sequence[str]) -> str | None:
     """What images are compared with: the diffusers reference, else the first fp32 LatentRT backend."""
     if REFERENCE in labels:
         return REFERENCE
-    return next((k for k in labels if fp32_label(k) is None), None)
+    return next((k for k in labels if k in BACKENDS and fp32_label(k) is None), None)
 
 
 def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: float | None,
-                latent: tuple[int, int], unet_batch: int, peak_gflops: float | None = None) -> dict[str, Any]:
-    """Per-backend figures of one case, with ratios to the reference and image differences."""
+                latent: tuple[int, int], unet_batch: int, peak_gflops: float | None = None,
+                compare_to: Sequence[str] = ()) -> dict[str, Any]:
+    """Per-backend figures of one case, with ratios to the reference and image differences (and, for each label
+    in `compare_to`, every other backend's speedup over it and image difference from it)."""
     results = {label: summarize(s, case) for label, s in samples.items()}
     out: dict[str, Any] = {"name": case.name, "case": case.__dict__, "latent": list(latent), "unet_batch": unet_batch,
                            "results": results}
@@ -225,6 +227,10 @@ def case_result(case: BenchCase, samples: Mapping[str, list[Sample]], flops: flo
     if INT8 in results and "onnxruntime" in results:
         out["int8_vs_fp32"] = {"speedup": ratios(results["onnxruntime"], results[INT8]),
                                "image": image_diff(samples[INT8][-1].image, samples["onnxruntime"][-1].image)}
+    if compare_to:
+        out["vs"] = {base: {k: {"speedup": ratios(results[base], results[k]),
+                                "image": image_diff(samples[k][-1].image, samples[base][-1].image)}
+                            for k in results if k != base} for base in compare_to if base in results}
     if flops:
         out["flops"] = _flop_rates(flops, results, peak_gflops)
     return out

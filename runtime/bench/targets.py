@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from latentrt.choices import Backend
+from latentrt.choices import Backend, values
 from latentrt.errors import InvalidRequest
 from latentrt.families import FamilySpec, get_family
 from latentrt.manifest import ENGINE_KIND, MANIFEST, ONNX_KIND, read_manifest
 
-from .cases import label_for
+from .cases import BACKENDS, label_for
 
 
 @dataclass
@@ -24,6 +24,7 @@ class Targets:
     family: str | None
     onnx_dir: Path | None
     folders: dict[str, Path] = field(default_factory=dict)  # pipeline label -> engine / ONNX / checkpoint folder
+    named: dict[str, str] = field(default_factory=dict)  # user-named engine folders: label -> runtime backend
     build: dict[str, Any] = field(default_factory=dict)
 
     def spec(self) -> FamilySpec:
@@ -64,3 +65,36 @@ def read_targets(model_or_dir: str | os.PathLike[str]) -> Targets:
         raise InvalidRequest(f"{path} holds {manifest.get('kind')!r}, not a checkpoint, ONNX export or engines")
     label = label_for(str(manifest.get("backend", Backend.ONNXRUNTIME.value)), manifest.get("precision"))
     return Targets(_source_of(manifest), family, None, {label: path})
+
+
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.")
+
+
+def add_named(t: Targets, label: str, folder: str | os.PathLike[str]) -> None:
+    """Bench the engine folder `folder` under a name of the user's choosing (e.g. `ours` for a hand-tuned build
+    next to the standard labels). It must be engines of the same family built from the same checkpoint as the
+    benchmark's model, so that its images are comparable; its runtime backend is the one its manifest names."""
+    if not label or not set(label) <= NAME_CHARS or len(label) > 40:
+        raise InvalidRequest(f"engine label {label!r}: use 1-40 letters, digits, '_' or '.'")
+    if label in BACKENDS:
+        raise InvalidRequest(f"engine label {label!r} is a backend's own name; choose another")
+    if label in t.folders:
+        raise InvalidRequest(f"engine label {label!r} is given twice")
+    path = Path(folder)
+    if not (path / MANIFEST).is_file():
+        raise InvalidRequest(f"{label}={folder}: no {MANIFEST} there; name a folder `latentrt build` wrote")
+    manifest = read_manifest(path)
+    if manifest.get("kind") != ENGINE_KIND:
+        raise InvalidRequest(f"{label}={folder} holds {manifest.get('kind')!r}, not engines")
+    backend = manifest.get("backend")
+    if backend not in values(Backend) or backend == Backend.TORCH.value:
+        raise InvalidRequest(f"{label}={folder}: its manifest names backend {backend!r}, not one engines run on")
+    if t.family and manifest.get("family") != t.family:
+        raise InvalidRequest(f"{label}={folder} holds {manifest.get('family')!r} engines; the benchmark's model "
+                             f"is {t.family!r}")
+    source = _source_of(manifest)
+    if t.checkpoint and source and Path(source).resolve() != Path(t.checkpoint).resolve():
+        raise InvalidRequest(f"{label}={folder} was built from {source}, the benchmark's model from "
+                             f"{t.checkpoint}: their images would not be comparable")
+    t.folders[label] = path
+    t.named[label] = str(backend)
