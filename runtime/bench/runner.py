@@ -189,15 +189,16 @@ class DiffusersModel:
 class ReferenceRunner:
     """The diffusers pipeline (eager PyTorch) on the checkpoint's own folder: float32 on torch's threads
     ("reference"), bfloat16 ("reference-bf16") or float32 on one thread ("reference-1thread": eager torch degrades
-    badly on a busy machine, so both baselines are worth quoting). Given a loaded `model` of the same dtype (the
-    other float32 label's), it runs that one: no second copy of the weights, no load time of its own."""
+    badly on a busy machine, so both baselines are worth quoting). Given a loaded `model` (the other float32
+    label's; `make_runner` passes one of the same dtype and device), it runs that one: no second copy of the
+    weights, no load time of its own."""
 
     def __init__(self, checkpoint: str, device: torch.device, family: str | None = None, *,
                  dtype: torch.dtype = torch.float32, threads: int | None = None, model: DiffusersModel | None = None):
         self.device, self.threads = device, threads
         self.label = REF_BF16 if dtype == torch.bfloat16 else REF_1THREAD if threads == 1 else REFERENCE
-        shared = model is not None and model.dtype == dtype and model.device == device
-        self.model = model if model is not None and shared else DiffusersModel(checkpoint, device, family, dtype)
+        shared = model is not None
+        self.model = model or DiffusersModel(checkpoint, device, family, dtype)
         self.load_s, self.rss_load_mb = (0.0, 0.0) if shared else (self.model.load_s, self.model.rss_load_mb)
         self.spec = self.model.spec
         where = f"{device}, {threads} thread(s)" if threads else str(device)
